@@ -1,0 +1,95 @@
+# Staged ensemble pipeline. Quick start: `make demo` (the whole job) and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BASE ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+DATA_DIR    ?= data/synthetic
+PRESET      ?= demo
+CONFIG_DET  ?= configs/demo_det.yaml
+CONFIG_CLS  ?= configs/demo_cls.yaml
+CONFIG      ?= configs/demo_seg.yaml
+BASELINE    ?= configs/demo_seg_baseline.yaml
+ENSEMBLE    ?= configs/demo_ensemble.yaml
+FOLDS       ?= 0 1 2 3 4
+KAGGLE_USER ?=
+SET         ?=
+
+export DATA_DIR
+export PYTHONUNBUFFERED := 1
+export YOLO_OFFLINE := 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE := 1
+export YOLO_CONFIG_DIR := $(CURDIR)/.yolo
+
+STAMP := $(VENV)/.installed
+
+.PHONY: help install data folds train-det train-cls train-seg tune cv submit score demo baseline \
+        kernel kernel-push bench test test-all lint clean
+
+help:
+	@echo "make demo     - the whole pipeline on the synthetic set, ending with its score"
+	@echo "make test     - the test suite (CPU, a few minutes)"
+	@echo "make install | data | folds | train-det | train-cls | train-seg | tune | cv | submit | score"
+	@echo "make kernel | kernel-push | bench | lint | clean"
+
+install: $(STAMP)
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON_BASE) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+data: $(STAMP)
+	$(PY) -m stages.make_data --out $(DATA_DIR) --preset $(PRESET)
+
+folds: $(STAMP)
+	$(PY) -m stages.folds --config configs/folds.yaml
+
+train-det: $(STAMP)
+	$(PY) -m stages.train_det --config $(CONFIG_DET) $(if $(SET),--set $(SET))
+
+train-cls: $(STAMP)
+	$(PY) -m stages.train_cls --config $(CONFIG_CLS) --folds $(FOLDS) $(if $(SET),--set $(SET))
+
+train-seg: $(STAMP)
+	$(PY) -m stages.train_seg --config $(CONFIG) --folds $(FOLDS) $(if $(SET),--set $(SET))
+
+tune: $(STAMP)
+	$(PY) -m stages.tune --config $(ENSEMBLE)
+
+cv: $(STAMP)
+	$(PY) -m stages.cv --config $(ENSEMBLE)
+
+submit: $(STAMP)
+	$(PY) -m stages.submit --config $(ENSEMBLE) --out submission.csv
+
+score: $(STAMP)
+	$(PY) -m stages.score --submission submission.csv --truth $(DATA_DIR)/test_labels.csv --data-dir $(DATA_DIR)
+
+demo: $(STAMP)
+	$(PY) -m stages.demo
+
+kernel: $(STAMP)
+	$(PY) -m stages.kernel build --config $(ENSEMBLE) $(if $(KAGGLE_USER),--user $(KAGGLE_USER))
+
+kernel-push: kernel
+	$(PY) -m stages.kernel push $(if $(KAGGLE_USER),--user $(KAGGLE_USER))
+
+bench: $(STAMP)
+	$(PY) -m stages.bench_rle
+	$(PY) -m stages.bench_metric
+	$(PY) -m stages.bench_infer
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf runs cache build submission.csv reports

@@ -1,0 +1,386 @@
+"""Typed experiment configs: documented defaults, YAML deltas, strict validation.
+
+A config file is a small delta over the defaults below. ``stage`` picks the schema
+(``det``, ``cls``, ``seg``, ``ensemble``, ``folds``); ``base`` names another config file
+(relative to this one) to start from. Unknown keys and wrong types fail before any work,
+naming the dotted key and the closest valid one. The resolved config is frozen and is
+written next to every run (``config.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CLASSES = ("large_bowel", "small_bowel", "stomach")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, of the wrong type, or out of range."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    """Input geometry shared by detector, classifier and segmenters."""
+
+    data_dir: str | None = None  # None: $DATA_DIR, else data/synthetic
+    k: int = 1  # neighbours on each side: 2k+1 input channels
+    stride: int = 2  # slice distance between neighbours (the 1st place used [i-2, i, i+2])
+    img_size: tuple[int, int] = (384, 384)  # network input (H, W)
+    resize: str = "resize"  # "resize" (stretch the crop) or "pad" (letterbox, keep aspect)
+    normalize: str = "image"  # "image" (per slice) or "volume" (per day) percentile scaling
+    crop: bool = True  # crop every day-volume to the detector's body box
+    det_config: str = "demo_det"  # the detector run whose boxes are used when crop is on
+    train_on: str = "labelled"  # "labelled" slices only, or "all"
+    drop_truncated_tail: bool = False  # drop slices after the last labelled one of each day
+    max_days: int | None = None  # cap on training day-volumes (tests and smoke runs)
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    arch: str = "Unet"  # smp architecture by name (Unet, UnetPlusPlus, FPN, ...) or "timm" for cls
+    encoder: str = "tu-resnet18"  # smp encoder or timm model ("tu-" prefix for timm in smp)
+    pretrained_path: str | None = None  # local weights file; nothing is ever downloaded
+    dropout: float = 0.0  # classifier head dropout
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01  # cosine floor as a fraction of lr
+    accum_steps: int = 1
+    clip_grad: float | None = 1.0
+    ema: bool = False
+    ema_decay: float = 0.999
+    amp: bool = True  # bf16/fp16 on CUDA; ignored on CPU
+    channels_last: bool = True  # on CUDA only
+    num_workers: int = 2
+    val_every: int = 1
+    seed: int = 42
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    max_steps_per_epoch: int | None = None  # cap for smoke runs
+    val_batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class LossCfg:
+    """Weighted sum of losses; a weight of 0 switches a term off."""
+
+    bce: float = 1.0
+    dice: float = 1.0
+    tversky: float = 0.0
+    lovasz: float = 0.0
+    focal: float = 0.0
+    tversky_alpha: float = 0.5
+    tversky_beta: float = 0.5
+    focal_gamma: float = 2.0
+    pos_weight: float | None = None  # BCE positive weight (classifier)
+
+
+@dataclass(frozen=True)
+class AugSpec:
+    """One albumentations transform by class name with its exact arguments."""
+
+    name: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DetParams:
+    model: str = "yolov8n.yaml"  # ultralytics model yaml (built from scratch, never a .pt download)
+    imgsz: int = 256
+    epochs: int = 10
+    batch: int = 16
+    slices_per_day: int = 12  # slices sampled per day-volume for the YOLO dataset
+    val_fraction: float = 0.2
+    conf: float = 0.25
+    margin: float = 0.05  # padding of the day box, fraction of the image side
+    threshold_quantile: float = 0.5  # body threshold: this quantile of non-zero pixels, scaled
+    threshold_scale: float = 0.35
+    workers: int = 0
+    device: str = "auto"
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class TTACfg:
+    hflip: bool = True
+    vflip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+
+
+@dataclass(frozen=True)
+class MemberCfg:
+    config: str = ""  # config file of a trained segmenter (relative to configs/ or a path)
+    weight: float = 1.0  # starting blend weight; tuned on OOF
+    folds: tuple[int, ...] | None = None  # None: every fold found in the run folder
+
+
+@dataclass(frozen=True)
+class TuneCfg:
+    pixel_thresholds: tuple[float, ...] = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
+    gate_thresholds: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    min_component_sizes: tuple[int, ...] = (0, 10, 25, 50, 100, 200)
+    blend_steps: int = 5  # grid resolution of member weights
+
+
+# --------------------------------------------------------------------------- stage configs
+
+
+@dataclass(frozen=True)
+class FoldsConfig:
+    name: str = "folds"
+    stage: str = "folds"
+    data_dir: str | None = None
+    n_folds: int = 5
+    seed: int = 42
+    exclude_days: tuple[str, ...] = ("case7_day0", "case81_day30")
+
+
+@dataclass(frozen=True)
+class DetConfig:
+    name: str = ""
+    stage: str = "det"
+    data: DataCfg = field(default_factory=DataCfg)
+    det: DetParams = field(default_factory=DetParams)
+
+
+@dataclass(frozen=True)
+class ClsConfig:
+    name: str = ""
+    stage: str = "cls"
+    data: DataCfg = field(default_factory=lambda: DataCfg(train_on="all"))
+    model: ModelCfg = field(default_factory=lambda: ModelCfg(arch="timm", encoder="resnet18"))
+    train: TrainCfg = field(default_factory=TrainCfg)
+    loss: LossCfg = field(default_factory=lambda: LossCfg(bce=1.0, dice=0.0))
+    augment: tuple[AugSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class SegConfig:
+    name: str = ""
+    stage: str = "seg"
+    data: DataCfg = field(default_factory=DataCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    loss: LossCfg = field(default_factory=LossCfg)
+    augment: tuple[AugSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    name: str = ""
+    stage: str = "ensemble"
+    data_dir: str | None = None
+    members: tuple[MemberCfg, ...] = ()
+    classifier: str | None = None  # cls config whose OOF/weights gate the slices; None: no gate
+    det_config: str | None = None  # detector run for crops at submit; None: members' own setting
+    tta: TTACfg = field(default_factory=TTACfg)
+    tune: TuneCfg = field(default_factory=TuneCfg)
+    batch_size: int = 16
+    device: str = "auto"
+    amp: bool = True
+    debug_train_days: int = 0  # >0: run submit over this many train days (Kaggle debug switch)
+    report_slices: int = 6  # overlay figures drawn by `make cv`
+
+
+SCHEMAS: dict[str, type] = {
+    "folds": FoldsConfig,
+    "det": DetConfig,
+    "cls": ClsConfig,
+    "seg": SegConfig,
+    "ensemble": EnsembleConfig,
+}
+
+Config = FoldsConfig | DetConfig | ClsConfig | SegConfig | EnsembleConfig
+
+# --------------------------------------------------------------------------- validation
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"{hint} Valid keys: {', '.join(sorted(valid))}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert containers; raise naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return _build(tp, value, prefix=key + ".")
+    if origin is tuple or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"config key '{key}': expected {len(args)} items, got {len(value)}")
+            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item_tp = args[0] if args else Any
+            items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else list(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(schema: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{prefix}{key}'{_suggest(key, list(fields))}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return schema(**kwargs)
+
+
+def _merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in delta.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("params", "kwargs"):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain YAML-able data (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base:
+        parent = _read_yaml(resolve_config_path(base, relative_to=path.parent))
+        parent.pop("name", None)  # a derived config is named after its own file
+        raw = _merge(parent, raw)
+    return raw
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value")
+    key, text = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(text)
+
+
+def _nest(keys: list[str], value: Any) -> dict[str, Any]:
+    out: Any = value
+    for key in reversed(keys):
+        out = {key: out}
+    return out
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_config_path(name: str | os.PathLike, relative_to: Path | None = None) -> Path:
+    """A config by path, or by bare name under ``configs/`` (``demo_seg`` -> configs/demo_seg.yaml)."""
+    path = Path(name)
+    candidates = [path]
+    if relative_to is not None:
+        candidates.append(relative_to / path)
+    candidates += [CONFIG_DIR / path, CONFIG_DIR / path.with_suffix(".yaml")]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config '{name}' not found (looked at {', '.join(str(c) for c in candidates)})")
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None, stage: str | None = None) -> Any:
+    """Load, merge over defaults, validate and freeze a config.
+
+    ``stage`` (optional) asserts which schema the file must use; ``overrides`` are
+    ``key.sub=value`` strings (values parsed as YAML) applied last.
+    """
+    file = resolve_config_path(path)
+    raw = _read_yaml(file)
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        raw = _merge(raw, _nest(keys, value))
+    kind = raw.get("stage", stage)
+    if kind not in SCHEMAS:
+        raise ConfigError(f"{file}: config key 'stage' must be one of {sorted(SCHEMAS)}, got {kind!r}")
+    if stage is not None and kind != stage:
+        raise ConfigError(f"{file}: this is a '{kind}' config but the '{stage}' stage was asked to run it")
+    raw.setdefault("name", file.stem)
+    try:
+        return _build(SCHEMAS[kind], raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
+
+
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

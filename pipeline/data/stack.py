@@ -1,0 +1,28 @@
+"""2.5D input: neighbouring slices as channels.
+
+For slice ``i`` of a volume of ``n`` slices the channels are
+``[i - k*s, ..., i - s, i, i + s, ..., i + k*s]``, each index clamped to ``[0, n - 1]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def neighbour_indices(n: int, k: int, stride: int) -> np.ndarray:
+    """(n, 2k+1) slice indices of every slice's 2.5D stack, clamped at the volume ends."""
+    if n < 1 or k < 0 or stride < 1:
+        raise ValueError(f"need n >= 1, k >= 0, stride >= 1; got n={n}, k={k}, stride={stride}")
+    offsets = np.arange(-k, k + 1) * stride
+    return np.clip(np.arange(n)[:, None] + offsets[None, :], 0, n - 1)
+
+
+def stack_slices(volume: np.ndarray, index: int, k: int, stride: int) -> np.ndarray:
+    """(2k+1, H, W) stack around slice ``index`` of a (S, H, W) volume."""
+    rows = neighbour_indices(volume.shape[0], k, stride)[index]
+    return np.asarray(volume[rows])
+
+
+def stack_volume(volume: np.ndarray, k: int, stride: int) -> np.ndarray:
+    """(S, 2k+1, H, W): the 2.5D stack of every slice."""
+    return np.asarray(volume)[neighbour_indices(volume.shape[0], k, stride)]

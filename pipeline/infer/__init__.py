@@ -1,0 +1,1 @@
+"""infer subpackage of the pipeline library."""

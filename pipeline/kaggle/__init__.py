@@ -1,0 +1,1 @@
+"""kaggle subpackage of the pipeline library."""

@@ -1,0 +1,42 @@
+"""`make folds`: case-grouped, stratified folds written once to $DATA_DIR/folds.csv."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pipeline.config import load_config
+from pipeline.data.catalog import load_split
+from pipeline.data.folds import make_folds
+from pipeline.io import write_csv
+from pipeline.paths import data_dir, folds_path
+from pipeline.runtime import configure_runtime
+
+log = logging.getLogger("stages.folds")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="configs/folds.yaml")
+    parser.add_argument("--set", nargs="*", default=[], help="overrides key=value")
+    parser.add_argument("--force", action="store_true", help="rewrite an existing folds.csv")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.set, stage="folds")
+    configure_runtime(seed=cfg.seed)
+    root = data_dir(cfg.data_dir)
+    out = folds_path(root)
+    if out.exists() and not args.force:
+        log.info("%s exists: keeping it (folds are written once; --force rewrites)", out)
+        return out
+    folds = make_folds(load_split(root, "train"), cfg.n_folds, cfg.seed, cfg.exclude_days)
+    write_csv(out, folds)
+    summary = folds[folds["fold"] >= 0].groupby("fold").agg(
+        cases=("case", "nunique"), slices=("id", "size"), labelled=("has_label", "mean")
+    )
+    log.info("wrote %s\n%s", out, summary.to_string())
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Shared test setup: offline environment, tiny thread counts, paths to the shared fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("YOLO_CONFIG_DIR", str(ROOT / ".yolo"))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared fixtures not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """RUNS_DIR and CACHE_DIR inside tmp_path, so a test never touches the project's runs/."""
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
