@@ -12,6 +12,8 @@ CONFIG_CLS  ?= configs/demo_cls.yaml
 CONFIG      ?= configs/demo_seg.yaml
 BASELINE    ?= configs/demo_seg_baseline.yaml
 ENSEMBLE    ?= configs/demo_ensemble.yaml
+BASELINE_ENSEMBLE ?= configs/demo_baseline_ensemble.yaml
+SUBMISSION  ?= submission.csv
 FOLDS       ?= 0 1 2 3 4
 KAGGLE_USER ?=
 SET         ?=
@@ -62,13 +64,23 @@ cv: $(STAMP)
 	$(PY) -m stages.cv --config $(ENSEMBLE)
 
 submit: $(STAMP)
-	$(PY) -m stages.submit --config $(ENSEMBLE) --out submission.csv
+	$(PY) -m stages.submit --config $(ENSEMBLE) --out $(SUBMISSION)
 
 score: $(STAMP)
-	$(PY) -m stages.score --submission submission.csv --truth $(DATA_DIR)/test_labels.csv --data-dir $(DATA_DIR)
+	$(PY) -m stages.score --submission $(SUBMISSION) --truth $(DATA_DIR)/test_labels.csv --data-dir $(DATA_DIR)
 
+# The main job: every stage on the embedded synthetic set, then the single-2D baseline for
+# comparison, ending with the score of submission.csv as the last line.
 demo: $(STAMP)
-	$(PY) -m stages.demo
+	@set -e; t0=$$(date +%s); \
+	$(MAKE) --no-print-directory data folds train-det train-cls train-seg tune cv submit; \
+	$(MAKE) --no-print-directory train-seg CONFIG=$(BASELINE) FOLDS=0; \
+	$(MAKE) --no-print-directory tune submit ENSEMBLE=$(BASELINE_ENSEMBLE) SUBMISSION=build/baseline_submission.csv; \
+	echo "== baseline (single 2D segmenter, no crop, gate or TTA):"; \
+	$(MAKE) --no-print-directory score SUBMISSION=build/baseline_submission.csv | tail -n 1; \
+	echo "== demo wall time: $$(( $$(date +%s) - t0 )) s (install excluded)"; \
+	echo "== full pipeline (crop + gate + 2.5D 5-fold ensemble + TTA + tuned post-processing):"; \
+	$(MAKE) --no-print-directory score
 
 kernel: $(STAMP)
 	$(PY) -m stages.kernel build --config $(ENSEMBLE) $(if $(KAGGLE_USER),--user $(KAGGLE_USER))

@@ -111,11 +111,13 @@ class DetParams:
     val_fraction: float = 0.2
     conf: float = 0.25
     margin: float = 0.05  # padding of the day box, fraction of the image side
-    threshold_quantile: float = 0.5  # body threshold: this quantile of non-zero pixels, scaled
-    threshold_scale: float = 0.35
+    threshold_quantile: float = 0.9  # body threshold: this quantile of non-zero pixels, scaled
+    threshold_scale: float = 0.25  # (the median failed where noisy background is most of the frame)
     workers: int = 0
     device: str = "auto"
     seed: int = 42
+    predict_step: int = 1  # detect on every n-th slice of a day (the union box barely changes between neighbours)
+    train_args: dict[str, Any] = field(default_factory=dict)  # extra ultralytics train() arguments (lr0, nbs, ...)
 
 
 @dataclass(frozen=True)
@@ -370,16 +372,31 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None, sta
     for item in overrides or []:
         keys, value = _parse_override(item)
         raw = _merge(raw, _nest(keys, value))
+    raw.setdefault("name", file.stem)
+    return _validate(raw, str(file), stage)
+
+
+def _validate(raw: dict[str, Any], source: str, stage: str | None) -> Any:
     kind = raw.get("stage", stage)
     if kind not in SCHEMAS:
-        raise ConfigError(f"{file}: config key 'stage' must be one of {sorted(SCHEMAS)}, got {kind!r}")
+        raise ConfigError(f"{source}: config key 'stage' must be one of {sorted(SCHEMAS)}, got {kind!r}")
     if stage is not None and kind != stage:
-        raise ConfigError(f"{file}: this is a '{kind}' config but the '{stage}' stage was asked to run it")
-    raw.setdefault("name", file.stem)
+        raise ConfigError(f"{source}: this is a '{kind}' config but the '{stage}' stage was asked to run it")
     try:
         return _build(SCHEMAS[kind], raw)
     except ConfigError as exc:
-        raise ConfigError(f"{file}: {exc}") from None
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def config_from_text(text: str, source: str = "<text>", stage: str | None = None) -> Any:
+    """A config from YAML text (a run folder's resolved ``config.yaml``), validated like a file."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a config must be a mapping of keys, got {type(raw).__name__}")
+    return _validate(raw, source, stage)
 
 
 def dump_config(cfg: Any) -> str:

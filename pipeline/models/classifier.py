@@ -1,0 +1,85 @@
+"""Slice classifiers (which organs are present): a timm model, or an smp encoder with a head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.config import ModelCfg
+from pipeline.models.registry import TIMM_ARCH, cls_arch, load_pretrained, set_offline
+
+TIMM_PREFIXES = ("",)
+SMP_PREFIXES = ("", "encoder.", "encoder.model.")  # classifier/segmenter, smp encoder, bare timm model
+
+
+class EncoderClassifier(nn.Module):
+    """The encoder and classification head of an smp model (``aux_params``), without the decoder.
+
+    Its state-dict keys (``encoder.*``) are those of the segmenter built with the same
+    encoder, so a trained segmenter's weights can start a classifier and vice versa.
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.classification_head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classification_head(self.encoder(x)[-1])
+
+
+def _head_keys(model: nn.Module) -> set[str]:
+    head = model.get_classifier()
+    names = {id(m): n for n, m in model.named_modules()}
+    prefix = names.get(id(head), "")
+    return {k for k in model.state_dict() if prefix and k.startswith(prefix + ".")}
+
+
+def build_classifier(model_cfg: ModelCfg, in_channels: int, classes: int = 3) -> nn.Module:
+    """A model returning logits (B, classes), one independent (sigmoid) output per organ.
+
+    ``arch: timm`` builds ``timm.create_model(encoder, num_classes=classes, drop_rate=dropout)``;
+    an smp architecture name builds that architecture's encoder + classification head
+    (``encoder`` is then an smp / ``tu-`` encoder name). ``pretrained_path`` is a local file
+    holding the whole model or its backbone; a head for another class count is skipped.
+    """
+    set_offline()
+    arch = cls_arch(model_cfg.arch)
+    kwargs = {k: v for k, v in model_cfg.kwargs.items() if v is not None}
+    try:
+        if arch == TIMM_ARCH:
+            import timm
+
+            model = timm.create_model(
+                model_cfg.encoder,
+                pretrained=False,
+                in_chans=in_channels,
+                num_classes=classes,
+                drop_rate=model_cfg.dropout,
+                **kwargs,
+            )
+        else:
+            import segmentation_models_pytorch as smp
+
+            net = smp.create_model(
+                arch,
+                encoder_name=model_cfg.encoder,
+                encoder_weights=None,
+                in_channels=in_channels,
+                classes=classes,
+                aux_params={"classes": classes, "dropout": model_cfg.dropout or None},
+                **kwargs,
+            )
+            model = EncoderClassifier(net.encoder, net.classification_head)
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(
+            f"cannot build classifier {arch} with encoder '{model_cfg.encoder}' and kwargs {kwargs}: {exc}"
+        ) from exc
+    if model_cfg.pretrained_path:
+        if arch == TIMM_ARCH:
+            required = set(model.state_dict()) - _head_keys(model)
+            load_pretrained(model, model_cfg.pretrained_path, required, TIMM_PREFIXES, in_channels)
+        else:
+            required = {k for k in model.state_dict() if k.startswith("encoder.")}
+            load_pretrained(model, model_cfg.pretrained_path, required, SMP_PREFIXES, in_channels)
+    return model

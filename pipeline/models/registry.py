@@ -1,0 +1,166 @@
+"""Names of the architectures the factories accept, and loading of local pretrained weights.
+
+Both factories go through here: an unknown name fails with the list of valid ones, and a
+``pretrained_path`` is loaded from a local file only (nothing is ever downloaded).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# segmentation-models-pytorch 0.6 architectures, by the class name used in configs.
+SEG_ARCHS = (
+    "Unet",
+    "UnetPlusPlus",
+    "FPN",
+    "MAnet",
+    "Linknet",
+    "PSPNet",
+    "DeepLabV3",
+    "DeepLabV3Plus",
+    "PAN",
+    "UPerNet",
+    "Segformer",
+    "DPT",
+)
+TIMM_ARCH = "timm"  # classifier: a plain timm model with its own head
+WRAPPER_KEYS = ("model", "state_dict", "ema")  # checkpoint dicts that hold the state dict under a key
+
+
+class PretrainedError(ValueError):
+    """A local weights file is missing or does not fit the model."""
+
+
+def set_offline() -> None:
+    """Keep timm / huggingface-hub from reaching the network while models are built."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def seg_arch(name: str) -> str:
+    """The canonical smp architecture name for ``name`` (case-insensitive), or a ConfigError."""
+    by_lower = {arch.lower(): arch for arch in SEG_ARCHS}
+    if name.lower() not in by_lower:
+        raise ConfigError(f"model.arch '{name}' is not a known architecture; valid: {', '.join(SEG_ARCHS)}")
+    return by_lower[name.lower()]
+
+
+def cls_arch(name: str) -> str:
+    """``timm`` or an smp architecture (its encoder + classification head), else a ConfigError."""
+    if name.lower() == TIMM_ARCH:
+        return TIMM_ARCH
+    try:
+        return seg_arch(name)
+    except ConfigError:
+        raise ConfigError(
+            f"model.arch '{name}' is not a known classifier; valid: {TIMM_ARCH}, {', '.join(SEG_ARCHS)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- local weights
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a local weights file: a bare state dict or a checkpoint holding one."""
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedError(
+            f"model.pretrained_path: weights file not found: {path} (put the file there or set it to null)"
+        )
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in WRAPPER_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise PretrainedError(f"{path}: expected a state dict of tensors (or a checkpoint with 'model')")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _norm(key: str) -> str:
+    # timm's feature wrappers flatten module paths ("stages.2" -> "stages_2"); compare both spellings
+    return key.replace(".", "_")
+
+
+def _match_keys(source: Iterable[str], target: Iterable[str], prefixes: Iterable[str]) -> dict[str, str]:
+    """File key -> model key, under the prefix among ``prefixes`` that matches the most keys."""
+    best: dict[str, str] = {}
+    for prefix in prefixes:
+        index = {_norm(k[len(prefix) :]): k for k in target if k.startswith(prefix)}
+        match = {k: index[_norm(k)] for k in source if _norm(k) in index}
+        if len(match) > len(best):
+            best = match
+    return best
+
+
+def _fit_tensor(value: torch.Tensor, want: torch.Size, in_channels: int | None) -> torch.Tensor | None:
+    """``value`` as a tensor of shape ``want``, or None when it does not fit.
+
+    The one conversion: a first convolution saved for 1 or 3 input channels becomes one for
+    the model's ``in_channels`` (timm's ``adapt_input_conv``: repeated and rescaled).
+    """
+    if value.shape == want:
+        return value
+    first_conv = (
+        value.ndim == 4
+        and len(want) == 4
+        and want[1] == in_channels
+        and value.shape[1] in (1, 3)
+        and value.shape[0] == want[0]
+        and value.shape[2:] == want[2:]
+    )
+    if not first_conv:
+        return None
+    from timm.models import adapt_input_conv
+
+    return adapt_input_conv(int(want[1]), value, base_chans=int(value.shape[1]))
+
+
+def load_pretrained(
+    model: nn.Module,
+    path: str | os.PathLike,
+    required: Iterable[str],
+    prefixes: Iterable[str] = ("",),
+    in_channels: int | None = None,
+) -> dict[str, int]:
+    """Load a local weights file into ``model``; every key in ``required`` must be found.
+
+    The file may hold the whole model or only a part of it (e.g. the encoder): the key prefix
+    among ``prefixes`` that matches the most model keys is added to the file's keys (so a bare
+    timm state dict fits an smp ``tu-`` encoder under ``encoder.model.``). A first
+    convolution saved for 1 or 3 input channels is adapted to ``in_channels`` (timm's rule); other
+    keys that do not fit (a head for another class count) are skipped and logged.
+    """
+    source = read_state_dict(path)
+    target = model.state_dict()
+    names = _match_keys(source, target, prefixes)
+    loaded: dict[str, torch.Tensor] = {}
+    skipped = []
+    for key, value in source.items():
+        name = names.get(key)
+        fitted = _fit_tensor(value, target[name].shape, in_channels) if name is not None else None
+        if fitted is None:
+            skipped.append(key)
+        else:
+            loaded[name] = fitted.to(target[name].dtype)
+    missing = sorted(set(required) - set(loaded))
+    if missing:
+        raise PretrainedError(
+            f"{path}: {len(missing)} of the model's required weights are missing or of another shape "
+            f"(first: {', '.join(missing[:5])}); file keys look like {', '.join(list(source)[:3])}. "
+            "Is model.encoder the encoder these weights were saved from?"
+        )
+    model.load_state_dict(loaded, strict=False)
+    if skipped:
+        log.info("%s: skipped %d keys that do not fit the model (e.g. %s)", path, len(skipped), skipped[0])
+    log.info("loaded %d tensors from %s", len(loaded), path)
+    return {"loaded": len(loaded), "skipped": len(skipped)}
