@@ -116,8 +116,8 @@ class DetParams:
     workers: int = 0
     device: str = "auto"
     seed: int = 42
-    predict_step: int = 1  # detect on every n-th slice of a day (the union box barely changes between neighbours)
-    train_args: dict[str, Any] = field(default_factory=dict)  # extra ultralytics train() arguments (lr0, nbs, ...)
+    predict_step: int = 1  # detect on every n-th slice of a day (the day box barely changes)
+    train_args: dict[str, Any] = field(default_factory=dict)  # extra ultralytics train() args
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,17 @@ def full_box(shape: tuple[int, int]) -> Box:
 def union_boxes(boxes: list[Box]) -> Box | None:
     if not boxes:
         return None
-    return Box(min(b.y0 for b in boxes), min(b.x0 for b in boxes), max(b.y1 for b in boxes), max(b.x1 for b in boxes))
+    return Box(
+        min(b.y0 for b in boxes), min(b.x0 for b in boxes), max(b.y1 for b in boxes), max(b.x1 for b in boxes)
+    )
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union of two boxes (0 when they do not overlap)."""
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    inter = max(0, h) * max(0, w)
+    return inter / (a.height * a.width + b.height * b.width - inter)
 
 
 def pad_box(box: Box, margin: float, shape: tuple[int, int]) -> Box:
@@ -63,7 +73,9 @@ def pad_box(box: Box, margin: float, shape: tuple[int, int]) -> Box:
     return Box(box.y0 - dy, box.x0 - dx, box.y1 + dy, box.x1 + dx).clip(shape)
 
 
-def threshold_box(image: np.ndarray, quantile: float = 0.5, scale: float = 0.35, min_area: float = 0.02) -> Box | None:
+def threshold_box(
+    image: np.ndarray, quantile: float = 0.9, scale: float = 0.25, min_area: float = 0.02
+) -> Box | None:
     """The body on one slice: pixels above ``scale`` x the ``quantile`` of non-zero intensities,
     closed, largest connected component. None when nothing plausible (< ``min_area`` of the frame).
     """
@@ -123,7 +135,9 @@ class Geometry:
         lead = planes.shape[:-2]
         crop = planes[(..., *self.box.slices())].reshape(-1, self.box.height, self.box.width)
         top, left, ih, iw = self._inner()
-        out = np.zeros((crop.shape[0], *self.size), dtype=np.float32 if crop.dtype.kind == "f" else crop.dtype)
+        out = np.zeros(
+            (crop.shape[0], *self.size), dtype=np.float32 if crop.dtype.kind == "f" else crop.dtype
+        )
         for i, plane in enumerate(crop):
             work = plane.astype(np.float32) if plane.dtype not in (np.uint8, np.float32) else plane
             resized = cv2.resize(work, (iw, ih), interpolation=interpolation)

@@ -1,0 +1,167 @@
+"""Crop boxes of day-volumes: the boxes file, how good the boxes are, a figure.
+
+``runs/det/<det_cfg>/boxes_<split>.csv`` holds one box per day-volume (``case_day, y0, x0, y1,
+x1, source``; source is ``detector``, ``threshold`` or ``full``), written by `make train-det`.
+The crop/paste-back geometry itself lives in :mod:`pipeline.data.geometry`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from pipeline.config import DetParams
+from pipeline.data.catalog import DataError
+from pipeline.data.geometry import Box, box_iou, day_threshold_box, normalize
+from pipeline.data.volumes import VolumeStore
+from pipeline.io import write_csv, write_with
+from pipeline.paths import run_dir
+
+SOURCES = ("detector", "threshold", "full")
+BOX_COLUMNS = ["case_day", "y0", "x0", "y1", "x1", "source"]
+
+
+def boxes_path(det_config_name: str, split: str = "train") -> Path:
+    name = Path(det_config_name).stem if str(det_config_name).endswith((".yaml", ".yml")) else det_config_name
+    return run_dir("det", name) / f"boxes_{split}.csv"
+
+
+def write_boxes(path: Path, boxes: dict[str, tuple[Box, str]]) -> Path:
+    rows = [{"case_day": day, **box.as_dict(), "source": source} for day, (box, source) in boxes.items()]
+    return write_csv(path, pd.DataFrame(rows, columns=BOX_COLUMNS))
+
+
+def load_boxes(det_config_name: str, split: str = "train") -> dict[str, Box]:
+    """``runs/det/<name>/boxes_<split>.csv`` as {case_day: Box}."""
+    path = boxes_path(det_config_name, split)
+    if not path.is_file():
+        name = path.parent.name
+        raise DataError(
+            f"crop boxes not found: {path}; run `make train-det CONFIG_DET=configs/{name}.yaml` first "
+            "(or set data.crop: false)"
+        )
+    frame = pd.read_csv(path)
+    missing = set(BOX_COLUMNS) - set(frame.columns)
+    if missing:
+        raise DataError(f"{path}: missing columns {sorted(missing)} (expected {','.join(BOX_COLUMNS)})")
+    boxes = {}
+    for i, row in enumerate(frame.itertuples(index=False)):
+        try:
+            boxes[str(row.case_day)] = Box(int(row.y0), int(row.x0), int(row.y1), int(row.x1))
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{path} row {i + 2} ({row.case_day}): {exc}; rerun `make train-det`") from None
+    return boxes
+
+
+@dataclass
+class Panel:
+    """One slice of a day drawn with its crop box (and the threshold box, for comparison)."""
+
+    title: str
+    image: np.ndarray  # (H, W) uint16
+    mask: np.ndarray | None  # (H, W) bool, any organ
+    box: Box
+    threshold: Box | None
+
+
+def mask_inside(mask: np.ndarray, box: Box) -> tuple[int, int]:
+    """(organ pixels inside ``box``, all organ pixels) of masks (..., H, W)."""
+    mask = np.asarray(mask, dtype=bool)
+    return int(mask[(..., *box.slices())].sum()), int(mask.sum())
+
+
+def evaluate_boxes(
+    store: VolumeStore, boxes: dict[str, tuple[Box, str]], params: DetParams, n_panels: int = 6
+) -> tuple[dict[str, float], list[Panel]]:
+    """Box quality over every day of ``store``, and figure panels of up to ``n_panels`` days.
+
+    ``mask_inside_fraction`` is the share of organ-mask pixels inside the day boxes: cropping
+    must lose nothing, so it should be 1.0. ``iou_vs_threshold_*`` compares each day box with
+    the day's threshold box; ``box_area_fraction`` is the share of the frame a crop keeps.
+    """
+    days = list(boxes)
+    drawn = {days[i] for i in np.linspace(0, len(days) - 1, min(n_panels, len(days))).round().astype(int)}
+    ious, areas, panels = [], [], []
+    inside = total = thr_inside = 0
+    day_fractions = []
+    for day in tqdm(days, desc="box quality", unit="day"):
+        volume = store[day]
+        box, _ = boxes[day]
+        thr = day_threshold_box(
+            volume.image, params.margin, quantile=params.threshold_quantile, scale=params.threshold_scale
+        )
+        if thr is not None:
+            ious.append(box_iou(box, thr))
+        areas.append(box.height * box.width / (volume.shape[0] * volume.shape[1]))
+        organ = None if volume.mask is None else np.asarray(volume.mask).any(axis=1)
+        if organ is not None:
+            kept, count = mask_inside(organ, box)
+            inside, total = inside + kept, total + count
+            if count:
+                day_fractions.append(kept / count)
+            if thr is not None:
+                thr_inside += mask_inside(organ, thr)[0]
+        if day in drawn:
+            s = (
+                int(organ.sum(axis=(1, 2)).argmax())
+                if organ is not None and organ.any()
+                else len(volume) // 2
+            )
+            panels.append(
+                Panel(
+                    f"{day} s{s}: {boxes[day][1]}",
+                    np.asarray(volume.image[s]),
+                    None if organ is None else organ[s],
+                    box,
+                    thr,
+                )
+            )
+    sources = [source for _, source in boxes.values()]
+    quality = {
+        "days": len(days),
+        **{f"source_{name}": sources.count(name) for name in SOURCES},
+        "iou_vs_threshold_mean": float(np.mean(ious)) if ious else float("nan"),
+        "iou_vs_threshold_min": float(np.min(ious)) if ious else float("nan"),
+        "box_area_fraction_mean": float(np.mean(areas)) if areas else float("nan"),
+        "mask_pixels": total,
+        "mask_inside_fraction": inside / total if total else 1.0,
+        "mask_inside_fraction_min_day": float(min(day_fractions)) if day_fractions else 1.0,
+        "threshold_mask_inside_fraction": thr_inside / total if total else 1.0,
+    }
+    return quality, panels
+
+
+def plot_day_boxes(path: Path, panels: list[Panel]) -> Path:
+    """A grid of slices: day box (green), threshold box (red, dashed), organ outline (cyan)."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    cols = min(3, max(1, len(panels)))
+    rows = max(1, -(-len(panels) // cols))
+    fig = Figure(figsize=(4 * cols, 4 * rows))
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(np.clip(normalize(panel.image), 0, 1), cmap="gray", vmin=0, vmax=1)
+        if panel.mask is not None and panel.mask.any():
+            ax.contour(panel.mask.astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
+        for box, color, style in ((panel.threshold, "red", "--"), (panel.box, "lime", "-")):
+            if box is not None:
+                ax.add_patch(
+                    Rectangle(
+                        (box.x0 - 0.5, box.y0 - 0.5),
+                        box.width,
+                        box.height,
+                        fill=False,
+                        ec=color,
+                        ls=style,
+                        lw=1.5,
+                    )
+                )
+        ax.set_title(panel.title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    return write_with(path, lambda p: fig.savefig(p, dpi=80, format="png"))
