@@ -1,0 +1,176 @@
+"""Torch datasets of prepared slices for the segmenters and the slice classifier.
+
+An item is one slice of a day-volume, prepared by :func:`pipeline.data.prepare.prepare_slice`
+(the same computation inference runs on the whole day) from the memory-mapped cache:
+
+- ``task="seg"``: ``image`` (C, Hn, Wn) float32, ``target`` (3, Hn, Wn) float32 masks on the
+  network grid, ``id``;
+- ``task="cls"``: the same ``image``, ``target`` (3,) float32 organ presence of the slice.
+
+Reproducible order: :class:`EpochSampler` yields ``(epoch, index)`` keys in an order drawn
+from ``(seed, epoch)``, and the augmentation of an item is seeded from ``(seed, epoch, index)``,
+so an epoch's batches do not depend on worker count or on what ran before (exact resume).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from pipeline.config import CLASSES, DataCfg
+from pipeline.data.augment import apply_augment, seed_augment
+from pipeline.data.geometry import Box, Geometry
+from pipeline.data.prepare import geometry_for, prepare_masks, prepare_slice, volume_scale_of
+from pipeline.data.volumes import Volume, VolumeStore
+
+log = logging.getLogger(__name__)
+
+TASKS = ("seg", "cls")
+TRAIN_ON = ("labelled", "all")
+
+
+def presence_table(catalog: pd.DataFrame) -> pd.DataFrame:
+    """Per id, which organs have a non-empty mask (bool columns in CLASSES order, from the RLEs)."""
+    missing = [c for c in CLASSES if c not in catalog.columns]
+    if missing:
+        raise ValueError(f"the catalog has no label columns {missing}: training needs train.csv labels")
+    rles = catalog.set_index("id")[list(CLASSES)].astype(str)
+    return rles.apply(lambda col: col.str.len() > 0)
+
+
+def presence(catalog: pd.DataFrame, ids: Sequence[str]) -> np.ndarray:
+    """(len(ids), 3) bool organ presence of the slices ``ids``."""
+    return presence_table(catalog).loc[list(ids)].to_numpy(dtype=bool)
+
+
+def select_slices(has_label: np.ndarray, train_on: str, drop_truncated_tail: bool) -> np.ndarray:
+    """Positions of the slices of one day to train on (``has_label`` (S,) bool)."""
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"data.train_on must be one of {TRAIN_ON}, got '{train_on}'")
+    keep = has_label.copy() if train_on == "labelled" else np.ones_like(has_label)
+    if drop_truncated_tail:
+        labelled = np.flatnonzero(has_label)
+        end = labelled[-1] + 1 if labelled.size else 0  # a day without labels has no trusted slice
+        keep[end:] = False
+    return np.flatnonzero(keep)
+
+
+class EpochSampler(Sampler):
+    """Every index once per epoch, as ``(epoch, index)`` keys, shuffled from ``(seed, epoch)``."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(self.epoch, int(i)) for i in self.order()])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class _Day:
+    """What the dataset keeps of one day: the memory-mapped volume and its geometry."""
+
+    def __init__(self, volume: Volume, box: Box, data_cfg: DataCfg) -> None:
+        self.volume = volume
+        self.geometry: Geometry = geometry_for(volume.shape, box, data_cfg)
+        self.volume_scale = (
+            volume_scale_of(volume.image, self.geometry) if data_cfg.normalize == "volume" else None
+        )
+
+
+class SliceDataset(Dataset):
+    """Prepared 2.5D slices of some day-volumes of a :class:`VolumeStore` (see module doc)."""
+
+    def __init__(
+        self,
+        store: VolumeStore,
+        days: Sequence[str],
+        boxes: dict[str, Box],
+        data_cfg: DataCfg,
+        *,
+        task: str = "seg",
+        augment: object | None = None,
+        seed: int = 0,
+        train_on: str | None = None,
+    ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got '{task}'")
+        self.task, self.cfg, self.augment, self.seed, self.epoch = task, data_cfg, augment, seed, 0
+        days = list(days)[: data_cfg.max_days] if data_cfg.max_days is not None else list(days)
+        missing = [d for d in days if d not in boxes]
+        if missing:
+            raise ValueError(f"no crop box for day-volume {missing[0]} ({len(missing)} missing)")
+        train_on = train_on or data_cfg.train_on
+        self.days: list[_Day] = []
+        table = presence_table(store.catalog)
+        rows, ids, targets = [], [], []
+        for case_day in days:
+            volume = store[case_day]
+            present = table.loc[volume.ids].to_numpy(dtype=bool)
+            keep = select_slices(present.any(axis=1), train_on, data_cfg.drop_truncated_tail)
+            if keep.size == 0:
+                continue
+            day_index = len(self.days)
+            self.days.append(_Day(volume, boxes[case_day], data_cfg))
+            rows += [(day_index, int(p)) for p in keep]
+            ids += [volume.ids[p] for p in keep]
+            targets.append(present[keep])
+        self.items = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+        self.ids = ids
+        self.presence = np.concatenate(targets) if targets else np.zeros((0, len(CLASSES)), bool)
+        log.info(
+            "%s dataset: %d slices of %d day-volumes (train_on=%s, drop_truncated_tail=%s), %.0f%% labelled",
+            task,
+            len(self.ids),
+            len(self.days),
+            train_on,
+            data_cfg.drop_truncated_tail,
+            100 * float(self.presence.any(axis=1).mean()) if len(self.ids) else 0.0,
+        )
+
+    @property
+    def in_channels(self) -> int:
+        return 2 * self.cfg.k + 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _key(self, key: int | tuple[int, int] | Sequence[int]) -> tuple[int, int]:
+        if isinstance(key, (tuple, list)) or (isinstance(key, torch.Tensor) and key.ndim == 1):
+            epoch, index = (int(v) for v in key)
+            return epoch, index
+        return self.epoch, int(key)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, object]:
+        epoch, index = self._key(key)
+        day_index, pos = self.items[index]
+        day = self.days[day_index]
+        image = prepare_slice(day.volume.image, pos, day.geometry, self.cfg, day.volume_scale)
+        mask = None
+        if self.task == "seg":
+            mask = prepare_masks(day.volume.mask[pos][None], day.geometry)[0]
+        if self.augment is not None:
+            seed_augment(self.augment, [self.seed, epoch, index])
+            image, mask = apply_augment(self.augment, image, mask)
+        if self.task == "seg":
+            target = torch.from_numpy(mask.astype(np.float32))
+        else:
+            target = torch.from_numpy(self.presence[index].astype(np.float32))
+        return {"image": torch.from_numpy(image), "target": target, "id": self.ids[index]}

@@ -1,0 +1,144 @@
+"""One preprocessing path for training and inference: day-volume -> network input and back.
+
+For a day-volume ``image (S, H, W)`` and its crop ``box``:
+
+1. every slice is cropped to the box and resized (or letterboxed) to ``data.img_size``
+   (:class:`~pipeline.data.geometry.Geometry`), on raw intensities;
+2. the 2.5D stack of slice ``i`` takes the prepared slices ``i - k*s ... i + k*s``, clamped
+   at the volume ends (:func:`~pipeline.data.stack.neighbour_indices`);
+3. intensities are divided by a robust scale (99.5th percentile) and clipped to [0, 1.5]:
+   one scale per stack (``data.normalize: image``) or one per day (``volume``), both taken
+   on the network-size pixels.
+
+Cropping and resizing commute with stacking (each slice is resized on its own) and with the
+scalar normalisation, so doing them first prepares every slice once instead of ``2k+1`` times.
+A training item (:func:`prepare_slice`) is the same computation restricted to one slice, and
+equals the corresponding row of :func:`prepare_day` exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from pipeline.config import DataCfg
+from pipeline.data.geometry import Box, Geometry, full_box
+from pipeline.data.stack import neighbour_indices
+
+log = logging.getLogger(__name__)
+
+PERCENTILE = 99.5  # intensity mapped to 1.0
+CLIP = 1.5  # upper clip after scaling
+NORMALIZE_MODES = ("image", "volume")
+
+
+def geometry_for(shape: tuple[int, int], box: Box, data_cfg: DataCfg) -> Geometry:
+    """The crop/resize geometry of a day of slice shape ``shape``."""
+    return Geometry((int(shape[0]), int(shape[1])), box, tuple(data_cfg.img_size), data_cfg.resize)
+
+
+def prepare_planes(image: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """(n, H, W) raw slices -> (n, Hn, Wn) float32 cropped and resized, not yet normalised."""
+    return geometry.forward(np.asarray(image, dtype=np.float32))
+
+
+def robust_scale(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
+    """The ``PERCENTILE`` of ``values`` (over the rows of ``axis``); 1.0 where it is not positive."""
+    scale = np.percentile(values, PERCENTILE, axis=axis)
+    if axis is None:
+        return float(scale) if scale > 0 else 1.0
+    return np.where(scale > 0, scale, 1.0).astype(np.float32)
+
+
+def _check_normalize(mode: str) -> None:
+    if mode not in NORMALIZE_MODES:
+        raise ValueError(f"data.normalize must be one of {NORMALIZE_MODES}, got '{mode}'")
+
+
+def normalise_stacks(stacks: np.ndarray, mode: str, volume_scale: float | None = None) -> np.ndarray:
+    """(n, C, Hn, Wn) raw stacks -> scaled and clipped float32 (in place when possible)."""
+    _check_normalize(mode)
+    n = stacks.shape[0]
+    if mode == "volume":
+        if volume_scale is None:
+            raise ValueError("normalize='volume' needs the day's volume_scale")
+        scale = np.full((n, 1, 1, 1), volume_scale, dtype=np.float32)
+    else:
+        scale = robust_scale(stacks.reshape(n, -1), axis=1).reshape(n, 1, 1, 1)
+    out = np.divide(stacks, scale, dtype=np.float32)
+    return np.clip(out, 0.0, CLIP, out=out)
+
+
+def prepare_day(image: np.ndarray, box: Box, data_cfg: DataCfg) -> tuple[np.ndarray, Geometry]:
+    """(S, H, W) uint16 day -> (x float32 (S, 2k+1, Hn, Wn), Geometry) for the network."""
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise ValueError(f"prepare_day expects a (S, H, W) volume, got shape {image.shape}")
+    _check_normalize(data_cfg.normalize)
+    geometry = geometry_for(image.shape[1:], box, data_cfg)
+    planes = prepare_planes(image, geometry)
+    index = neighbour_indices(len(planes), data_cfg.k, data_cfg.stride)
+    volume_scale = robust_scale(planes) if data_cfg.normalize == "volume" else None
+    return normalise_stacks(planes[index], data_cfg.normalize, volume_scale), geometry
+
+
+def volume_scale_of(image: np.ndarray, geometry: Geometry) -> float:
+    """The per-day scale used by ``normalize: volume`` (as :func:`prepare_day` computes it)."""
+    return robust_scale(prepare_planes(image, geometry))
+
+
+def prepare_slice(
+    image: np.ndarray,
+    index: int,
+    geometry: Geometry,
+    data_cfg: DataCfg,
+    volume_scale: float | None = None,
+) -> np.ndarray:
+    """(2k+1, Hn, Wn) input of slice ``index``; equals ``prepare_day(image, ...)[0][index]``.
+
+    Reads only the ``2k+1`` slices it needs, so ``image`` can be a memory-mapped volume.
+    """
+    rows = neighbour_indices(image.shape[0], data_cfg.k, data_cfg.stride)[index]
+    unique, inverse = np.unique(rows, return_inverse=True)
+    planes = prepare_planes(image[unique], geometry)[inverse]
+    return normalise_stacks(planes[None], data_cfg.normalize, volume_scale)[0]
+
+
+def prepare_masks(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """(S, 3, H, W) uint8 masks -> (S, 3, Hn, Wn) uint8 on the network grid (nearest)."""
+    return geometry.forward(np.asarray(mask, dtype=np.uint8), interpolation=cv2.INTER_NEAREST)
+
+
+def day_shapes(catalog: pd.DataFrame) -> dict[str, tuple[int, int]]:
+    """(H, W) of every day-volume of a catalog."""
+    first = catalog.drop_duplicates("case_day")
+    return {row.case_day: (int(row.height), int(row.width)) for row in first.itertuples(index=False)}
+
+
+def boxes_for(data_cfg: DataCfg, store_or_catalog: Any, split: str = "train") -> dict[str, Box]:
+    """Crop box of every day: the detector's boxes when ``data.crop``, else the full frame.
+
+    ``store_or_catalog`` is a :class:`~pipeline.data.volumes.VolumeStore` or a catalog frame.
+    """
+    catalog = getattr(store_or_catalog, "catalog", store_or_catalog)
+    shapes = day_shapes(catalog)
+    if not data_cfg.crop:
+        return {case_day: full_box(shape) for case_day, shape in shapes.items()}
+    from pipeline.models.detector import load_boxes  # the detector adapter, only when cropping
+
+    boxes = load_boxes(data_cfg.det_config, split=split)
+    missing = [d for d in shapes if d not in boxes]
+    if missing:
+        raise ValueError(
+            f"detector run '{data_cfg.det_config}' has no {split} box for {len(missing)} day-volumes "
+            f"(first {missing[0]}); run `make train-det` again on this dataset, or set data.crop=false"
+        )
+    out = {}
+    for case_day, shape in shapes.items():
+        box = boxes[case_day].clip(shape)
+        out[case_day] = box
+    return out

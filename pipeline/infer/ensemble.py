@@ -1,0 +1,236 @@
+"""The members of an ensemble: their run folders, their out-of-fold predictions, and the blend.
+
+A member is a trained segmenter config (``runs/seg/<name>/fold_<k>/``); its folds are the ones
+listed in the ensemble config or, when none are, every ``fold_<k>`` found. Out-of-fold files
+(``oof/<case_day>.npz``: ``probs`` uint8 (S, 3, H, W), ``ids``) are decoded once into a ``.npy``
+cache under ``$CACHE_DIR/oof/`` and memory-mapped afterwards, so the many passes of tuning
+neither re-decode nor hold the whole set in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from pipeline.config import CLASSES, ConfigError, EnsembleConfig, MemberCfg, load_config, resolve_config_path
+from pipeline.data.catalog import DataError, load_split
+from pipeline.data.volumes import VolumeStore
+from pipeline.io import write_with
+from pipeline.paths import cache_dir, run_dir, runs_dir
+
+log = logging.getLogger(__name__)
+
+OOF_DIR = "oof"
+CLS_OOF_FILE = "oof.csv"
+
+
+def config_name(config: str, stage: str) -> str:
+    """The run-folder name of a config given by bare name or path (its ``name``, else its file stem)."""
+    try:
+        return load_config(resolve_config_path(config), stage=stage).name
+    except ConfigError:
+        return Path(config).stem
+
+
+def find_folds(stage: str, name: str, needs: str, folds: tuple[int, ...] | None = None) -> list[int]:
+    """Folds of ``runs/<stage>/<name>`` that hold ``needs`` (a file or folder); the listed ones must."""
+    base = run_dir(stage, name)
+    if folds is not None:
+        missing = [k for k in folds if not (run_dir(stage, name, k) / needs).exists()]
+        if missing:
+            raise DataError(
+                f"{base}: fold(s) {missing} have no {needs}; train them first "
+                f"(make train-{stage} FOLDS='{' '.join(map(str, missing))}') or drop them from the ensemble config"
+            )
+        return sorted(int(k) for k in folds)
+    found = []
+    for path in sorted(base.glob("fold_*")) if base.is_dir() else []:
+        suffix = path.name.removeprefix("fold_")
+        if suffix.isdigit() and (path / needs).exists():
+            found.append(int(suffix))
+    if not found:
+        raise DataError(f"no trained fold with {needs} under {base}; run `make train-{stage}` for config '{name}'")
+    return sorted(found)
+
+
+def check_members(cfg: EnsembleConfig) -> list[MemberCfg]:
+    if not cfg.members:
+        raise ConfigError(f"ensemble config '{cfg.name}' lists no members (members: [{{config: ...}}])")
+    names = [config_name(m.config, "seg") for m in cfg.members]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"ensemble config '{cfg.name}': member(s) {dup} listed twice")
+    for m in cfg.members:
+        if m.weight < 0:
+            raise ConfigError(f"ensemble config '{cfg.name}': member {m.config} has a negative weight")
+    return list(cfg.members)
+
+
+def start_weights(cfg: EnsembleConfig) -> np.ndarray:
+    """The config's member weights normalised to sum 1 (equal when they are all 0)."""
+    w = np.array([m.weight for m in cfg.members], dtype=np.float64)
+    return w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / len(w))
+
+
+# --------------------------------------------------------------------------- blending
+
+
+def blend_uint8(probs: list[np.ndarray], weights: np.ndarray | list[float]) -> np.ndarray:
+    """Weighted mean of uint8 probability arrays (weights summing to 1), rounded back to uint8."""
+    weights = np.asarray(weights, dtype=np.float64)
+    used = [(p, w) for p, w in zip(probs, weights) if w > 0]
+    if len(used) == 1:
+        return np.asarray(used[0][0])
+    acc = np.zeros(probs[0].shape, dtype=np.float32)
+    for p, w in used:
+        acc += np.float32(w / weights.sum()) * p
+    return np.rint(acc, out=acc).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- out-of-fold files
+
+
+@dataclass
+class OOFMember:
+    """One member's out-of-fold files: {case_day: npz path} over its folds."""
+
+    name: str
+    folds: list[int]
+    files: dict[str, Path]
+
+
+def find_member_oof(member: MemberCfg) -> OOFMember:
+    name = config_name(member.config, "seg")
+    folds = find_folds("seg", name, OOF_DIR, member.folds)
+    files: dict[str, Path] = {}
+    for fold in folds:
+        for path in sorted((run_dir("seg", name, fold) / OOF_DIR).glob("*.npz")):
+            if path.stem in files:
+                raise DataError(f"{path.stem} is out-of-fold in two folds of {name}: {files[path.stem]} and {path}")
+            files[path.stem] = path
+    if not files:
+        raise DataError(f"{run_dir('seg', name)}: folds {folds} have no oof/*.npz files; retrain or rerun their OOF")
+    return OOFMember(name, folds, files)
+
+
+def _cache_path(npz: Path) -> Path:
+    try:
+        rel = npz.resolve().relative_to(runs_dir().resolve())
+    except ValueError:
+        rel = Path(hashlib.sha1(str(npz.resolve()).encode()).hexdigest()[:12]) / npz.name
+    return cache_dir() / "oof" / rel.with_suffix(".npy")
+
+
+def read_oof_day(path: Path) -> tuple[np.ndarray, list[str]]:
+    """(probs uint8 (S, 3, H, W) memory-mapped from the decoded cache, ids) of one OOF file."""
+    cache = _cache_path(path)
+    try:
+        with np.load(path) as npz:
+            ids = [str(i) for i in npz["ids"]]
+            fresh = cache.is_file() and cache.stat().st_mtime_ns >= path.stat().st_mtime_ns
+            if not fresh:
+                probs = npz["probs"]
+                if probs.dtype != np.uint8 or probs.ndim != 4 or probs.shape[1] != len(CLASSES):
+                    raise DataError(f"{path}: 'probs' must be uint8 (S, 3, H, W), got {probs.dtype} {probs.shape}")
+                write_with(cache, lambda p: np.save(p, probs))
+    except (KeyError, OSError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{path}: unreadable OOF file ({exc}); rerun the member's training or OOF") from None
+    return np.load(cache, mmap_mode="r"), ids
+
+
+def read_cls_oof(name: str, folds: tuple[int, ...] | None = None) -> tuple[pd.DataFrame, list[int]]:
+    """Classifier OOF of every fold: a frame indexed by slice id with one probability column per class."""
+    used = find_folds("cls", name, CLS_OOF_FILE, folds)
+    frames = []
+    for fold in used:
+        path = run_dir("cls", name, fold) / CLS_OOF_FILE
+        frame = pd.read_csv(path)
+        missing = {"id", *CLASSES} - set(frame.columns)
+        if missing:
+            raise DataError(f"{path}: missing columns {sorted(missing)} (expected id, case_day, {', '.join(CLASSES)})")
+        frames.append(frame[["id", *CLASSES]])
+    table = pd.concat(frames).groupby("id", sort=False)[list(CLASSES)].mean()
+    return table.astype(np.float32), used
+
+
+@dataclass
+class OOFSet:
+    """Everything tuning reads: member probabilities, gate probabilities and truth, per day."""
+
+    days: list[str]
+    members: list[OOFMember]
+    truth: VolumeStore
+    gates: dict[str, np.ndarray] | None  # case_day -> (S, 3) float32 classifier probabilities
+    classifier: dict | None = None  # {"config": name, "folds": [...]}
+    n_slices: int = 0
+    ids: dict[str, list[str]] = field(default_factory=dict)
+
+    def member_probs(self, day: str) -> list[np.ndarray]:
+        return [read_oof_day(m.files[day])[0] for m in self.members]
+
+    def gate(self, day: str) -> np.ndarray | None:
+        return None if self.gates is None else self.gates[day]
+
+    def truth_mask(self, day: str) -> np.ndarray:
+        return self.truth[day].mask
+
+    def blend(self, day: str, weights: np.ndarray) -> np.ndarray:
+        return blend_uint8(self.member_probs(day), weights)
+
+
+def load_oof(cfg: EnsembleConfig, root: Path, progress: bool = True) -> OOFSet:
+    """Find, check and cache the OOF of every member (and the classifier) on the days all of them cover."""
+    members = [find_member_oof(m) for m in check_members(cfg)]
+    catalog = load_split(root, "train")
+    store = VolumeStore(root, catalog, "train")
+    order = {d: i for i, d in enumerate(store.days)}
+    common = set.intersection(*(set(m.files) for m in members))
+    unknown = sorted(common - set(order))
+    if unknown:
+        raise DataError(
+            f"OOF days {unknown[:5]} are not train day-volumes of {root}; were the members trained on another DATA_DIR?"
+        )
+    for m in members:
+        extra = sorted(set(m.files) - common)
+        if extra:
+            log.warning("%s: %d OOF days not covered by every member are left out (%s ...)", m.name, len(extra), extra[0])
+    days = sorted(common, key=order.__getitem__)
+    if not days:
+        raise DataError(f"the members of '{cfg.name}' share no out-of-fold day; train them on the same folds")
+    table, cls_info = None, None
+    if cfg.classifier:
+        cls_name = config_name(cfg.classifier, "cls")
+        table, cls_folds = read_cls_oof(cls_name)
+        cls_info = {"config": cls_name, "folds": cls_folds}
+    ids_by_day: dict[str, list[str]] = {}
+    gates: dict[str, np.ndarray] | None = {} if table is not None else None
+    for day in tqdm(days, desc="check OOF", unit="day", disable=not progress):
+        volume = store[day]
+        truth_ids, shape = volume.ids, volume.mask.shape
+        for m in members:
+            probs, ids = read_oof_day(m.files[day])
+            if ids != truth_ids or probs.shape != shape:
+                raise DataError(
+                    f"{m.files[day]}: covers {len(ids)} slices of shape {probs.shape[2:]}, but {day} has "
+                    f"{len(truth_ids)} slices of shape {shape[2:]} in {root}; rerun the OOF of {m.name}"
+                )
+        if gates is not None:
+            missing = [i for i in truth_ids if i not in table.index]
+            if missing:
+                raise DataError(
+                    f"classifier OOF of '{cls_info['config']}' lacks {len(missing)} slices of {day} (first {missing[0]}); "
+                    "train the classifier on the same folds as the segmenters"
+                )
+            gates[day] = table.loc[truth_ids, list(CLASSES)].to_numpy(np.float32)
+        ids_by_day[day] = truth_ids
+    n_slices = sum(len(v) for v in ids_by_day.values())
+    log.info("OOF: %d day-volumes, %d slices, members %s", len(days), n_slices, [m.name for m in members])
+    return OOFSet(days, members, store, gates, cls_info, n_slices, ids_by_day)

@@ -1,0 +1,256 @@
+"""Decide the ensemble's post-processing and blend on out-of-fold predictions (``make tune``).
+
+The objective is the competition score itself (:mod:`pipeline.metric`: 0.4 Dice + 0.6 (1 - 3D
+Hausdorff)) over every OOF day-volume. The search is coordinate-wise, each step starting from
+the previous one's choice and keeping it unless a candidate scores strictly better:
+
+1. raw: the members blended with the config's weights, cut at 0.5, nothing else;
+2. pixel threshold, class by class (the other classes held);
+3. classifier gate threshold, class by class (skipped without a classifier);
+4. minimum 3D component size, class by class;
+5. member blend weights, a grid over the simplex in steps of ``1 / tune.blend_steps``.
+
+A pass evaluates every candidate of one (class, field) on a day while that day is in memory
+(uint8 probabilities, memory-mapped), so each step reads the OOF once per class; days run on a
+thread pool (the metric kernels release the GIL). Per-day results are
+:class:`pipeline.metric.VolumeStats`, summed into the score by :func:`pipeline.metric.aggregate`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipeline.config import CLASSES, EnsembleConfig
+from pipeline.infer.ensemble import OOFSet, blend_uint8, load_oof, start_weights
+from pipeline.infer.postprocess import (
+    ClassParams,
+    Decisions,
+    apply_class,
+    apply_postprocess,
+    component_sizes,
+    decisions_path,
+    gate_slices,
+    keep_components,
+    remove_small_components,
+    threshold_probs,
+    write_decisions,
+)
+from pipeline.metric import VolumeStats, aggregate, volume_stats
+
+log = logging.getLogger(__name__)
+
+RAW_THRESHOLD = 0.5  # the plain sigmoid cut: the "raw" reference every tuned step is measured against
+FIELDS = ("pixel_threshold", "gate_threshold", "min_component_size")
+STEP_LABELS = {
+    "raw": "raw segmentation (threshold 0.5)",
+    "pixel_threshold": "+ tuned pixel threshold",
+    "gate_threshold": "+ classifier gate",
+    "min_component_size": "+ small-component removal",
+    "blend": "+ blend weights",
+}
+Vary = tuple[int, str, list[float]]  # (class index, ClassParams field, candidate values)
+
+
+def default_workers() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def raw_params() -> list[ClassParams]:
+    return [ClassParams(RAW_THRESHOLD, 0.0, 0) for _ in CLASSES]
+
+
+def simplex_grid(n: int, steps: int) -> list[np.ndarray]:
+    """Every weight vector of ``n`` non-negative multiples of ``1/steps`` summing to 1."""
+    steps = max(1, steps)
+    out = []
+    for cuts in itertools.combinations(range(steps + n - 1), n - 1):
+        parts = np.diff([-1, *cuts, steps + n - 1]) - 1
+        out.append(parts / steps)
+    return out
+
+
+def _candidates(current: float, grid: tuple[float, ...]) -> list[float]:
+    """The current value first (kept on ties), then the grid, without duplicates."""
+    out: list[float] = []
+    for v in (current, *grid):
+        if all(abs(v - u) > 1e-9 for u in out):
+            out.append(v)
+    return out
+
+
+def class_variants(
+    probs_u8: np.ndarray, gate: np.ndarray | None, base: ClassParams, field: str, values: list[float]
+) -> Iterator[np.ndarray]:
+    """One class's (S, H, W) mask for each value of ``field`` (the other fields from ``base``).
+
+    Shares work between candidates: the gate step thresholds once, the size step labels once.
+    """
+    if field == "pixel_threshold":
+        for v in values:
+            yield apply_class(probs_u8, gate, base.with_value(field, v))
+    elif field == "gate_threshold":
+        cut = threshold_probs(probs_u8, base.pixel_threshold)
+        for v in values:
+            yield remove_small_components(gate_slices(cut.copy(), gate, v), base.min_component_size)
+    elif field == "min_component_size":
+        mask = gate_slices(threshold_probs(probs_u8, base.pixel_threshold), gate, base.gate_threshold)
+        labels, sizes = component_sizes(mask) if mask.any() else (None, None)
+        for v in values:
+            yield mask if labels is None or v <= 1 else keep_components(labels, sizes, int(v))
+    else:
+        raise ValueError(f"unknown post-processing field '{field}' (expected one of {FIELDS})")
+
+
+def day_stats(
+    oof: OOFSet,
+    day: str,
+    weight_list: list[np.ndarray],
+    params: list[ClassParams],
+    vary: Vary | None = None,
+    per_class: bool = False,
+) -> list[VolumeStats]:
+    """Stats of one day for every (weights, candidate) variant, weights-major."""
+    probs = oof.member_probs(day)
+    gate = oof.gate(day)
+    truth = np.asarray(oof.truth_mask(day))
+    out = []
+    for weights in weight_list:
+        q = blend_uint8(probs, weights)
+        mask = apply_postprocess(q, gate, params)
+        if vary is None:
+            out.append(volume_stats(mask, truth, per_class))
+            continue
+        c, field, values = vary
+        gate_c = None if gate is None else gate[:, c]
+        for variant in class_variants(q[:, c], gate_c, params[c], field, values):
+            mask[:, c] = variant
+            out.append(volume_stats(mask, truth, per_class))
+    return out
+
+
+def evaluate(
+    oof: OOFSet,
+    weight_list: list[np.ndarray],
+    params: list[ClassParams],
+    vary: Vary | None = None,
+    *,
+    per_class: bool = False,
+    workers: int = 1,
+    desc: str = "evaluate",
+    progress: bool = True,
+) -> list[dict]:
+    """The score dict (:func:`pipeline.metric.aggregate`) of every variant over every OOF day."""
+
+    def one(day: str) -> list[VolumeStats]:
+        return day_stats(oof, day, weight_list, params, vary, per_class)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        per_day = list(tqdm(pool.map(one, oof.days), total=len(oof.days), desc=desc, unit="day", disable=not progress))
+    n_variants = len(per_day[0])
+    return [aggregate([stats[i] for stats in per_day]) for i in range(n_variants)]
+
+
+def _step(name: str, result: dict, previous: dict | None) -> dict:
+    row = {
+        "step": name,
+        "label": STEP_LABELS[name],
+        "score": result["score"],
+        "dice": result["dice"],
+        "hausdorff": result["hausdorff"],
+        "gain": None if previous is None else result["score"] - previous["score"],
+    }
+    log.info("%-28s score %.5f (dice %.4f, hausdorff %.4f)", row["label"], row["score"], row["dice"], row["hausdorff"])
+    return row
+
+
+def _curve(values: list[float], results: list[dict], chosen: float) -> dict:
+    order = np.argsort(values, kind="stable")
+    return {
+        "values": [values[i] for i in order],
+        "score": [results[i]["score"] for i in order],
+        "dice": [results[i]["dice"] for i in order],
+        "hausdorff": [results[i]["hausdorff"] for i in order],
+        "chosen": chosen,
+    }
+
+
+def tune_ensemble(cfg: EnsembleConfig, root: Path, *, workers: int | None = None, progress: bool = True) -> Decisions:
+    """Run the coordinate-wise search on the OOF of ``cfg``'s members and return the decisions."""
+    workers = workers or default_workers()
+    oof = load_oof(cfg, root, progress)
+    names = [m.name for m in oof.members]
+    weights = start_weights(cfg)
+    params = raw_params()
+    kw = {"workers": workers, "progress": progress}
+
+    best = evaluate(oof, [weights], params, desc="tune raw", **kw)[0]
+    steps = [_step("raw", best, None)]
+    curves: dict = {}
+    grids = {
+        "pixel_threshold": cfg.tune.pixel_thresholds,
+        "gate_threshold": cfg.tune.gate_thresholds,
+        "min_component_size": cfg.tune.min_component_sizes,
+    }
+    for field in FIELDS:
+        if field == "gate_threshold" and oof.gates is None:
+            log.info("no classifier in '%s': the gate step is skipped (gate threshold 0)", cfg.name)
+            steps.append({**_step(field, best, best), "skipped": "no classifier"})
+            continue
+        curves[field] = {}
+        for c, cls in enumerate(CLASSES):
+            values = _candidates(getattr(params[c], field), grids[field])
+            results = evaluate(oof, [weights], params, (c, field, values), desc=f"tune {field} {cls}", **kw)
+            pick = int(np.argmax([r["score"] for r in results]))  # first max: the current value on ties
+            params[c] = params[c].with_value(field, values[pick])
+            best = results[pick]
+            curves[field][cls] = _curve(values, results, values[pick])
+            log.info("%s %s = %s (score %.5f)", cls, field, values[pick], best["score"])
+        steps.append(_step(field, best, steps[-1]))
+
+    if len(names) > 1:
+        grid = [weights] + [w for w in simplex_grid(len(names), cfg.tune.blend_steps) if not np.allclose(w, weights)]
+        results = evaluate(oof, grid, params, desc="tune blend", **kw)
+        pick = int(np.argmax([r["score"] for r in results]))
+        weights, best = grid[pick], results[pick]
+        curves["blend"] = {"members": names, "weights": [g.tolist() for g in grid], "score": [r["score"] for r in results]}
+        steps.append(_step("blend", best, steps[-1]))
+    else:
+        steps.append({**_step("blend", best, best), "skipped": "one member"})
+
+    final = evaluate(oof, [weights], params, per_class=True, desc="final OOF", **kw)[0]
+    per_class = {
+        cls: {**final["per_class"][cls], **asdict(params[c])} for c, cls in enumerate(CLASSES)
+    }
+    return Decisions(
+        classes=dict(zip(CLASSES, params)),
+        weights={name: float(w) for name, w in zip(names, weights)},
+        members=[{"config": m.name, "folds": m.folds} for m in oof.members],
+        classifier=oof.classifier,
+        ensemble=cfg.name,
+        steps=steps,
+        per_class=per_class,
+        curves=curves,
+        oof={
+            "days": len(oof.days),
+            "slices": oof.n_slices,
+            "score": final["score"],
+            "dice": final["dice"],
+            "hausdorff": final["hausdorff"],
+            "grids": {k: list(v) for k, v in grids.items()} | {"blend_steps": cfg.tune.blend_steps},
+        },
+    )
+
+
+def run_tune(cfg: EnsembleConfig, root: Path, *, workers: int | None = None, progress: bool = True) -> Path:
+    """Tune on OOF and write ``runs/ensemble/<cfg>/postprocess.json`` (atomically)."""
+    decisions = tune_ensemble(cfg, root, workers=workers, progress=progress)
+    return write_decisions(decisions_path(cfg.name), decisions)

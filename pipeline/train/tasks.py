@@ -1,0 +1,310 @@
+"""The segmenter and classifier training tasks on top of the shared engine.
+
+``train_segmenter(cfg, fold)`` / ``train_classifier(cfg, fold)``: read the folds, build the
+volume cache, the crop boxes, the datasets, the model and the loss, run :func:`engine.fit`
+into ``runs/<seg|cls>/<name>/fold_<k>/``, then write the out-of-fold predictions of the
+validation days from ``best.pt``:
+
+- seg: ``oof/<case_day>.npz`` with ``probs`` uint8 (S, 3, H, W) = round(p * 255) in the
+  original geometry and ``ids`` (S,), no TTA;
+- cls: ``oof.csv`` with ``id, case_day`` and one probability column per class.
+
+Validation each epoch runs the inference code (:mod:`pipeline.infer.predict`) on every
+validation day: seg scores the 0.5-thresholded masks with the competition metric, cls reports
+per-class ROC AUC and accuracy. ``fold="all"`` trains on every day without validation or OOF.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pipeline.config import CLASSES, ClsConfig, SegConfig, dump_config
+from pipeline.data.augment import build_augment
+from pipeline.data.catalog import load_split
+from pipeline.data.datasets import EpochSampler, SliceDataset
+from pipeline.data.folds import fold_days, read_folds
+from pipeline.data.geometry import Box
+from pipeline.data.prepare import boxes_for
+from pipeline.data.volumes import VolumeStore
+from pipeline.infer.predict import build_model, predict_day, predict_day_cls
+from pipeline.io import write_csv, write_with
+from pipeline.paths import data_dir, run_dir
+from pipeline.train.checkpoint import load_weights
+from pipeline.train.engine import fit, resolve_device
+from pipeline.train.losses import build_loss
+
+log = logging.getLogger(__name__)
+
+THRESHOLD = 0.5  # validation only; the submission thresholds are tuned on OOF by `make tune`
+Fold = int | str
+
+
+@dataclasses.dataclass
+class FoldData:
+    """Everything a fold's training needs from the dataset."""
+
+    store: VolumeStore
+    train_days: list[str]
+    val_days: list[str]
+    boxes: dict[str, Box]
+
+
+def load_fold(cfg: SegConfig | ClsConfig, fold: Fold) -> FoldData:
+    """Folds, the cached volumes (built on first use) and the crop boxes of a fold."""
+    root = data_dir(cfg.data.data_dir)
+    folds = read_folds(root)
+    train_days, val_days = fold_days(folds, fold)
+    store = VolumeStore(root, load_split(root, "train"), "train")
+    store.build(progress=True)
+    boxes = boxes_for(cfg.data, store, "train")
+    log.info("fold %s: %d train days, %d validation days", fold, len(train_days), len(val_days))
+    return FoldData(store, train_days, val_days, boxes)
+
+
+def parse_folds(items: list[str]) -> list[Fold]:
+    """``["0", "2"]`` -> [0, 2]; ``["all"]`` -> ["all"] (the all-data run); anything else fails."""
+    folds: list[Fold] = []
+    for item in items:
+        text = str(item).strip()
+        if text == "all":
+            folds.append("all")
+        elif text.isdigit():
+            folds.append(int(text))
+        else:
+            raise ValueError(f"--folds: '{item}' is neither a fold number nor 'all'")
+    return list(dict.fromkeys(folds))
+
+
+def fold_seed(cfg: SegConfig | ClsConfig, fold: Fold) -> int:
+    """``train.seed + fold`` (``train.seed`` for the all-data run)."""
+    return cfg.train.seed + (0 if str(fold) == "all" else int(fold))
+
+
+def make_loader(
+    dataset: SliceDataset, cfg: SegConfig | ClsConfig, seed: int, device: torch.device
+) -> DataLoader:
+    """Shuffled batches in an order drawn from (seed, epoch); full batches only when there are enough."""
+    if len(dataset) == 0:
+        raise ValueError(
+            f"no training slices for '{cfg.name}' (data.train_on={cfg.data.train_on}, "
+            f"data.max_days={cfg.data.max_days}); check the folds and labels"
+        )
+    batch_size = cfg.train.batch_size
+    workers = cfg.train.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochSampler(len(dataset), seed),
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=len(dataset) >= batch_size,  # a last batch of one breaks batch norm
+        persistent_workers=False,  # workers see each epoch's set_epoch
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def seg_validator(cfg: SegConfig, data: FoldData, device: torch.device) -> Callable[[nn.Module, int], dict]:
+    """Per epoch: every validation day through ``predict_day``, masks at 0.5, competition score."""
+    from pipeline.metric import aggregate, volume_stats
+
+    batch_size = cfg.train.val_batch_size or cfg.train.batch_size
+
+    def validate(model: nn.Module, epoch: int) -> dict[str, float]:
+        stats = []
+        for case_day in tqdm(data.val_days, desc=f"validate {epoch}", unit="day", leave=False):
+            volume = data.store[case_day]
+            probs = predict_day(
+                model,
+                cfg,
+                volume.image,
+                data.boxes[case_day],
+                device=device,
+                batch_size=batch_size,
+                amp=cfg.train.amp,
+            )
+            stats.append(
+                volume_stats(probs > THRESHOLD, np.asarray(volume.mask, dtype=bool), per_class=False)
+            )
+        result = aggregate(stats)
+        return {"score": result["score"], "dice": result["dice"], "hausdorff": result["hausdorff"]}
+
+    return validate
+
+
+def cls_metrics(truth: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Per-class ROC AUC (NaN for a class with one label value) and accuracy at 0.5.
+
+    ``score`` is the mean AUC over the classes where it is defined; the mean accuracy when none is.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    out: dict[str, float] = {}
+    aucs, accs = [], []
+    for c, name in enumerate(CLASSES):
+        t, p = truth[:, c].astype(bool), probs[:, c]
+        auc = float(roc_auc_score(t, p)) if 0 < t.sum() < len(t) else math.nan
+        acc = float(((p > THRESHOLD) == t).mean()) if len(t) else math.nan
+        out[f"auc_{name}"], out[f"acc_{name}"] = auc, acc
+        aucs += [auc] if math.isfinite(auc) else []
+        accs.append(acc)
+    out["acc"] = float(np.mean(accs))
+    out["score"] = float(np.mean(aucs)) if aucs else out["acc"]
+    return out
+
+
+def cls_predictions(model: nn.Module, cfg: ClsConfig, data: FoldData, device: torch.device) -> pd.DataFrame:
+    """OOF table of the validation days: id, case_day, one probability column per class, truth."""
+    from pipeline.data.datasets import presence
+
+    batch_size = cfg.train.val_batch_size or cfg.train.batch_size
+    frames = []
+    for case_day in data.val_days:
+        volume = data.store[case_day]
+        probs = predict_day_cls(
+            model,
+            cfg,
+            volume.image,
+            data.boxes[case_day],
+            device=device,
+            batch_size=batch_size,
+            amp=cfg.train.amp,
+        )
+        frame = pd.DataFrame(probs, columns=list(CLASSES))
+        frame.insert(0, "case_day", case_day)
+        frame.insert(0, "id", volume.ids)
+        truth = presence(data.store.catalog, volume.ids)
+        for c, name in enumerate(CLASSES):
+            frame[f"truth_{name}"] = truth[:, c]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def cls_validator(cfg: ClsConfig, data: FoldData, device: torch.device) -> Callable[[nn.Module, int], dict]:
+    def validate(model: nn.Module, epoch: int) -> dict[str, float]:
+        frame = cls_predictions(model, cfg, data, device)
+        truth = frame[[f"truth_{c}" for c in CLASSES]].to_numpy()
+        return cls_metrics(truth, frame[list(CLASSES)].to_numpy())
+
+    return validate
+
+
+# --------------------------------------------------------------------------- OOF
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> Path:
+    return write_with(path, lambda tmp: np.savez_compressed(tmp, **arrays))
+
+
+def write_seg_oof(
+    model: nn.Module, cfg: SegConfig, data: FoldData, out_dir: Path, device: torch.device
+) -> Path:
+    """``oof/<case_day>.npz`` (probs uint8 (S, 3, H, W), ids) for every validation day."""
+    folder = out_dir / "oof"
+    batch_size = cfg.train.val_batch_size or cfg.train.batch_size
+    for case_day in tqdm(data.val_days, desc="oof", unit="day"):
+        volume = data.store[case_day]
+        probs = predict_day(
+            model,
+            cfg,
+            volume.image,
+            data.boxes[case_day],
+            device=device,
+            batch_size=batch_size,
+            amp=cfg.train.amp,
+        )
+        probs_u8 = np.rint(np.clip(probs, 0.0, 1.0) * 255).astype(np.uint8)
+        _save_npz(folder / f"{case_day}.npz", probs=probs_u8, ids=np.asarray(volume.ids))
+    return folder
+
+
+def write_cls_oof(
+    model: nn.Module, cfg: ClsConfig, data: FoldData, out_dir: Path, device: torch.device
+) -> Path:
+    frame = cls_predictions(model, cfg, data, device)
+    return write_csv(out_dir / "oof.csv", frame[["id", "case_day", *CLASSES]])
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def _oof_written(out_dir: Path, task: str, data: FoldData) -> bool:
+    if task == "cls":
+        return (out_dir / "oof.csv").is_file()
+    return all((out_dir / "oof" / f"{d}.npz").is_file() for d in data.val_days)
+
+
+def _train(cfg: SegConfig | ClsConfig, fold: Fold, task: str) -> Path:
+    seed = fold_seed(cfg, fold)
+    device = resolve_device(cfg.train.device)
+    data = load_fold(cfg, fold)
+    dataset = SliceDataset(
+        data.store,
+        data.train_days,
+        data.boxes,
+        cfg.data,
+        task=task,
+        augment=build_augment(cfg.augment),
+        seed=seed,
+    )
+    model = build_model(cfg)
+    loss_fn = build_loss(cfg.loss, "multilabel" if task == "seg" else "binary")
+    validate = None
+    if data.val_days:
+        validate = (seg_validator if task == "seg" else cls_validator)(cfg, data, device)
+    out_dir = run_dir(task, cfg.name, fold)
+    result = fit(
+        model,
+        make_loader(dataset, cfg, seed, device),
+        loss_fn,
+        dataclasses.replace(cfg.train, seed=seed),
+        out_dir,
+        validate=validate,
+        config_text=dump_config(cfg),
+        device=device,
+    )
+    log.info("%s: best epoch %d, score %s", out_dir, result.best_epoch, result.best_score)
+    if data.val_days and not (result.epochs_run == 0 and _oof_written(out_dir, task, data)):
+        load_weights(out_dir / "best.pt", model, map_location=device)
+        model.to(device).eval()
+        writer = write_seg_oof if task == "seg" else write_cls_oof
+        log.info("wrote out-of-fold predictions %s", writer(model, cfg, data, out_dir, device))
+    return out_dir
+
+
+def train_segmenter(cfg: SegConfig, fold: Fold) -> Path:
+    """Train one fold (or ``"all"``) of a segmenter; returns its run folder."""
+    if cfg.stage != "seg":
+        raise ValueError(f"train_segmenter needs a seg config, got a '{cfg.stage}' config ({cfg.name})")
+    return _train(cfg, fold, "seg")
+
+
+def train_classifier(cfg: ClsConfig, fold: Fold) -> Path:
+    """Train one fold (or ``"all"``) of the slice classifier; returns its run folder."""
+    if cfg.stage != "cls":
+        raise ValueError(f"train_classifier needs a cls config, got a '{cfg.stage}' config ({cfg.name})")
+    return _train(cfg, fold, "cls")
+
+
+def describe(cfg: Any) -> str:
+    """One line for the logs: what is being trained."""
+    d = cfg.data
+    return (
+        f"{cfg.stage} '{cfg.name}': {cfg.model.arch}/{cfg.model.encoder}, {2 * d.k + 1}-slice input "
+        f"(stride {d.stride}), {d.img_size[0]}x{d.img_size[1]} {d.resize}, crop={d.crop}, "
+        f"{cfg.train.epochs} epochs x batch {cfg.train.batch_size}"
+    )

@@ -1,0 +1,290 @@
+"""Datasets, the predictor (TTA inversion) and `make train-seg` / `make train-cls` end to end on
+the tiny synthetic preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import CLASSES, ConfigError, DataCfg, TTACfg, config_from_text, load_config
+from pipeline.data.augment import build_augment
+from pipeline.data.catalog import DataError, load_split
+from pipeline.data.datasets import EpochSampler, SliceDataset, presence, select_slices
+from pipeline.data.folds import make_folds
+from pipeline.data.geometry import Box, full_box
+from pipeline.data.prepare import boxes_for, prepare_day
+from pipeline.data.synthetic import generate_dataset
+from pipeline.data.volumes import VolumeStore
+from pipeline.infer.predict import (
+    MemberError,
+    forward_views,
+    load_member,
+    predict_day,
+    predict_day_cls,
+    tta_views,
+)
+from pipeline.io import write_csv
+from pipeline.train.tasks import cls_metrics, parse_folds
+from stages import train_cls, train_seg
+
+FAST = [
+    "train.epochs=1",
+    "train.max_steps_per_epoch=2",
+    "train.batch_size=4",
+    "train.val_batch_size=16",
+    "data.img_size=[64,64]",
+    "data.crop=false",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic tiny preset with 3 case-disjoint folds, written once per session."""
+    root = tmp_path_factory.getbasetemp() / "tiny_data"
+    generate_dataset(root, "tiny", seed=0)
+    if not (root / "folds.csv").is_file():
+        write_csv(root / "folds.csv", make_folds(load_split(root, "train"), n_folds=3, seed=0))
+    return root
+
+
+@pytest.fixture
+def env(tiny_data: Path, isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DATA_DIR", str(tiny_data))
+    return isolated_dirs
+
+
+@pytest.fixture(scope="module")
+def store(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> VolumeStore:
+    store = VolumeStore(
+        tiny_data, load_split(tiny_data, "train"), cache_root=tmp_path_factory.mktemp("cache")
+    )
+    store.build(progress=False)
+    return store
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def test_select_slices() -> None:
+    has = np.array([0, 1, 0, 1, 0, 0], bool)
+    assert select_slices(has, "labelled", False).tolist() == [1, 3]
+    assert select_slices(has, "all", False).tolist() == [0, 1, 2, 3, 4, 5]
+    assert select_slices(has, "all", True).tolist() == [0, 1, 2, 3]
+    assert select_slices(np.zeros(3, bool), "all", True).tolist() == []
+    with pytest.raises(ValueError, match="train_on"):
+        select_slices(has, "some", False)
+
+
+def test_slice_dataset_items(store: VolumeStore) -> None:
+    cfg = DataCfg(k=1, stride=2, img_size=(48, 40), crop=False)
+    boxes = boxes_for(cfg, store)
+    days = store.days
+    seg = SliceDataset(store, days, boxes, cfg, task="seg")
+    every = SliceDataset(store, days, boxes, cfg, task="cls", train_on="all")
+    assert len(every) == len(store.catalog) > len(seg) > 0
+    assert seg.presence.any(axis=1).all()
+    item = seg[3]
+    assert item["image"].shape == (3, 48, 40) and item["image"].dtype == torch.float32
+    assert item["target"].shape == (3, 48, 40) and set(item["target"].unique().tolist()) <= {0.0, 1.0}
+    volume = store[item["id"].rsplit("_slice", 1)[0]]
+    pos = volume.ids.index(item["id"])
+    x, _ = prepare_day(volume.image, boxes[volume.case_day], cfg)
+    np.testing.assert_array_equal(item["image"].numpy(), x[pos])  # the inference preprocessing
+    cls_item = every[5]
+    expect = presence(store.catalog, [cls_item["id"]])[0]
+    np.testing.assert_array_equal(cls_item["target"].numpy(), expect.astype(np.float32))
+    capped = SliceDataset(store, days, boxes, DataCfg(img_size=(48, 40), crop=False, max_days=2), task="seg")
+    assert len(capped.days) == 2
+
+
+def test_truncated_tail_is_dropped(store: VolumeStore) -> None:
+    cfg = DataCfg(img_size=(32, 32), crop=False, train_on="all", drop_truncated_tail=True)
+    data = SliceDataset(store, store.days, boxes_for(cfg, store), cfg, task="cls")
+    for case_day in store.days:
+        volume = store[case_day]
+        labelled = presence(store.catalog, volume.ids).any(axis=1)
+        kept = [i for i in data.ids if i in set(volume.ids)]
+        assert kept == volume.ids[: np.flatnonzero(labelled)[-1] + 1]
+
+
+def test_order_and_augmentation_reproducible_from_seed_and_epoch(store: VolumeStore) -> None:
+    a, b = EpochSampler(50, seed=3), EpochSampler(50, seed=3)
+    a.set_epoch(2), b.set_epoch(2)
+    assert list(a) == list(b) and sorted(i for _, i in a) == list(range(50))
+    b.set_epoch(3)
+    assert [i for _, i in a] != [i for _, i in b] and {e for e, _ in b} == {3}
+    cfg = load_config("demo_seg", ["data.crop=false", "data.img_size=[48,48]"])
+    data = SliceDataset(
+        store, store.days, boxes_for(cfg.data, store), cfg.data, augment=build_augment(cfg.augment)
+    )
+    first, again, other = data[(1, 4)], data[(1, 4)], data[(2, 4)]
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["target"], again["target"])
+    assert not torch.equal(first["image"], other["image"])
+
+
+# --------------------------------------------------------------------------- predictor
+
+
+class PixelModel(nn.Module):
+    """Logits = first three input channels + ``ramp`` * column position (not flip-equivariant when ramp != 0)."""
+
+    def __init__(self, ramp: float = 0.0) -> None:
+        super().__init__()
+        self.ramp = ramp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cols = torch.linspace(-1, 1, x.shape[-1], device=x.device)
+        return x[:, :3] + self.ramp * cols
+
+
+def test_tta_views() -> None:
+    assert tta_views(None) == [((), 1.0)]
+    assert tta_views(TTACfg(hflip=True, vflip=True, scales=(1.0, 1.25))) == [
+        ((), 1.0),
+        ((-2,), 1.0),
+        ((-1,), 1.0),
+        ((-2, -1), 1.0),
+        ((), 1.25),
+        ((-2,), 1.25),
+        ((-1,), 1.25),
+        ((-2, -1), 1.25),
+    ]
+
+
+def test_tta_of_an_equivariant_model_equals_no_tta() -> None:
+    x = torch.rand(2, 3, 32, 48)
+    plain = forward_views(PixelModel(), x, tta_views(None))
+    flipped = forward_views(PixelModel(), x, tta_views(TTACfg(hflip=True, vflip=True)))
+    torch.testing.assert_close(flipped, plain, rtol=0, atol=1e-7)
+    scaled = forward_views(
+        PixelModel(), torch.full((1, 3, 32, 32), 0.3), tta_views(TTACfg(scales=(1.0, 2.0)))
+    )
+    torch.testing.assert_close(scaled, torch.full((1, 3, 32, 32), 0.3).sigmoid())
+
+
+def test_flip_views_are_inverted_exactly() -> None:
+    x = torch.rand(2, 3, 16, 24)
+    model = PixelModel(ramp=2.0)
+    out = forward_views(model, x, [((), 1.0), ((-1,), 1.0)])
+    cols = torch.linspace(-1, 1, 24)
+    expect = ((x + 2.0 * cols).sigmoid() + (x + 2.0 * cols.flip(0)).sigmoid()) / 2
+    torch.testing.assert_close(out, expect)
+
+
+def test_predict_day_returns_original_geometry() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 3000, size=(5, 40, 50)).astype(np.uint16)
+    cfg = load_config("demo_seg", ["data.img_size=[32,32]", "data.k=1"])
+    box = Box(4, 6, 36, 44)
+    probs = predict_day(PixelModel(), cfg, image, box, batch_size=2, tta=TTACfg(hflip=True))
+    assert probs.shape == (5, 3, 40, 50) and probs.dtype == np.float32
+    assert probs[:, :, :4].max() == 0 and probs[:, :, 4:36, 6:44].min() >= 0.5  # sigmoid(x >= 0) inside
+    cls_cfg = load_config("demo_cls", ["data.img_size=[32,32]"])
+    pooled = nn.Sequential(PixelModel(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    assert predict_day_cls(pooled, cls_cfg, image, full_box((40, 50)), tta=TTACfg(vflip=True)).shape == (5, 3)
+
+
+def test_cls_metrics_handle_single_class_folds() -> None:
+    truth = np.array([[1, 0, 0], [0, 0, 0], [1, 0, 1], [0, 0, 1]])
+    probs = np.array([[0.9, 0.1, 0.2], [0.2, 0.3, 0.1], [0.7, 0.2, 0.6], [0.4, 0.1, 0.3]])
+    out = cls_metrics(truth, probs)
+    assert out["auc_large_bowel"] == 1.0 and np.isnan(out["auc_small_bowel"]) and out["auc_stomach"] == 1.0
+    assert out["score"] == 1.0 and out["acc_stomach"] == 0.75
+    assert cls_metrics(truth[:, [1, 1, 1]], probs)["score"] == (0.5 + 1.0 + 0.75) / 3  # no AUC: mean accuracy
+
+
+def test_parse_folds() -> None:
+    assert parse_folds(["0", "2", "2"]) == [0, 2]
+    assert parse_folds(["all"]) == ["all"]
+    with pytest.raises(ValueError, match="fold"):
+        parse_folds(["x"])
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def test_train_seg_end_to_end(env: Path, store: VolumeStore) -> None:
+    (out,) = train_seg.main(["--config", "demo_seg", "--folds", "1", "--set", *FAST])
+    assert out == env / "runs" / "seg" / "demo_seg" / "fold_1"
+    for name in ("best.pt", "last.pt", "metrics.csv", "config.yaml"):
+        assert (out / name).is_file(), name
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert {"score", "dice", "hausdorff", "train_loss"} <= set(metrics.columns) and len(metrics) == 1
+    cfg = config_from_text((out / "config.yaml").read_text())
+    assert cfg == load_config("demo_seg", FAST)
+    val_days = sorted(p.stem for p in (out / "oof").glob("*.npz"))
+    expect_days = sorted(set(_folds(store).query("fold == 1")["case_day"]))
+    assert val_days == expect_days
+    for case_day in val_days:
+        oof = np.load(out / "oof" / f"{case_day}.npz")
+        volume = store[case_day]
+        assert oof["probs"].dtype == np.uint8 and oof["probs"].shape == (len(volume), 3, *volume.shape)
+        assert oof["ids"].tolist() == volume.ids
+    model, loaded = load_member(out, "cpu")
+    assert loaded == cfg and not model.training
+    volume = store[val_days[0]]
+    probs = predict_day(model, cfg, volume.image, full_box(volume.shape), batch_size=8)
+    saved = np.load(out / "oof" / f"{val_days[0]}.npz")["probs"]
+    np.testing.assert_array_equal(np.rint(probs * 255).astype(np.uint8), saved)  # OOF = best.pt, no TTA
+
+
+def _folds(store: VolumeStore) -> pd.DataFrame:
+    return pd.read_csv(store.root / "folds.csv")
+
+
+def test_train_seg_with_crop_boxes_and_all_folds(env: Path, store: VolumeStore) -> None:
+    rows = []
+    for case_day in store.days:
+        h, w = store[case_day].shape
+        rows.append(
+            {"case_day": case_day, "y0": 8, "x0": 10, "y1": h - 8, "x1": w - 12, "source": "threshold"}
+        )
+    write_csv(env / "runs" / "det" / "testdet" / "boxes_train.csv", pd.DataFrame(rows))
+    overrides = [*FAST[:-1], "data.crop=true", "data.det_config=testdet", "data.k=0"]
+    (out,) = train_seg.main(["--config", "demo_seg_baseline", "--folds", "0", "--set", *overrides])
+    for path in (out / "oof").glob("*.npz"):
+        probs = np.load(path)["probs"]
+        assert probs[:, :, :8].max() == 0 and probs[:, :, :, -12:].max() == 0  # nothing outside the box
+    (out_all,) = train_seg.main(["--config", "demo_seg_baseline", "--folds", "all", "--set", *overrides])
+    assert out_all.name == "fold_all" and (out_all / "best.pt").is_file() and not (out_all / "oof").exists()
+
+
+def test_train_cls_end_to_end(env: Path, store: VolumeStore) -> None:
+    (out,) = train_cls.main(["--config", "demo_cls", "--folds", "2", "--set", *FAST])
+    for name in ("best.pt", "last.pt", "metrics.csv", "config.yaml", "oof.csv"):
+        assert (out / name).is_file(), name
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert {"score", "acc", *(f"auc_{c}" for c in CLASSES)} <= set(metrics.columns)
+    oof = pd.read_csv(out / "oof.csv")
+    assert list(oof.columns) == ["id", "case_day", *CLASSES]
+    val = _folds(store).query("fold == 2")
+    assert sorted(oof["id"]) == sorted(val["id"])
+    assert oof[list(CLASSES)].to_numpy().min() >= 0 and oof[list(CLASSES)].to_numpy().max() <= 1
+    model, cfg = load_member(out, "cpu")
+    assert cfg.stage == "cls" and model(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+
+
+def test_missing_folds_file_says_run_make_folds(isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = isolated_dirs / "nofolds"
+    generate_dataset(root, "tiny", seed=0)
+    monkeypatch.setenv("DATA_DIR", str(root))
+    with pytest.raises(DataError, match="make folds"):
+        train_seg.main(["--config", "demo_seg", "--folds", "0", "--set", *FAST])
+
+
+def test_unknown_config_key_fails_before_training(env: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.epoch'.*did you mean 'epochs'"):
+        train_seg.main(["--config", "demo_seg", "--folds", "0", "--set", "train.epoch=1"])
+    with pytest.raises(ConfigError, match="'cls' stage"):
+        train_cls.main(["--config", "demo_seg", "--folds", "0"])
+    assert not (env / "runs").exists()
+
+
+def test_load_member_names_the_missing_run(env: Path) -> None:
+    with pytest.raises(MemberError, match=r"make train-seg CONFIG=configs/nothing\.yaml FOLDS=3"):
+        load_member(env / "runs" / "seg" / "nothing" / "fold_3", "cpu")
