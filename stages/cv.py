@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--config", default="configs/demo_ensemble.yaml")
     parser.add_argument("--set", nargs="*", default=[], help="overrides key=value, e.g. report_slices=12")
     parser.add_argument("--data-dir", default=None, help="dataset root (default: config data_dir, $DATA_DIR)")
-    parser.add_argument("--workers", type=int, default=None, help="threads over day-volumes (default: cores, max 8)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="threads over day-volumes (default: cores, max 8)"
+    )
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set, stage="ensemble")
     configure_runtime()

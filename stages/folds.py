@@ -31,8 +31,10 @@ def main(argv: list[str] | None = None) -> Path:
         return out
     folds = make_folds(load_split(root, "train"), cfg.n_folds, cfg.seed, cfg.exclude_days)
     write_csv(out, folds)
-    summary = folds[folds["fold"] >= 0].groupby("fold").agg(
-        cases=("case", "nunique"), slices=("id", "size"), labelled=("has_label", "mean")
+    summary = (
+        folds[folds["fold"] >= 0]
+        .groupby("fold")
+        .agg(cases=("case", "nunique"), slices=("id", "size"), labelled=("has_label", "mean"))
     )
     log.info("wrote %s\n%s", out, summary.to_string())
     return out

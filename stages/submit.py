@@ -21,7 +21,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--set", nargs="*", default=[], help="overrides key=value, e.g. tta.vflip=true")
     parser.add_argument("--data-dir", default=None, help="dataset root (default: config data_dir, $DATA_DIR)")
     parser.add_argument(
-        "--debug-train-days", type=int, default=0, help="run over the first N train day-volumes instead of test"
+        "--debug-train-days",
+        type=int,
+        default=0,
+        help="run over the first N train day-volumes instead of test",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, auto (default: the config's device)")
     args = parser.parse_args(argv)

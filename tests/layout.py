@@ -13,7 +13,9 @@ from pipeline.data.catalog import make_id, slice_filename
 from pipeline.rle import rle_encode
 
 
-def write_day(root: Path, case: int, day: int, n_slices: int, shape=(24, 32), seed=0, split="train") -> list[dict]:
+def write_day(
+    root: Path, case: int, day: int, n_slices: int, shape=(24, 32), seed=0, split="train"
+) -> list[dict]:
     """Write one day-volume of random images with blob masks; return its label rows."""
     rng = np.random.default_rng([seed, case, day])
     height, width = shape

@@ -55,7 +55,9 @@ def find_folds(stage: str, name: str, needs: str, folds: tuple[int, ...] | None 
         if suffix.isdigit() and (path / needs).exists():
             found.append(int(suffix))
     if not found:
-        raise DataError(f"no trained fold with {needs} under {base}; run `make train-{stage}` for config '{name}'")
+        raise DataError(
+            f"no trained fold with {needs} under {base}; run `make train-{stage}` for config '{name}'"
+        )
     return sorted(found)
 
 
@@ -112,10 +114,14 @@ def find_member_oof(member: MemberCfg) -> OOFMember:
     for fold in folds:
         for path in sorted((run_dir("seg", name, fold) / OOF_DIR).glob("*.npz")):
             if path.stem in files:
-                raise DataError(f"{path.stem} is out-of-fold in two folds of {name}: {files[path.stem]} and {path}")
+                raise DataError(
+                    f"{path.stem} is out-of-fold in two folds of {name}: {files[path.stem]} and {path}"
+                )
             files[path.stem] = path
     if not files:
-        raise DataError(f"{run_dir('seg', name)}: folds {folds} have no oof/*.npz files; retrain or rerun their OOF")
+        raise DataError(
+            f"{run_dir('seg', name)}: folds {folds} have no oof/*.npz files; retrain or rerun their OOF"
+        )
     return OOFMember(name, folds, files)
 
 
@@ -137,7 +143,9 @@ def read_oof_day(path: Path) -> tuple[np.ndarray, list[str]]:
             if not fresh:
                 probs = npz["probs"]
                 if probs.dtype != np.uint8 or probs.ndim != 4 or probs.shape[1] != len(CLASSES):
-                    raise DataError(f"{path}: 'probs' must be uint8 (S, 3, H, W), got {probs.dtype} {probs.shape}")
+                    raise DataError(
+                        f"{path}: 'probs' must be uint8 (S, 3, H, W), got {probs.dtype} {probs.shape}"
+                    )
                 write_with(cache, lambda p: np.save(p, probs))
     except (KeyError, OSError, ValueError) as exc:
         if isinstance(exc, DataError):
@@ -155,7 +163,9 @@ def read_cls_oof(name: str, folds: tuple[int, ...] | None = None) -> tuple[pd.Da
         frame = pd.read_csv(path)
         missing = {"id", *CLASSES} - set(frame.columns)
         if missing:
-            raise DataError(f"{path}: missing columns {sorted(missing)} (expected id, case_day, {', '.join(CLASSES)})")
+            raise DataError(
+                f"{path}: missing columns {sorted(missing)} (expected id, case_day, {', '.join(CLASSES)})"
+            )
         frames.append(frame[["id", *CLASSES]])
     table = pd.concat(frames).groupby("id", sort=False)[list(CLASSES)].mean()
     return table.astype(np.float32), used
@@ -201,7 +211,12 @@ def load_oof(cfg: EnsembleConfig, root: Path, progress: bool = True) -> OOFSet:
     for m in members:
         extra = sorted(set(m.files) - common)
         if extra:
-            log.warning("%s: %d OOF days not covered by every member are left out (%s ...)", m.name, len(extra), extra[0])
+            log.warning(
+                "%s: %d OOF days not covered by every member are left out (%s ...)",
+                m.name,
+                len(extra),
+                extra[0],
+            )
     days = sorted(common, key=order.__getitem__)
     if not days:
         raise DataError(f"the members of '{cfg.name}' share no out-of-fold day; train them on the same folds")

@@ -70,7 +70,9 @@ def _slice_dice(mask: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.where(n_kept > 0, dice_sum / np.maximum(n_kept, 1), np.nan)
 
 
-def measure(oof: OOFSet, decisions: Decisions, workers: int, progress: bool = True) -> tuple[dict, pd.DataFrame]:
+def measure(
+    oof: OOFSet, decisions: Decisions, workers: int, progress: bool = True
+) -> tuple[dict, pd.DataFrame]:
     """(score dict with per-class Hausdorff, per-slice Dice table) of the decisions on the OOF."""
     names = [m.name for m in oof.members]
 
@@ -80,7 +82,9 @@ def measure(oof: OOFSet, decisions: Decisions, workers: int, progress: bool = Tr
         return volume_stats(mask, truth, per_class=True), _slice_dice(mask, truth)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        out = list(tqdm(pool.map(one, oof.days), total=len(oof.days), desc="cv", unit="day", disable=not progress))
+        out = list(
+            tqdm(pool.map(one, oof.days), total=len(oof.days), desc="cv", unit="day", disable=not progress)
+        )
     slices = pd.DataFrame(
         [(day, s, d) for day, (_, dice) in zip(oof.days, out) for s, d in enumerate(dice) if np.isfinite(d)],
         columns=["case_day", "slice_index", "dice"],
@@ -92,11 +96,24 @@ def cv_tables(result: dict, decisions: Decisions) -> tuple[pd.DataFrame, pd.Data
     rows = []
     for cls in CLASSES:
         pc = result["per_class"][cls]
-        rows.append({"class": cls, "dice": pc["dice"], "hausdorff": pc["hausdorff"], "score": pc["score"], **asdict(decisions.classes[cls])})
-    rows.append({"class": "all", "dice": result["dice"], "hausdorff": result["hausdorff"], "score": result["score"]})
+        rows.append(
+            {
+                "class": cls,
+                "dice": pc["dice"],
+                "hausdorff": pc["hausdorff"],
+                "score": pc["score"],
+                **asdict(decisions.classes[cls]),
+            }
+        )
+    rows.append(
+        {"class": "all", "dice": result["dice"], "hausdorff": result["hausdorff"], "score": result["score"]}
+    )
     table = pd.DataFrame(rows)
     steps = pd.DataFrame(
-        [{k: s.get(k) for k in ("step", "label", "score", "dice", "hausdorff", "gain")} for s in decisions.steps]
+        [
+            {k: s.get(k) for k in ("step", "label", "score", "dice", "hausdorff", "gain")}
+            for s in decisions.steps
+        ]
     )
     if not steps.empty:
         steps["gain"] = steps["score"].diff()
@@ -166,29 +183,42 @@ def plot_overlays(path: Path, oof: OOFSet, decisions: Decisions, picks: pd.DataF
             if truth.any():
                 ax.contour(truth, levels=[0.5], colors=[COLORS[cls]], linewidths=1.6)
             if pred.any():
-                ax.contour(pred.astype(np.uint8), levels=[0.5], colors=[COLORS[cls]], linewidths=1.6, linestyles="--")
+                ax.contour(
+                    pred.astype(np.uint8), levels=[0.5], colors=[COLORS[cls]], linewidths=1.6, linestyles="--"
+                )
         ax.set_title(f"{volume.ids[s]}  Dice {row.dice:.2f}", fontsize=9)
         ax.set_axis_off()
     for ax in axes[len(picks) :]:
         ax.set_axis_off()
     handles = [Line2D([], [], color=COLORS[c], label=c) for c in CLASSES]
-    handles += [Line2D([], [], color="k", label="truth"), Line2D([], [], color="k", linestyle="--", label="prediction")]
+    handles += [
+        Line2D([], [], color="k", label="truth"),
+        Line2D([], [], color="k", linestyle="--", label="prediction"),
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=9, frameon=False)
     fig.suptitle("OOF predictions (dashed) vs truth (solid), worst to best slice Dice", fontsize=11)
     return _save(fig, path)
 
 
-def run_report(cfg: EnsembleConfig, root: Path, *, workers: int | None = None, progress: bool = True) -> Report:
+def run_report(
+    cfg: EnsembleConfig, root: Path, *, workers: int | None = None, progress: bool = True
+) -> Report:
     """Measure the tuned ensemble on its OOF and write the tables and figures of ``make cv``."""
     decisions = read_decisions(cfg.name)
     oof = load_oof(cfg, root, progress)
     tuned = [m["config"] for m in decisions.members]
     if sorted(tuned) != sorted(m.name for m in oof.members):
-        raise ValueError(f"postprocess.json was tuned for {tuned}; rerun `make tune ENSEMBLE=configs/{cfg.name}.yaml`")
+        raise ValueError(
+            f"postprocess.json was tuned for {tuned}; rerun `make tune ENSEMBLE=configs/{cfg.name}.yaml`"
+        )
     result, slices = measure(oof, decisions, workers or default_workers(), progress)
     expected = decisions.oof.get("score")
     if expected is not None and abs(expected - result["score"]) > 1e-6:
-        log.warning("OOF score %.5f differs from the tuned %.5f: the OOF files changed since `make tune`", result["score"], expected)
+        log.warning(
+            "OOF score %.5f differs from the tuned %.5f: the OOF files changed since `make tune`",
+            result["score"],
+            expected,
+        )
     out = run_dir("ensemble", cfg.name) / "report"
     table, steps = cv_tables(result, decisions)
     write_csv(out / "cv_table.csv", table)
@@ -198,7 +228,10 @@ def run_report(cfg: EnsembleConfig, root: Path, *, workers: int | None = None, p
         if decisions.curves.get(field):
             plot_curves(out / f"{field}.png", field, decisions.curves[field], raw)
         else:
-            log.info("no %s curve (%s): no figure", field, "no classifier" if field == "gate_threshold" else "not tuned")
+            log.info(
+                "no %s curve (%s): no figure",
+                field,
+                "no classifier" if field == "gate_threshold" else "not tuned",
+            )
     plot_overlays(out / "overlays.png", oof, decisions, pick_slices(slices, cfg.report_slices))
     return Report(out, table, steps, result["score"])
-

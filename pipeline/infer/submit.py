@@ -126,7 +126,14 @@ class EnsemblePredictor:
         for m in self.classifiers:
             box = boxes[crop_key(m.cfg, self.det_config)]
             total += predict_day_cls(
-                m.model, m.cfg, image, box, device=self.device, batch_size=self.batch_size, tta=self.tta, amp=self.amp
+                m.model,
+                m.cfg,
+                image,
+                box,
+                device=self.device,
+                batch_size=self.batch_size,
+                tta=self.tta,
+                amp=self.amp,
             )
         return total / len(self.classifiers)
 
@@ -138,7 +145,14 @@ class EnsemblePredictor:
         for m in self.segmenters:
             box = boxes[crop_key(m.cfg, self.det_config)]
             probs = predict_day(
-                m.model, m.cfg, image, box, device=self.device, batch_size=self.batch_size, tta=self.tta, amp=self.amp
+                m.model,
+                m.cfg,
+                image,
+                box,
+                device=self.device,
+                batch_size=self.batch_size,
+                tta=self.tta,
+                amp=self.amp,
             )
             total += np.float32(m.weight) * probs
         return total
@@ -197,7 +211,11 @@ def expected_rows(root: Path, debug_train_days: int = 0) -> tuple[pd.DataFrame, 
             raise DataError(f"debug_train_days={debug_train_days} but {root / 'train'} has no slice images")
         keep = days(train)[:debug_train_days]
         catalog = train[train["case_day"].isin(keep)].reset_index(drop=True)
-        log.info("debug: predicting %d train day-volumes (%d slices) instead of the test set", len(keep), len(catalog))
+        log.info(
+            "debug: predicting %d train day-volumes (%d slices) instead of the test set",
+            len(keep),
+            len(catalog),
+        )
         return _rows_of(catalog), catalog
     catalog = scan_split(root, "test")
     sample_path = root / "sample_submission.csv"
@@ -212,7 +230,9 @@ def expected_rows(root: Path, debug_train_days: int = 0) -> tuple[pd.DataFrame, 
         rows = _rows_of(catalog)
     no_image = sorted(set(rows["id"]) - set(catalog["id"])) if not catalog.empty else sorted(set(rows["id"]))
     if no_image and not catalog.empty:
-        log.warning("%d sample_submission ids have no test image (first %s): left empty", len(no_image), no_image[0])
+        log.warning(
+            "%d sample_submission ids have no test image (first %s): left empty", len(no_image), no_image[0]
+        )
     catalog = catalog[catalog["id"].isin(set(rows["id"]))] if not catalog.empty else catalog
     return rows, catalog.reset_index(drop=True)
 
@@ -236,8 +256,13 @@ def validate_rows(
 
     if list(frame.columns) != SUBMISSION_COLUMNS:
         raise SubmissionError(f"{where}: columns {list(frame.columns)}, expected {SUBMISSION_COLUMNS}")
-    if len(frame) != len(rows) or not (frame[["id", "class"]].to_numpy() == rows[["id", "class"]].to_numpy()).all():
-        raise SubmissionError(f"{where}: rows differ from the expected (id, class) rows of sample_submission.csv")
+    if (
+        len(frame) != len(rows)
+        or not (frame[["id", "class"]].to_numpy() == rows[["id", "class"]].to_numpy()).all()
+    ):
+        raise SubmissionError(
+            f"{where}: rows differ from the expected (id, class) rows of sample_submission.csv"
+        )
     validate_submission(frame, rows.assign(segmentation=""), shapes)
 
 

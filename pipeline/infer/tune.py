@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -52,10 +53,11 @@ RAW_THRESHOLD = 0.5  # the plain sigmoid cut: the "raw" reference every tuned st
 FIELDS = ("pixel_threshold", "gate_threshold", "min_component_size")
 STEP_LABELS = {
     "raw": "raw segmentation (threshold 0.5)",
+    "blend_raw": "+ blend weights (at 0.5)",
     "pixel_threshold": "+ tuned pixel threshold",
     "gate_threshold": "+ classifier gate",
     "min_component_size": "+ small-component removal",
-    "blend": "+ blend weights",
+    "blend": "+ blend weights (re-tuned)",
 }
 Vary = tuple[int, str, list[float]]  # (class index, ClassParams field, candidate values)
 
@@ -154,7 +156,9 @@ def evaluate(
         return day_stats(oof, day, weight_list, params, vary, per_class)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        per_day = list(tqdm(pool.map(one, oof.days), total=len(oof.days), desc=desc, unit="day", disable=not progress))
+        per_day = list(
+            tqdm(pool.map(one, oof.days), total=len(oof.days), desc=desc, unit="day", disable=not progress)
+        )
     n_variants = len(per_day[0])
     return [aggregate([stats[i] for stats in per_day]) for i in range(n_variants)]
 
@@ -168,7 +172,13 @@ def _step(name: str, result: dict, previous: dict | None) -> dict:
         "hausdorff": result["hausdorff"],
         "gain": None if previous is None else result["score"] - previous["score"],
     }
-    log.info("%-28s score %.5f (dice %.4f, hausdorff %.4f)", row["label"], row["score"], row["dice"], row["hausdorff"])
+    log.info(
+        "%-28s score %.5f (dice %.4f, hausdorff %.4f)",
+        row["label"],
+        row["score"],
+        row["dice"],
+        row["hausdorff"],
+    )
     return row
 
 
@@ -183,7 +193,39 @@ def _curve(values: list[float], results: list[dict], chosen: float) -> dict:
     }
 
 
-def tune_ensemble(cfg: EnsembleConfig, root: Path, *, workers: int | None = None, progress: bool = True) -> Decisions:
+def _tune_blend(
+    oof: OOFSet,
+    cfg: EnsembleConfig,
+    names: list[str],
+    weights: np.ndarray,
+    params: list[ClassParams],
+    best: dict,
+    steps: list[dict],
+    curves: dict,
+    step: str,
+    **kw: Any,
+) -> tuple[np.ndarray, dict]:
+    """Grid-search the member weights over the simplex with the per-class settings held; append the step."""
+    if len(names) < 2:
+        steps.append({**_step(step, best, best), "skipped": "one member"})
+        return weights, best
+    grid = [weights] + [
+        w for w in simplex_grid(len(names), cfg.tune.blend_steps) if not np.allclose(w, weights)
+    ]
+    results = evaluate(oof, grid, params, desc=f"tune {step}", **kw)
+    pick = int(np.argmax([r["score"] for r in results]))  # first max: the current weights on ties
+    curves[step] = {
+        "members": names,
+        "weights": [g.tolist() for g in grid],
+        "score": [r["score"] for r in results],
+    }
+    steps.append(_step(step, results[pick], steps[-1]))
+    return grid[pick], results[pick]
+
+
+def tune_ensemble(
+    cfg: EnsembleConfig, root: Path, *, workers: int | None = None, progress: bool = True
+) -> Decisions:
     """Run the coordinate-wise search on the OOF of ``cfg``'s members and return the decisions."""
     workers = workers or default_workers()
     oof = load_oof(cfg, root, progress)
@@ -195,6 +237,9 @@ def tune_ensemble(cfg: EnsembleConfig, root: Path, *, workers: int | None = None
     best = evaluate(oof, [weights], params, desc="tune raw", **kw)[0]
     steps = [_step("raw", best, None)]
     curves: dict = {}
+    # blend first at the raw settings, so the per-class search runs on the blend it will be used with;
+    # the blend is tuned again once the per-class settings are known
+    weights, best = _tune_blend(oof, cfg, names, weights, params, best, steps, curves, "blend_raw", **kw)
     grids = {
         "pixel_threshold": cfg.tune.pixel_thresholds,
         "gate_threshold": cfg.tune.gate_thresholds,
@@ -216,20 +261,9 @@ def tune_ensemble(cfg: EnsembleConfig, root: Path, *, workers: int | None = None
             log.info("%s %s = %s (score %.5f)", cls, field, values[pick], best["score"])
         steps.append(_step(field, best, steps[-1]))
 
-    if len(names) > 1:
-        grid = [weights] + [w for w in simplex_grid(len(names), cfg.tune.blend_steps) if not np.allclose(w, weights)]
-        results = evaluate(oof, grid, params, desc="tune blend", **kw)
-        pick = int(np.argmax([r["score"] for r in results]))
-        weights, best = grid[pick], results[pick]
-        curves["blend"] = {"members": names, "weights": [g.tolist() for g in grid], "score": [r["score"] for r in results]}
-        steps.append(_step("blend", best, steps[-1]))
-    else:
-        steps.append({**_step("blend", best, best), "skipped": "one member"})
-
+    weights, best = _tune_blend(oof, cfg, names, weights, params, best, steps, curves, "blend", **kw)
     final = evaluate(oof, [weights], params, per_class=True, desc="final OOF", **kw)[0]
-    per_class = {
-        cls: {**final["per_class"][cls], **asdict(params[c])} for c, cls in enumerate(CLASSES)
-    }
+    per_class = {cls: {**final["per_class"][cls], **asdict(params[c])} for c, cls in enumerate(CLASSES)}
     return Decisions(
         classes=dict(zip(CLASSES, params)),
         weights={name: float(w) for name, w in zip(names, weights)},
