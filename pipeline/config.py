@@ -140,6 +140,7 @@ class TuneCfg:
     gate_thresholds: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
     min_component_sizes: tuple[int, ...] = (0, 10, 25, 50, 100, 200)
     blend_steps: int = 5  # grid resolution of member weights
+    sweeps: int = 2  # per-class coordinate sweeps (pixel, gate, size); later ones stop when nothing moves
 
 
 # --------------------------------------------------------------------------- stage configs

@@ -1,13 +1,20 @@
-"""Inference throughput: slices/s per model-fold and end to end, with and without TTA, and the
-projected time of a hidden test set (~25,000 slices) with a 5-fold x 3-model ensemble.
+"""`python -m stages.bench_infer`: inference throughput, and the projected time of the hidden test set.
 
-    python -m stages.bench_infer                          # demo ensemble on this machine
-    python -m stages.bench_infer --full --slices 144      # untrained full-size GPU members (random init)
+    python -m stages.bench_infer                 # demo ensemble on this machine (CPU unless a GPU is seen)
+    python -m stages.bench_infer --full          # the full GPU configs' members, untrained (random init)
 
-Per model-fold figures time ``predict_day`` (2.5D prepare + network + paste-back) on one day of
-``--slices`` slices at 266x266 (random init: speed does not depend on the weights). End to end
-times ``make submit``'s predictor (detector crop, classifier gate, every member x fold with TTA,
-post-processing, RLE) on the test days, when the ensemble has been tuned (`make demo` / `make tune`).
+1. Per model-fold: slices/s of ``predict_day`` / ``predict_day_cls`` (2.5D prepare + network +
+   TTA views + paste-back) on one synthetic day of ``--slices`` slices at 266x266, without TTA
+   and with the ensemble config's TTA. The networks are built from the member configs with
+   random weights: speed does not depend on the weights, so nothing has to be trained.
+2. End to end: ``make submit``'s predictor (detector crop, classifier gate, every member x fold,
+   post-processing, RLE) on ``--days`` test day-volumes, phase by phase. It needs the tuned
+   ensemble (``make tune``) and trained members, so it is skipped with ``--full`` or without them.
+3. Projection: ``--hidden-slices`` (about 25,000 on Kaggle) through a 5-fold x 3-model segmenter
+   ensemble plus a 5-fold classifier at the measured per-model rates, plus the per-slice cost of
+   the other phases when step 2 ran.
+
+Every figure is the median of ``--repeats`` timed runs after one warm-up run.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import argparse
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,63 +33,54 @@ from pipeline.config import TTACfg, load_config
 from pipeline.data.catalog import scan_split
 from pipeline.data.geometry import full_box
 from pipeline.data.volumes import read_volume
-from pipeline.infer.postprocess import decisions_path, read_decisions
+from pipeline.infer.postprocess import apply_postprocess, decisions_path, read_decisions, to_uint8
 from pipeline.infer.predict import build_model, predict_day, predict_day_cls
-from pipeline.infer.submit import EnsemblePredictor
 from pipeline.paths import data_dir
 from pipeline.runtime import configure_runtime
 from pipeline.train.engine import resolve_device
 
-HIDDEN_SLICES = 25_000
 FOLDS, MODELS = 5, 3
 KAGGLE_LIMIT_H = 9.0
+NO_TTA = TTACfg(hflip=False, vflip=False, scales=(1.0,))
+PHASES = ("crop", "gate", "segment", "postprocess", "rle")
 
 
-def median_rate(fn, n_slices: int, repeats: int) -> float:
-    fn()  # warm-up (cuDNN autotune, numba JIT, allocator)
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs, after a warm-up run (cuDNN, numba JIT)."""
+    fn()
     times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+    for _ in range(max(1, repeats)):
+        _sync()
         start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - start)
-    return n_slices / statistics.median(times)
+    return statistics.median(times)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", default="configs/demo_ensemble.yaml")
-    parser.add_argument("--full", action="store_true", help="time configs/full_ensemble.yaml's members")
-    parser.add_argument("--slices", type=int, default=40, help="slices of the synthetic day per model timing")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
-    configure_runtime(seed=0, log_level="WARNING")
-    cfg = load_config("configs/full_ensemble.yaml" if args.full else args.config, stage="ensemble")
-    device = resolve_device(args.device)
+def model_rates(cfg: Any, device: torch.device, n_slices: int, repeats: int) -> dict[str, dict[str, float]]:
+    """{stage:name: {"no_tta": slices/s, "tta": slices/s}} of one fold of every member and the classifier."""
+    image = np.random.default_rng(0).integers(0, 4000, (n_slices, 266, 266)).astype(np.uint16)
     amp = cfg.amp and device.type == "cuda"
-    image = np.random.default_rng(0).integers(0, 4000, (args.slices, 266, 266)).astype(np.uint16)
-    no_tta = TTACfg(hflip=False, vflip=False, scales=(1.0,))
-    print(f"device {device}, day of {args.slices} slices at 266x266, median of {args.repeats}")
-    print(f"{'model':34s} {'no TTA':>12s} {'TTA':>12s}   (slices/s per model-fold)")
-    rates: dict[str, dict[str, float]] = {}
-    configs = [load_config(m.config, stage="seg") for m in cfg.members]
+    members = [load_config(m.config, stage="seg") for m in cfg.members]
     if cfg.classifier:
-        configs.append(load_config(cfg.classifier, stage="cls"))
-    for member in configs:
+        members.append(load_config(cfg.classifier, stage="cls"))
+    rates = {}
+    for member in members:
         model = build_model(member).to(device).eval()
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         predict = predict_day if member.stage == "seg" else predict_day_cls
         row = {}
-        for label, tta in (("no_tta", no_tta), ("tta", cfg.tta)):
-            row[label] = median_rate(
-                lambda tta=tta, model=model, member=member, predict=predict: predict(
+        for label, tta in (("no_tta", NO_TTA), ("tta", cfg.tta)):
+
+            def run(tta=tta, model=model, member=member, predict=predict) -> None:
+                predict(
                     model,
                     member,
                     image,
@@ -89,50 +89,123 @@ def main(argv: list[str] | None = None) -> dict:
                     batch_size=cfg.batch_size,
                     tta=tta,
                     amp=amp,
-                ),
-                args.slices,
-                args.repeats,
-            )
-        rates[f"{member.stage}:{member.name}"] = row
-        print(f"{member.stage + ':' + member.name:34s} {row['no_tta']:12.1f} {row['tta']:12.1f}")
+                )
 
+            row[label] = n_slices / median_seconds(run, repeats)
+        rates[f"{member.stage}:{member.name}"] = row
+        print(
+            f"  {member.stage + ':' + member.name:36s} {row['no_tta']:10.1f} {row['tta']:10.1f}", flush=True
+        )
+        del model
+    return rates
+
+
+def end_to_end(
+    cfg: Any, device: torch.device, n_days: int, repeats: int
+) -> dict[str, dict[str, float]] | None:
+    """Seconds per slice of each submit phase on ``n_days`` test days, without and with TTA."""
+    from pipeline.infer.submit import EnsemblePredictor
+
+    catalog = scan_split(data_dir(cfg.data_dir), "test")
+    if not decisions_path(cfg.name).is_file() or catalog.empty:
+        return None
+    decisions = read_decisions(cfg.name)
+    groups = [g for _, g in catalog.groupby("case_day", sort=False)][: max(1, n_days)]
+    volumes = [read_volume(g, False) for g in groups]
+    n = sum(len(v.ids) for v in volumes)
+    out = {}
+    for label, tta in (("no_tta", NO_TTA), ("tta", cfg.tta)):
+        p = EnsemblePredictor(dataclasses.replace(cfg, tta=tta), decisions, device)
+
+        def run(p=p) -> dict[str, float]:
+            spent = dict.fromkeys(PHASES, 0.0)
+            for volume in volumes:
+                marks = [time.perf_counter()]
+                boxes = p.boxes(volume.image)
+                marks.append(time.perf_counter())
+                gate = p.gate_probs(volume.image, boxes)
+                marks.append(time.perf_counter())
+                probs = to_uint8(p.seg_probs(volume.image, boxes))
+                marks.append(time.perf_counter())
+                masks = apply_postprocess(probs, gate, p.decisions.classes)
+                marks.append(time.perf_counter())
+                p.encode(masks)
+                _sync()
+                marks.append(time.perf_counter())
+                for phase, a, b in zip(PHASES, marks, marks[1:]):
+                    spent[phase] += b - a
+            return spent
+
+        run()  # warm-up
+        runs = [run() for _ in range(max(1, repeats))]
+        totals = {phase: statistics.median(r[phase] for r in runs) / n for phase in PHASES}
+        totals["total"] = statistics.median(sum(r.values()) for r in runs) / n
+        totals["model_folds"] = len(p.segmenters) + len(p.classifiers)
+        out[label] = totals
+    print(
+        f"\nend to end on {len(volumes)} test day(s), {n} slices, {out['tta']['model_folds']} model-folds (ms/slice):"
+    )
+    print(f"  {'':8s}" + "".join(f"{ph:>12s}" for ph in (*PHASES, "total")) + f"{'slices/s':>12s}")
+    for label, row in out.items():
+        cells = "".join(f"{row[ph] * 1000:12.1f}" for ph in (*PHASES, "total"))
+        print(f"  {label:8s}{cells}{1.0 / row['total']:12.1f}")
+    out["slices"] = n
+    return out
+
+
+def projection(rates: dict[str, dict[str, float]], e2e: dict | None, hidden: int) -> dict[str, float]:
+    """Projected hours of ``hidden`` slices: 5 folds x 3 segmenters + 5 classifier folds (+ other phases)."""
     seg = [r for k, r in rates.items() if k.startswith("seg:")]
     cls = [r for k, r in rates.items() if k.startswith("cls:")]
-    per_slice = {}
-    for label in ("no_tta", "tta"):
-        # 3 models x 5 folds of segmenters (members beyond those measured take their mean speed)
-        seg_s = FOLDS * MODELS * statistics.mean(1.0 / r[label] for r in seg)
-        cls_s = FOLDS * sum(1.0 / r[label] for r in cls)
-        per_slice[label] = seg_s + cls_s
+    hours = {}
     print(
-        f"\nprojection for {HIDDEN_SLICES} slices, {FOLDS} folds x {MODELS} models + {FOLDS} classifier folds:"
+        f"\nprojection for {hidden} slices: {FOLDS} folds x {MODELS} segmenters (mean measured speed)"
+        f" + {FOLDS} classifier folds{' + crop/post-processing/RLE as measured end to end' if e2e else ''}:"
     )
-    for label, seconds in per_slice.items():
-        hours = HIDDEN_SLICES * seconds / 3600
+    for label in ("no_tta", "tta"):
+        seconds = FOLDS * MODELS * statistics.mean(1.0 / r[label] for r in seg)
+        seconds += FOLDS * sum(1.0 / r[label] for r in cls)
+        if e2e:
+            seconds += e2e[label]["crop"] + e2e[label]["postprocess"] + e2e[label]["rle"]
+        hours[label] = hidden * seconds / 3600
         print(
-            f"  {label:7s} {hours:7.2f} h  ({hours / KAGGLE_LIMIT_H:.0%} of Kaggle's {KAGGLE_LIMIT_H:.0f} h GPU limit)"
+            f"  {label:7s} {hours[label]:8.2f} h  ({hours[label] / KAGGLE_LIMIT_H:.0%} of Kaggle's"
+            f" {KAGGLE_LIMIT_H:.0f} h limit)"
         )
+    return hours
 
-    end_to_end = {}
-    root = data_dir(cfg.data_dir)
-    catalog = scan_split(root, "test")
-    if decisions_path(cfg.name).is_file() and not catalog.empty and not args.full:
-        decisions = read_decisions(cfg.name)
-        volumes = [read_volume(g, False) for _, g in catalog.groupby("case_day", sort=False)]
-        n = sum(len(v) for v in volumes)
-        for label, tta in (("no_tta", no_tta), ("tta", cfg.tta)):
-            predictor = EnsemblePredictor(dataclasses.replace(cfg, tta=tta), decisions, device)
-            end_to_end[label] = median_rate(
-                lambda p=predictor: [p.encode(p.masks(v.image)) for v in volumes], n, args.repeats
-            )
-        folds = len(predictor.segmenters) + len(predictor.classifiers)
-        print(
-            f"\nend to end on {n} test slices ({folds} model-folds, crop + gate + ensemble + post-processing + RLE):"
-            f" {end_to_end['no_tta']:.1f} slices/s without TTA, {end_to_end['tta']:.1f} with TTA"
-        )
-    else:
-        print(f"\n(end to end skipped: run `make tune` for {cfg.name} on a dataset with a test split first)")
-    return {"per_model_fold": rates, "projection_s_per_slice": per_slice, "end_to_end": end_to_end}
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="configs/demo_ensemble.yaml")
+    parser.add_argument(
+        "--full", action="store_true", help="time configs/full_ensemble.yaml's members (untrained)"
+    )
+    parser.add_argument("--slices", type=int, default=32, help="slices of the synthetic day per model timing")
+    parser.add_argument("--days", type=int, default=2, help="test day-volumes of the end-to-end timing")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hidden-slices", type=int, default=25_000)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    configure_runtime(seed=0, log_level="WARNING")
+    cfg = load_config("configs/full_ensemble.yaml" if args.full else args.config, stage="ensemble")
+    device = resolve_device(args.device)
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu, {torch.get_num_threads()} threads"
+    )
+    print(f"{cfg.name} on {name}; median of {args.repeats} after a warm-up")
+    print(f"per model-fold, one day of {args.slices} slices at 266x266 (slices/s):")
+    print(f"  {'model':36s} {'no TTA':>10s} {'TTA':>10s}   (TTA: {cfg.tta})")
+    rates = model_rates(cfg, device, args.slices, args.repeats)
+    e2e = None if args.full else end_to_end(cfg, device, args.days, args.repeats)
+    if e2e is None:
+        print(f"\n(end to end skipped: {'--full' if args.full else f'no tuned {cfg.name} or no test split'})")
+    hours = projection(rates, e2e, args.hidden_slices)
+    return {"per_model_fold": rates, "end_to_end": e2e or {}, "projection_h": hours}
 
 
 if __name__ == "__main__":

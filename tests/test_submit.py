@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +12,7 @@ from layout import write_dataset, write_day
 
 from pipeline.config import (
     CLASSES,
+    ClsConfig,
     DataCfg,
     EnsembleConfig,
     MemberCfg,
@@ -19,13 +21,20 @@ from pipeline.config import (
     TTACfg,
     dump_config,
 )
-from pipeline.infer.postprocess import ClassParams, Decisions, DecisionsError, decisions_path, write_decisions
+from pipeline.infer.postprocess import (
+    ClassParams,
+    Decisions,
+    DecisionsError,
+    decisions_path,
+    read_decisions,
+    write_decisions,
+)
 from pipeline.infer.submit import run_submit
 from pipeline.io import write_text
 from pipeline.metric import SubmissionError
 from pipeline.models.segmenter import build_segmenter
 from pipeline.paths import run_dir
-from pipeline.rle import rle_decode
+from pipeline.rle import rle_decode, rle_encode
 
 SEG = SegConfig(
     name="toy_seg",
@@ -70,6 +79,74 @@ def test_submission_has_sample_rows_in_order(toy, tmp_path: Path) -> None:
     assert (sub["predicted"] != "").any()  # an untrained net at threshold 0.5 predicts something
     for rle in sub["predicted"]:
         rle_decode(rle, (24, 32))
+
+
+def test_submission_equals_direct_prediction(toy, tmp_path: Path) -> None:
+    """Every row is the RLE of predict_day (TTA) -> uint8 -> post-processing of its own slice and class."""
+    from pipeline.data.catalog import scan_split
+    from pipeline.data.geometry import full_box
+    from pipeline.data.volumes import read_volume
+    from pipeline.infer.postprocess import apply_postprocess, to_uint8
+    from pipeline.infer.predict import load_member, predict_day
+
+    cfg, root = toy
+    params = {
+        "large_bowel": ClassParams(0.5, 0.0, 0),
+        "small_bowel": ClassParams(0.4, 0.0, 3),
+        "stomach": ClassParams(0.6, 0.0, 0),
+    }
+    write_decisions(
+        decisions_path("toy_ens"),
+        Decisions(classes=params, weights={"toy_seg": 1.0}, members=[{"config": "toy_seg", "folds": [0]}]),
+    )
+    sub = pd.read_csv(
+        run_submit(cfg, root, tmp_path / "s.csv", device="cpu"), dtype=str, keep_default_na=False
+    )
+    got = dict(zip(zip(sub["id"], sub["class"]), sub["predicted"]))
+    model, member = load_member(run_dir("seg", "toy_seg", 0), "cpu")
+    expected = {}
+    for _, rows in scan_split(root, "test").groupby("case_day"):
+        volume = read_volume(rows, False)
+        probs = predict_day(
+            model, member, volume.image, full_box(volume.image.shape[1:]), tta=cfg.tta, amp=False
+        )
+        masks = apply_postprocess(to_uint8(probs), None, params)
+        for s, slice_id in enumerate(volume.ids):
+            for c, cls in enumerate(CLASSES):
+                expected[(slice_id, cls)] = rle_encode(masks[s, c])
+    assert got == expected and any(expected.values())
+
+
+def test_gate_empties_the_gated_class(toy, tmp_path: Path) -> None:
+    from pipeline.models.classifier import build_classifier
+
+    cfg, root = toy
+    cls_cfg = ClsConfig(
+        name="toy_cls",
+        data=DataCfg(k=0, img_size=(32, 32), crop=False),
+        model=ModelCfg(arch="timm", encoder="resnet10t"),
+    )
+    folder = run_dir("cls", "toy_cls", 0)
+    write_text(folder / "config.yaml", dump_config(cls_cfg))
+    model = build_classifier(cls_cfg.model, in_channels=1)
+    torch.save({"model": model.state_dict(), "epoch": 1, "score": 0.0}, folder / "best.pt")
+    cfg = replace(cfg, classifier="toy_cls")
+    outs = {}
+    for gate in (0.0, 1.5):  # 1.5: above any probability, so every stomach slice is gated
+        classes = dict.fromkeys(CLASSES, ClassParams(0.5, 0.0, 0)) | {"stomach": ClassParams(0.5, gate, 0)}
+        decisions = Decisions(
+            classes=classes,
+            weights={"toy_seg": 1.0},
+            members=[{"config": "toy_seg", "folds": [0]}],
+            classifier={"config": "toy_cls", "folds": [0]},
+        )
+        write_decisions(decisions_path("toy_ens"), decisions)
+        out = run_submit(cfg, root, tmp_path / f"gate{gate}.csv", device="cpu")
+        outs[gate] = pd.read_csv(out, dtype=str, keep_default_na=False)
+    open_, gated = outs[0.0], outs[1.5]
+    stomach = gated["class"] == "stomach"
+    assert (gated.loc[stomach, "predicted"] == "").all() and (open_.loc[stomach, "predicted"] != "").any()
+    assert gated.loc[~stomach, "predicted"].equals(open_.loc[~stomach, "predicted"])
 
 
 def test_failed_write_keeps_previous_file(toy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,5 +196,93 @@ def test_bench_infer_reports_rates_and_projection(
     result = bench_infer.main(["--slices", "2", "--repeats", "1", "--device", "cpu"])
     assert set(result["per_model_fold"]) == {"seg:demo_seg", "cls:demo_cls"}
     assert all(r["no_tta"] > 0 and r["tta"] > 0 for r in result["per_model_fold"].values())
-    assert min(result["projection_s_per_slice"].values()) > 0
+    assert set(result["projection_h"]) == {"no_tta", "tta"} and min(result["projection_h"].values()) > 0
     assert result["end_to_end"] == {}  # nothing tuned in this folder
+
+
+# --------------------------------------------------------------------------- the real chain
+
+
+def _toy_detector(name: str) -> None:
+    """An untrained YOLO run folder (weights.pt, model.yaml, config.yaml) plus threshold boxes:
+    the crop path of training and submit without a minute of detector training."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from pipeline.config import DetConfig
+    from pipeline.data.catalog import load_split
+    from pipeline.data.volumes import VolumeStore
+    from pipeline.models.detector import choose_day_box, save_weights, write_boxes
+    from pipeline.paths import data_dir
+
+    det = DetConfig(name=name)
+    out = run_dir("det", name)
+    save_weights(out, DetectionModel("yolov8n.yaml", nc=1, verbose=False), det.det)
+    write_text(out / "config.yaml", dump_config(det))
+    store = VolumeStore(data_dir(), load_split(data_dir(), "train"))
+    write_boxes(out / "boxes_train.csv", {d: choose_day_box(store[d].image, [], det.det) for d in store.days})
+
+
+def test_tiny_trained_chain_tune_cv_submit(
+    isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """make data (tiny) -> folds -> a detector run -> train-cls / train-seg (1 epoch, 2 steps, 64 px,
+    crop on) -> tune -> cv -> submit (and its debug path), each through its stage's main()."""
+    from pipeline.data.catalog import scan_split
+    from stages import cv, folds, make_data, train_cls, train_seg, tune
+    from stages import submit as submit_stage
+
+    root = isolated_dirs / "data"
+    monkeypatch.setenv("DATA_DIR", str(root))
+    make_data.main(["--out", str(root), "--preset", "tiny"])
+    folds.main(["--set", "n_folds=3"])
+    _toy_detector("chain_det")
+    fast = [
+        "data.img_size=[64,64]",
+        "data.det_config=chain_det",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=2",
+    ]
+    fast += ["train.batch_size=4", "train.num_workers=0", "train.device=cpu", "train.amp=false"]
+    train_cls.main(["--config", "demo_cls", "--folds", "0", "--set", *fast, "name=chain_cls"])
+    tiny = "model.encoder=tu-mobilenetv3_small_050"
+    train_seg.main(
+        ["--config", "demo_seg", "--folds", "0", "--set", *fast, "name=chain_seg", tiny, "model.kwargs={}"]
+    )
+
+    config = tmp_path / "chain_ensemble.yaml"
+    config.write_text(
+        "stage: ensemble\nmembers: [{config: chain_seg}]\nclassifier: chain_cls\ndet_config: chain_det\n"
+        "tta: {hflip: true}\ntune: {pixel_thresholds: [0.4, 0.5, 0.6], gate_thresholds: [0.0, 0.5],"
+        " min_component_sizes: [0, 50], blend_steps: 1}\nreport_slices: 3\ndevice: cpu\n"
+    )
+    with pytest.raises(DecisionsError, match="make tune"):
+        submit_stage.main(["--config", str(config), "--out", str(tmp_path / "early.csv")])
+    decisions = read_decisions("chain_ensemble", tune.main(["--config", str(config), "--workers", "1"]))
+    assert [m["config"] for m in decisions.members] == ["chain_seg"] and decisions.weights == {
+        "chain_seg": 1.0
+    }
+    assert decisions.classifier == {"config": "chain_cls", "folds": [0]}
+    assert decisions.steps[0]["step"] == "raw" and decisions.oof["days"] == 2  # fold 0: one case, two days
+    scores = [s["score"] for s in decisions.steps]
+    assert scores == sorted(scores)  # coordinate ascent never loses score
+
+    report = cv.main(["--config", str(config), "--workers", "1"])
+    table = pd.read_csv(report / "cv_table.csv")
+    assert table["class"].tolist() == [*CLASSES, "all"]
+    assert table["score"].iloc[-1] == pytest.approx(decisions.oof["score"])
+    assert {"pixel_threshold.png", "overlays.png", "steps.png"} <= {p.name for p in report.iterdir()}
+
+    out = submit_stage.main(["--config", str(config), "--out", str(tmp_path / "submission.csv")])
+    sub = pd.read_csv(out, dtype=str, keep_default_na=False)
+    sample = pd.read_csv(root / "sample_submission.csv", dtype=str, keep_default_na=False)
+    assert sub[["id", "class"]].equals(sample[["id", "class"]]) and len(sub) > 0
+    size = {r.id: (r.height, r.width) for r in scan_split(root, "test").itertuples()}
+    for row in sub.itertuples():
+        rle_decode(row.predicted, size[row.id])
+
+    debug = submit_stage.main(
+        ["--config", str(config), "--out", str(tmp_path / "debug.csv"), "--debug-train-days", "2"]
+    )
+    debug_sub = pd.read_csv(debug, dtype=str, keep_default_na=False)
+    train_days = list(dict.fromkeys(scan_split(root, "train")["case_day"]))[:2]
+    assert list(dict.fromkeys(debug_sub["id"].str.rsplit("_slice", n=1).str[0])) == train_days

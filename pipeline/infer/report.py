@@ -4,8 +4,9 @@ Reads ``postprocess.json`` (the decisions and the search curves of ``make tune``
 decisions to the OOF once more (so the table is measured, not copied), and writes into
 ``runs/ensemble/<cfg>/report/``: ``cv_table.csv`` (per class and overall), ``cv_steps.csv``
 (score and gain of each tuning step), ``pixel_threshold.png``, ``gate_threshold.png`` and
-``min_component_size.png`` (OOF score against each value, one line per class) and
-``overlays.png`` (prediction and truth contours on OOF slices from worst to best).
+``min_component_size.png`` (OOF score against each value, one panel per class), ``steps.png``
+(score after each step) and ``overlays.png`` (truth filled, prediction outlined, on
+``report_slices`` OOF slices from the worst slice Dice to the best).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def cv_tables(result: dict, decisions: Decisions) -> tuple[pd.DataFrame, pd.Data
     rows.append(
         {"class": "all", "dice": result["dice"], "hausdorff": result["hausdorff"], "score": result["score"]}
     )
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows).astype({"min_component_size": "Int64"})
     steps = pd.DataFrame(
         [
             {k: s.get(k) for k in ("step", "label", "score", "dice", "hausdorff", "gain")}
@@ -128,26 +129,67 @@ def _save(fig, path: Path) -> Path:
     return write_with(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
 
 
-def plot_curves(path: Path, field: str, curves: dict, raw_score: float | None) -> Path:
-    """OOF score against one post-processing value, one line per class, the chosen value starred."""
+def plot_curves(path: Path, field: str, curves: dict) -> Path:
+    """OOF score against one post-processing value, one panel per class (own y range), chosen starred.
+
+    Classes were tuned left to right, each with the previous ones' choices held, so a panel is
+    the overall OOF score as that class's value alone moves.
+    """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.subplots()
-    for cls in CLASSES:
-        if cls not in curves:
-            continue
+    names = [cls for cls in CLASSES if cls in curves]
+    fig = Figure(figsize=(4.0 * max(1, len(names)), 3.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(names)), squeeze=False)).ravel()
+    categorical = field == "min_component_size"  # sizes span decades: evenly spaced ticks
+    for ax, cls in zip(axes, names):
         c = curves[cls]
-        ax.plot(c["values"], c["score"], "-o", color=COLORS[cls], label=cls, markersize=4)
-        i = int(np.argmin(np.abs(np.asarray(c["values"], float) - c["chosen"])))
-        ax.plot([c["values"][i]], [c["score"][i]], "*", color=COLORS[cls], markersize=14, markeredgecolor="k")
-    if raw_score is not None:
-        ax.axhline(raw_score, color="0.5", linestyle=":", label="raw (threshold 0.5)")
-    ax.set_xlabel(FIELD_TITLES.get(field, field))
-    ax.set_ylabel("OOF score (0.4 Dice + 0.6 (1 - HD))")
-    ax.set_title(f"{FIELD_TITLES.get(field, field)}: class by class, others held (star: chosen)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        values, score = np.asarray(c["values"], float), np.asarray(c["score"], float)
+        x = np.arange(len(values)) if categorical else values
+        i = int(np.argmin(np.abs(values - c["chosen"])))
+        ax.plot(x, score, "-o", color=COLORS[cls], markersize=4)
+        ax.plot([x[i]], [score[i]], "*", color=COLORS[cls], markersize=15, markeredgecolor="k")
+        ax.text(
+            0.03,
+            0.95,
+            f"chosen {c['chosen']:g}: {score[i]:.4f}",
+            transform=ax.transAxes,
+            va="top",
+            fontsize=8,
+            bbox={"facecolor": "white", "edgecolor": "0.8", "alpha": 0.9},
+        )
+        if categorical:
+            ax.set_xticks(x, [f"{v:g}" for v in values])
+        span = max(float(np.ptp(score)), 1e-3)
+        ax.set_ylim(score.min() - 0.1 * span, score.max() + 0.3 * span)
+        ax.set_title(cls, color=COLORS[cls], fontsize=10)
+        ax.set_xlabel(FIELD_TITLES.get(field, field), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+    axes[0].set_ylabel("OOF score (0.4 Dice + 0.6 (1 - HD))", fontsize=9)
+    fig.suptitle(
+        f"OOF score vs {FIELD_TITLES.get(field, field)}, class by class (others held; star: chosen)",
+        fontsize=10,
+    )
+    return _save(fig, path)
+
+
+def plot_steps(path: Path, steps: pd.DataFrame) -> Path:
+    """The OOF score after each tuning step, with its gain over the previous one."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 3.4), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(len(steps))[::-1]
+    ax.barh(y, steps["score"], color="#6baed6")
+    for yy, (_, row) in zip(y, steps.iterrows()):
+        gain = "" if pd.isna(row["gain"]) else f"  ({row['gain']:+.4f})"
+        note = f"  [{row['note']}]" if row.get("note") else ""
+        ax.text(row["score"], yy, f" {row['score']:.4f}{gain}{note}", va="center", fontsize=8)
+    ax.set_yticks(y, steps["label"], fontsize=8)
+    ax.set_xlim(max(0.0, steps["score"].min() - 0.1), steps["score"].max() + 0.2)
+    ax.set_xlabel("OOF score (0.4 Dice + 0.6 (1 - Hausdorff))", fontsize=9)
+    ax.set_title("score after each tuning step (gain over the previous)", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
 
@@ -160,43 +202,61 @@ def pick_slices(slices: pd.DataFrame, n: int) -> pd.DataFrame:
     return ranked.iloc[picks]
 
 
+def _view_box(masks: list[np.ndarray], shape: tuple[int, int], min_side: int = 96) -> tuple[slice, slice]:
+    """A square window around the given 2D masks (padded by half their extent), inside the image."""
+    hits = np.argwhere(np.logical_or.reduce([np.asarray(m, bool) for m in masks]))
+    if hits.size == 0:
+        return slice(0, shape[0]), slice(0, shape[1])
+    (y0, x0), (y1, x1) = hits.min(axis=0), hits.max(axis=0) + 1
+    side = min(max(min_side, int(1.5 * max(y1 - y0, x1 - x0))), *shape)
+    out = []
+    for lo, hi, n in ((y0, y1, shape[0]), (x0, x1, shape[1])):
+        start = int(np.clip((lo + hi - side) // 2, 0, n - side))
+        out.append(slice(start, start + side))
+    return out[0], out[1]
+
+
 def plot_overlays(path: Path, oof: OOFSet, decisions: Decisions, picks: pd.DataFrame) -> Path:
-    """Image with truth (solid) and prediction (dashed) contours per class, one panel per slice."""
+    """Truth filled, prediction outlined, per class, zoomed on the organs; one panel per slice."""
+    from matplotlib.colors import to_rgb
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     names = [m.name for m in oof.members]
     n = max(1, len(picks))
     cols = min(3, n)
     rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(4.2 * cols, 4.4 * rows))
-    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    fig = Figure(figsize=(3.8 * cols, 4.0 * rows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     masks_by_day: dict[str, np.ndarray] = {}
     for ax, row in zip(axes, picks.itertuples(index=False)):
         if row.case_day not in masks_by_day:
             masks_by_day = {row.case_day: _day_masks(oof, row.case_day, decisions, names)}
         s = int(row.slice_index)
         volume = oof.truth[row.case_day]
-        ax.imshow(normalize(volume.image[s]), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        for c, cls in enumerate(CLASSES):
-            truth, pred = np.asarray(volume.mask[s, c]), masks_by_day[row.case_day][s, c]
-            if truth.any():
-                ax.contour(truth, levels=[0.5], colors=[COLORS[cls]], linewidths=1.6)
-            if pred.any():
+        truth, pred = np.asarray(volume.mask[s], bool), masks_by_day[row.case_day][s]
+        ys, xs = _view_box([*truth, *pred], truth.shape[1:])
+        image = normalize(volume.image[s])[ys, xs]
+        rgb = np.repeat(np.clip(image / max(float(image.max()), 1e-6), 0, 1)[..., None], 3, axis=2)
+        for c, cls in enumerate(CLASSES):  # truth: tinted fill
+            fill = truth[c][ys, xs]
+            rgb[fill] = 0.45 * rgb[fill] + 0.55 * np.array(to_rgb(COLORS[cls]))
+        ax.imshow(rgb, interpolation="nearest")
+        for c, cls in enumerate(CLASSES):  # prediction: outline
+            if pred[c][ys, xs].any():
                 ax.contour(
-                    pred.astype(np.uint8), levels=[0.5], colors=[COLORS[cls]], linewidths=1.6, linestyles="--"
+                    pred[c][ys, xs].astype(np.uint8), levels=[0.5], colors=[COLORS[cls]], linewidths=2.0
                 )
-        ax.set_title(f"{volume.ids[s]}  Dice {row.dice:.2f}", fontsize=9)
-        ax.set_axis_off()
+                ax.contour(pred[c][ys, xs].astype(np.uint8), levels=[0.5], colors=["white"], linewidths=0.6)
+        ax.set_title(f"{volume.ids[s]}\nslice Dice {row.dice:.2f}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
     for ax in axes[len(picks) :]:
         ax.set_axis_off()
-    handles = [Line2D([], [], color=COLORS[c], label=c) for c in CLASSES]
-    handles += [
-        Line2D([], [], color="k", label="truth"),
-        Line2D([], [], color="k", linestyle="--", label="prediction"),
-    ]
-    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=9, frameon=False)
-    fig.suptitle("OOF predictions (dashed) vs truth (solid), worst to best slice Dice", fontsize=11)
+    handles = [Patch(facecolor=COLORS[c], label=f"{c}") for c in CLASSES]
+    handles.append(Patch(facecolor="none", edgecolor="k", label="outline = prediction, fill = truth"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=9, frameon=False)
+    fig.suptitle("OOF slices, worst to best Dice: truth filled, tuned prediction outlined", fontsize=11)
     return _save(fig, path)
 
 
@@ -223,10 +283,11 @@ def run_report(
     table, steps = cv_tables(result, decisions)
     write_csv(out / "cv_table.csv", table)
     write_csv(out / "cv_steps.csv", steps)
-    raw = decisions.steps[0]["score"] if decisions.steps else None
+    if not steps.empty:
+        plot_steps(out / "steps.png", steps)
     for field in FIELD_TITLES:
         if decisions.curves.get(field):
-            plot_curves(out / f"{field}.png", field, decisions.curves[field], raw)
+            plot_curves(out / f"{field}.png", field, decisions.curves[field])
         else:
             log.info(
                 "no %s curve (%s): no figure",

@@ -5,10 +5,15 @@ Hausdorff)) over every OOF day-volume. The search is coordinate-wise, each step 
 the previous one's choice and keeping it unless a candidate scores strictly better:
 
 1. raw: the members blended with the config's weights, cut at 0.5, nothing else;
-2. pixel threshold, class by class (the other classes held);
-3. classifier gate threshold, class by class (skipped without a classifier);
-4. minimum 3D component size, class by class;
-5. member blend weights, a grid over the simplex in steps of ``1 / tune.blend_steps``.
+2. member blend weights at those raw settings (``blend_raw``), a grid over the simplex in steps
+   of ``1 / tune.blend_steps`` (skipped with one member);
+3. pixel threshold, class by class (the other classes held);
+4. classifier gate threshold, class by class (skipped without a classifier);
+5. minimum 3D component size, class by class;
+6. up to ``tune.sweeps - 1`` more sweeps over 3-5 (``refine``), stopping when nothing moves: the
+   first sweep picks the pixel threshold before any gate exists, so it tends to be too high
+   (it does the gate's work), and the next sweep corrects it;
+7. member blend weights again, with the per-class settings held (``blend``).
 
 A pass evaluates every candidate of one (class, field) on a day while that day is in memory
 (uint8 probabilities, memory-mapped), so each step reads the OOF once per class; days run on a
@@ -34,13 +39,12 @@ from pipeline.config import CLASSES, EnsembleConfig
 from pipeline.infer.ensemble import OOFSet, blend_uint8, load_oof, start_weights
 from pipeline.infer.postprocess import (
     ClassParams,
+    Components,
     Decisions,
     apply_class,
     apply_postprocess,
-    component_sizes,
     decisions_path,
     gate_slices,
-    keep_components,
     remove_small_components,
     threshold_probs,
     write_decisions,
@@ -105,9 +109,9 @@ def class_variants(
             yield remove_small_components(gate_slices(cut.copy(), gate, v), base.min_component_size)
     elif field == "min_component_size":
         mask = gate_slices(threshold_probs(probs_u8, base.pixel_threshold), gate, base.gate_threshold)
-        labels, sizes = component_sizes(mask) if mask.any() else (None, None)
+        components = Components.of(mask)
         for v in values:
-            yield mask if labels is None or v <= 1 else keep_components(labels, sizes, int(v))
+            yield mask if v <= 1 else components.keep(int(v))
     else:
         raise ValueError(f"unknown post-processing field '{field}' (expected one of {FIELDS})")
 
@@ -163,10 +167,10 @@ def evaluate(
     return [aggregate([stats[i] for stats in per_day]) for i in range(n_variants)]
 
 
-def _step(name: str, result: dict, previous: dict | None) -> dict:
+def _step(name: str, result: dict, previous: dict | None, label: str | None = None) -> dict:
     row = {
         "step": name,
-        "label": STEP_LABELS[name],
+        "label": label or STEP_LABELS[name],
         "score": result["score"],
         "dice": result["dice"],
         "hausdorff": result["hausdorff"],
@@ -191,6 +195,22 @@ def _curve(values: list[float], results: list[dict], chosen: float) -> dict:
         "hausdorff": [results[i]["hausdorff"] for i in order],
         "chosen": chosen,
     }
+
+
+def _warn_edge(cls: str, field: str, chosen: float, grid: tuple[float, ...]) -> None:
+    """Say so when the choice is the grid's largest value (or smallest threshold): the optimum may lie beyond."""
+    if len(grid) < 2:
+        return
+    edges = {max(grid)} | ({min(grid)} if field == "pixel_threshold" else set())
+    if any(abs(chosen - e) < 1e-9 for e in edges):
+        log.warning(
+            "%s %s = %s is at the edge of tune.%ss %s: the optimum may lie beyond; consider widening the grid",
+            cls,
+            field,
+            chosen,
+            field,
+            list(grid),
+        )
 
 
 def _tune_blend(
@@ -245,21 +265,36 @@ def tune_ensemble(
         "gate_threshold": cfg.tune.gate_thresholds,
         "min_component_size": cfg.tune.min_component_sizes,
     }
-    for field in FIELDS:
-        if field == "gate_threshold" and oof.gates is None:
-            log.info("no classifier in '%s': the gate step is skipped (gate threshold 0)", cfg.name)
-            steps.append({**_step(field, best, best), "skipped": "no classifier"})
-            continue
-        curves[field] = {}
-        for c, cls in enumerate(CLASSES):
-            values = _candidates(getattr(params[c], field), grids[field])
-            results = evaluate(oof, [weights], params, (c, field, values), desc=f"tune {field} {cls}", **kw)
-            pick = int(np.argmax([r["score"] for r in results]))  # first max: the current value on ties
-            params[c] = params[c].with_value(field, values[pick])
-            best = results[pick]
-            curves[field][cls] = _curve(values, results, values[pick])
-            log.info("%s %s = %s (score %.5f)", cls, field, values[pick], best["score"])
-        steps.append(_step(field, best, steps[-1]))
+    for sweep in range(1, max(1, cfg.tune.sweeps) + 1):
+        before = list(params)
+        for field in FIELDS:
+            if field == "gate_threshold" and oof.gates is None:
+                if sweep == 1:
+                    log.info("no classifier in '%s': the gate step is skipped (gate threshold 0)", cfg.name)
+                    steps.append({**_step(field, best, best), "skipped": "no classifier"})
+                continue
+            curves[field] = {}  # the last sweep's curves: they pass through the final choice
+            for c, cls in enumerate(CLASSES):
+                values = _candidates(getattr(params[c], field), grids[field])
+                desc = f"tune {field} {cls}" + (f" (sweep {sweep})" if sweep > 1 else "")
+                results = evaluate(oof, [weights], params, (c, field, values), desc=desc, **kw)
+                pick = int(np.argmax([r["score"] for r in results]))  # first max: the current value on ties
+                params[c] = params[c].with_value(field, values[pick])
+                best = results[pick]
+                curves[field][cls] = _curve(values, results, values[pick])
+                log.info("%s %s = %s (score %.5f)", cls, field, values[pick], best["score"])
+            if sweep == 1:
+                steps.append(_step(field, best, steps[-1]))
+        if sweep > 1:
+            steps.append(
+                _step("refine", best, steps[-1], label=f"+ per-class values re-tuned (sweep {sweep})")
+            )
+        if params == before:
+            break
+    for c, cls in enumerate(CLASSES):
+        for field in FIELDS:
+            if field != "gate_threshold" or oof.gates is not None:
+                _warn_edge(cls, field, getattr(params[c], field), grids[field])
 
     weights, best = _tune_blend(oof, cfg, names, weights, params, best, steps, curves, "blend", **kw)
     final = evaluate(oof, [weights], params, per_class=True, desc="final OOF", **kw)[0]
@@ -279,7 +314,8 @@ def tune_ensemble(
             "score": final["score"],
             "dice": final["dice"],
             "hausdorff": final["hausdorff"],
-            "grids": {k: list(v) for k, v in grids.items()} | {"blend_steps": cfg.tune.blend_steps},
+            "grids": {k: list(v) for k, v in grids.items()}
+            | {"blend_steps": cfg.tune.blend_steps, "sweeps": cfg.tune.sweeps},
         },
     )
 
