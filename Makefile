@@ -14,7 +14,10 @@ BASELINE    ?= configs/demo_seg_baseline.yaml
 ENSEMBLE    ?= configs/demo_ensemble.yaml
 BASELINE_ENSEMBLE ?= configs/demo_baseline_ensemble.yaml
 SUBMISSION  ?= submission.csv
-FOLDS       ?= 0 1 2 3 4
+FOLDS       ?=
+FOLDS_CONFIG ?= configs/folds.yaml
+JOBS        ?= auto
+FORCE       ?=
 KAGGLE_USER ?=
 SET         ?=
 
@@ -43,19 +46,19 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $@
 
 data: $(STAMP)
-	$(PY) -m stages.make_data --out $(DATA_DIR) --preset $(PRESET)
+	$(PY) -m stages.make_data --out $(DATA_DIR) --preset $(PRESET) --workers 2
 
 folds: $(STAMP)
-	$(PY) -m stages.folds --config configs/folds.yaml
+	$(PY) -m stages.folds --config $(FOLDS_CONFIG) $(if $(FORCE),--force)
 
 train-det: $(STAMP)
 	$(PY) -m stages.train_det --config $(CONFIG_DET) $(if $(SET),--set $(SET))
 
 train-cls: $(STAMP)
-	$(PY) -m stages.train_cls --config $(CONFIG_CLS) --folds $(FOLDS) $(if $(SET),--set $(SET))
+	$(PY) -m stages.train_cls --config $(CONFIG_CLS) $(if $(FOLDS),--folds $(FOLDS)) --jobs $(JOBS) $(if $(SET),--set $(SET))
 
 train-seg: $(STAMP)
-	$(PY) -m stages.train_seg --config $(CONFIG) --folds $(FOLDS) $(if $(SET),--set $(SET))
+	$(PY) -m stages.train_seg --config $(CONFIG) $(if $(FOLDS),--folds $(FOLDS)) --jobs $(JOBS) $(if $(SET),--set $(SET))
 
 tune: $(STAMP)
 	$(PY) -m stages.tune --config $(ENSEMBLE)
@@ -73,7 +76,7 @@ score: $(STAMP)
 # comparison, ending with the score of submission.csv as the last line.
 demo: $(STAMP)
 	@set -e; t0=$$(date +%s); \
-	$(MAKE) --no-print-directory data folds train-det train-cls train-seg tune cv submit; \
+	$(MAKE) --no-print-directory data folds train-det train-cls train-seg tune cv submit FOLDS_CONFIG=configs/demo_folds.yaml; \
 	$(MAKE) --no-print-directory train-seg CONFIG=$(BASELINE) FOLDS=0; \
 	$(MAKE) --no-print-directory tune submit ENSEMBLE=$(BASELINE_ENSEMBLE) SUBMISSION=build/baseline_submission.csv; \
 	echo "== baseline (single 2D segmenter, no crop, gate or TTA):"; \

@@ -69,7 +69,7 @@ class TrainCfg:
     ema: bool = False
     ema_decay: float = 0.999
     amp: bool = True  # bf16/fp16 on CUDA; ignored on CPU
-    channels_last: bool = True  # on CUDA only
+    channels_last: bool = True  # NHWC memory layout, on CUDA and CPU (oneDNN convs are faster in it too)
     num_workers: int = 2
     val_every: int = 1
     seed: int = 42

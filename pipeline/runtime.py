@@ -9,6 +9,7 @@ import logging
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -90,3 +91,41 @@ def configure_runtime(seed: int | None = None, threads: int | None = None, log_l
         pass
     if seed is not None:
         seed_everything(seed)
+
+
+# --------------------------------------------------------------------------- shared cores
+
+_shared: dict[str, Any] = {}  # set only in worker processes of pipeline.train.parallel
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def share_cores(running: Any, cores: int) -> None:
+    """Make this process one of several sharing ``cores``: ``running.value`` of them are busy.
+
+    Called once in each worker process; :func:`balance_threads` then gives it
+    ``cores // running.value`` threads (at least one).
+    """
+    _shared.update(running=running, cores=max(1, int(cores)))
+
+
+def balance_threads() -> int:
+    """Re-split the shared cores among the processes still running (no-op outside a worker).
+
+    The training engine calls this before every epoch, so when the other folds have finished
+    the last one goes on with every core. Returns the thread count now in use.
+    """
+    import torch
+
+    if _shared:
+        busy = max(1, int(_shared["running"].value))
+        threads = max(1, _shared["cores"] // busy)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    return torch.get_num_threads()

@@ -34,7 +34,7 @@ from pipeline.data.catalog import scan_split
 from pipeline.data.geometry import full_box
 from pipeline.data.volumes import read_volume
 from pipeline.infer.postprocess import apply_postprocess, decisions_path, read_decisions, to_uint8
-from pipeline.infer.predict import build_model, predict_day, predict_day_cls
+from pipeline.infer.predict import build_model, channels_last, predict_day, predict_day_cls
 from pipeline.paths import data_dir
 from pipeline.runtime import configure_runtime
 from pipeline.train.engine import resolve_device
@@ -73,7 +73,7 @@ def model_rates(cfg: Any, device: torch.device, n_slices: int, repeats: int) -> 
     rates = {}
     for member in members:
         model = build_model(member).to(device).eval()
-        if device.type == "cuda":
+        if channels_last(member):
             model = model.to(memory_format=torch.channels_last)
         predict = predict_day if member.stage == "seg" else predict_day_cls
         row = {}

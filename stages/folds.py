@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.config import load_config
 from pipeline.data.catalog import load_split
-from pipeline.data.folds import make_folds
+from pipeline.data.folds import fold_numbers, make_folds, read_folds
 from pipeline.io import write_csv
 from pipeline.paths import data_dir, folds_path
 from pipeline.runtime import configure_runtime
@@ -27,7 +27,16 @@ def main(argv: list[str] | None = None) -> Path:
     root = data_dir(cfg.data_dir)
     out = folds_path(root)
     if out.exists() and not args.force:
-        log.info("%s exists: keeping it (folds are written once; --force rewrites)", out)
+        present = fold_numbers(read_folds(root))
+        if len(present) != cfg.n_folds:
+            raise SystemExit(
+                f"{out} holds {len(present)} folds but {args.config} asks for {cfg.n_folds}; "
+                "keep the file (and that config's fold count), or rewrite it with --force "
+                "(`make folds FORCE=1`) and retrain every stage"
+            )
+        log.info(
+            "%s exists: keeping its %d folds (folds are written once; --force rewrites)", out, len(present)
+        )
         return out
     folds = make_folds(load_split(root, "train"), cfg.n_folds, cfg.seed, cfg.exclude_days)
     write_csv(out, folds)

@@ -10,7 +10,7 @@ import pytest
 from layout import write_dataset
 
 from pipeline.data.catalog import DataError, load_split
-from pipeline.data.folds import fold_days, make_folds, read_folds
+from pipeline.data.folds import fold_days, fold_numbers, make_folds, read_folds
 from pipeline.data.stack import neighbour_indices, stack_slices, stack_volume
 from stages import folds as folds_stage
 
@@ -54,6 +54,13 @@ def test_folds_stage_writes_once(dataset: Path, monkeypatch: pytest.MonkeyPatch)
     folds_stage.main(["--set", "seed=9", "--force"])
     assert out.read_bytes() != first
     assert set(read_folds(dataset).columns) >= {"id", "case", "fold"}
+    assert fold_numbers(read_folds(dataset)) == [0, 1, 2, 3, 4]
+    again = out.read_bytes()
+    with pytest.raises(SystemExit, match="holds 5 folds but configs/demo_folds.yaml asks for 4"):
+        folds_stage.main(["--config", "configs/demo_folds.yaml"])  # runs would mix two splits
+    assert out.read_bytes() == again
+    folds_stage.main(["--config", "configs/demo_folds.yaml", "--force"])
+    assert fold_numbers(read_folds(dataset)) == [0, 1, 2, 3]
 
 
 def test_neighbour_indices_clamp() -> None:

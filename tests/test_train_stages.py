@@ -233,6 +233,23 @@ def test_train_seg_end_to_end(env: Path, store: VolumeStore) -> None:
     np.testing.assert_array_equal(np.rint(probs * 255).astype(np.uint8), saved)  # OOF = best.pt, no TTA
 
 
+def test_train_seg_folds_side_by_side(env: Path, store: VolumeStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--jobs 2` (one spawned process per fold) writes what `--jobs 1` writes, fold by fold."""
+    side = train_seg.main(["--config", "demo_seg", "--folds", "2", "0", "--jobs", "2", "--set", *FAST])
+    assert [p.name for p in side] == ["fold_2", "fold_0"]
+    monkeypatch.setenv("RUNS_DIR", str(env / "runs_sequential"))
+    seq = train_seg.main(["--config", "demo_seg", "--folds", "2", "0", "--jobs", "1", "--set", *FAST])
+    for a, b in zip(side, seq):
+        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+        days = sorted(p.name for p in (a / "oof").glob("*.npz"))
+        assert days and days == sorted(p.name for p in (b / "oof").glob("*.npz"))
+        for day in days:  # the same seeds: equal up to thread-count rounding
+            pa, pb = (np.load(d / "oof" / day)["probs"].astype(int) for d in (a, b))
+            assert np.abs(pa - pb).max() <= 2, day
+        ma, mb = pd.read_csv(a / "metrics.csv"), pd.read_csv(b / "metrics.csv")
+        np.testing.assert_allclose(ma["train_loss"], mb["train_loss"], rtol=1e-4)
+
+
 def _folds(store: VolumeStore) -> pd.DataFrame:
     return pd.read_csv(store.root / "folds.csv")
 

@@ -59,6 +59,11 @@ def read_folds(root: Path) -> pd.DataFrame:
     return frame
 
 
+def fold_numbers(folds: pd.DataFrame) -> list[int]:
+    """The folds of a folds table, in order (the excluded days' -1 left out)."""
+    return sorted(int(k) for k in set(folds["fold"]) if k != EXCLUDED)
+
+
 def fold_days(folds: pd.DataFrame, fold: int | str) -> tuple[list[str], list[str]]:
     """(train days, validation days) of a fold; ``"all"`` trains on every non-excluded day."""
     usable = folds[folds["fold"] != EXCLUDED]

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import TrainCfg, to_dict
 from pipeline.io import write_csv, write_text
-from pipeline.runtime import seed_everything
+from pipeline.runtime import balance_threads, seed_everything
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import BEST, LAST, cpu_state, load_weights
 from pipeline.train.schedule import StepPlan, build_scheduler, plan_steps
@@ -111,7 +111,7 @@ class _Run:
         from timm.utils import ModelEmaV3
 
         self.cfg, self.plan, self.device = cfg, plan, device
-        self.channels_last = cfg.channels_last and device.type == "cuda"
+        self.channels_last = cfg.channels_last
         self.model = model.to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -317,6 +317,7 @@ def fit(
     first = run.epoch + 1
     for epoch in range(first, cfg.epochs + 1):
         start = time.perf_counter()
+        balance_threads()  # parallel folds on a CPU: take the cores of folds that have finished
         _seed_epoch(cfg.seed, epoch)
         _set_epoch(train_loader, epoch)
         row: dict[str, float] = {"epoch": epoch, **_train_epoch(run, train_loader, loss_fn, epoch, progress)}

@@ -34,13 +34,14 @@ from pipeline.config import CLASSES, ClsConfig, SegConfig, dump_config
 from pipeline.data.augment import build_augment
 from pipeline.data.catalog import load_split
 from pipeline.data.datasets import EpochSampler, SliceDataset
-from pipeline.data.folds import fold_days, read_folds
+from pipeline.data.folds import fold_days, fold_numbers, read_folds
 from pipeline.data.geometry import Box
 from pipeline.data.prepare import boxes_for
 from pipeline.data.volumes import VolumeStore
 from pipeline.infer.predict import build_model, predict_day, predict_day_cls
 from pipeline.io import write_csv, write_with
 from pipeline.paths import data_dir, run_dir
+from pipeline.runtime import seed_everything
 from pipeline.train.checkpoint import load_weights
 from pipeline.train.engine import fit, resolve_device
 from pipeline.train.losses import build_loss
@@ -61,13 +62,20 @@ class FoldData:
     boxes: dict[str, Box]
 
 
-def load_fold(cfg: SegConfig | ClsConfig, fold: Fold) -> FoldData:
+def train_store(cfg: SegConfig | ClsConfig, progress: bool = True) -> VolumeStore:
+    """The cached train volumes of the config's dataset, built (decoded once) on first use."""
+    root = data_dir(cfg.data.data_dir)
+    store = VolumeStore(root, load_split(root, "train"), "train")
+    store.build(progress=progress)
+    return store
+
+
+def load_fold(cfg: SegConfig | ClsConfig, fold: Fold, progress: bool = True) -> FoldData:
     """Folds, the cached volumes (built on first use) and the crop boxes of a fold."""
     root = data_dir(cfg.data.data_dir)
     folds = read_folds(root)
     train_days, val_days = fold_days(folds, fold)
-    store = VolumeStore(root, load_split(root, "train"), "train")
-    store.build(progress=True)
+    store = train_store(cfg, progress)
     boxes = boxes_for(cfg.data, store, "train")
     log.info("fold %s: %d train days, %d validation days", fold, len(train_days), len(val_days))
     return FoldData(store, train_days, val_days, boxes)
@@ -85,6 +93,11 @@ def parse_folds(items: list[str]) -> list[Fold]:
         else:
             raise ValueError(f"--folds: '{item}' is neither a fold number nor 'all'")
     return list(dict.fromkeys(folds))
+
+
+def every_fold(cfg: SegConfig | ClsConfig) -> list[Fold]:
+    """Every fold of the config's dataset (``$DATA_DIR/folds.csv``), in order."""
+    return list(fold_numbers(read_folds(data_dir(cfg.data.data_dir))))
 
 
 def fold_seed(cfg: SegConfig | ClsConfig, fold: Fold) -> int:
@@ -118,7 +131,9 @@ def make_loader(
 # --------------------------------------------------------------------------- validation
 
 
-def seg_validator(cfg: SegConfig, data: FoldData, device: torch.device) -> Callable[[nn.Module, int], dict]:
+def seg_validator(
+    cfg: SegConfig, data: FoldData, device: torch.device, progress: bool = True
+) -> Callable[[nn.Module, int], dict]:
     """Per epoch: every validation day through ``predict_day``, masks at 0.5, competition score."""
     from pipeline.metric import aggregate, volume_stats
 
@@ -126,7 +141,8 @@ def seg_validator(cfg: SegConfig, data: FoldData, device: torch.device) -> Calla
 
     def validate(model: nn.Module, epoch: int) -> dict[str, float]:
         stats = []
-        for case_day in tqdm(data.val_days, desc=f"validate {epoch}", unit="day", leave=False):
+        days = tqdm(data.val_days, desc=f"validate {epoch}", unit="day", leave=False, disable=not progress)
+        for case_day in days:
             volume = data.store[case_day]
             probs = predict_day(
                 model,
@@ -194,7 +210,9 @@ def cls_predictions(model: nn.Module, cfg: ClsConfig, data: FoldData, device: to
     return pd.concat(frames, ignore_index=True)
 
 
-def cls_validator(cfg: ClsConfig, data: FoldData, device: torch.device) -> Callable[[nn.Module, int], dict]:
+def cls_validator(
+    cfg: ClsConfig, data: FoldData, device: torch.device, progress: bool = True
+) -> Callable[[nn.Module, int], dict]:
     def validate(model: nn.Module, epoch: int) -> dict[str, float]:
         frame = cls_predictions(model, cfg, data, device)
         truth = frame[[f"truth_{c}" for c in CLASSES]].to_numpy()
@@ -211,12 +229,17 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> Path:
 
 
 def write_seg_oof(
-    model: nn.Module, cfg: SegConfig, data: FoldData, out_dir: Path, device: torch.device
+    model: nn.Module,
+    cfg: SegConfig,
+    data: FoldData,
+    out_dir: Path,
+    device: torch.device,
+    progress: bool = True,
 ) -> Path:
     """``oof/<case_day>.npz`` (probs uint8 (S, 3, H, W), ids) for every validation day."""
     folder = out_dir / "oof"
     batch_size = cfg.train.val_batch_size or cfg.train.batch_size
-    for case_day in tqdm(data.val_days, desc="oof", unit="day"):
+    for case_day in tqdm(data.val_days, desc="oof", unit="day", disable=not progress):
         volume = data.store[case_day]
         probs = predict_day(
             model,
@@ -233,7 +256,12 @@ def write_seg_oof(
 
 
 def write_cls_oof(
-    model: nn.Module, cfg: ClsConfig, data: FoldData, out_dir: Path, device: torch.device
+    model: nn.Module,
+    cfg: ClsConfig,
+    data: FoldData,
+    out_dir: Path,
+    device: torch.device,
+    progress: bool = True,
 ) -> Path:
     frame = cls_predictions(model, cfg, data, device)
     return write_csv(out_dir / "oof.csv", frame[["id", "case_day", *CLASSES]])
@@ -248,10 +276,10 @@ def _oof_written(out_dir: Path, task: str, data: FoldData) -> bool:
     return all((out_dir / "oof" / f"{d}.npz").is_file() for d in data.val_days)
 
 
-def _train(cfg: SegConfig | ClsConfig, fold: Fold, task: str) -> Path:
+def _train(cfg: SegConfig | ClsConfig, fold: Fold, task: str, progress: bool) -> Path:
     seed = fold_seed(cfg, fold)
     device = resolve_device(cfg.train.device)
-    data = load_fold(cfg, fold)
+    data = load_fold(cfg, fold, progress)
     dataset = SliceDataset(
         data.store,
         data.train_days,
@@ -261,11 +289,12 @@ def _train(cfg: SegConfig | ClsConfig, fold: Fold, task: str) -> Path:
         augment=build_augment(cfg.augment),
         seed=seed,
     )
+    seed_everything(seed)  # the initial weights depend on the fold's seed alone, not on what ran before
     model = build_model(cfg)
     loss_fn = build_loss(cfg.loss, "multilabel" if task == "seg" else "binary")
     validate = None
     if data.val_days:
-        validate = (seg_validator if task == "seg" else cls_validator)(cfg, data, device)
+        validate = (seg_validator if task == "seg" else cls_validator)(cfg, data, device, progress)
     out_dir = run_dir(task, cfg.name, fold)
     result = fit(
         model,
@@ -276,28 +305,29 @@ def _train(cfg: SegConfig | ClsConfig, fold: Fold, task: str) -> Path:
         validate=validate,
         config_text=dump_config(cfg),
         device=device,
+        progress=progress,
     )
     log.info("%s: best epoch %d, score %s", out_dir, result.best_epoch, result.best_score)
     if data.val_days and not (result.epochs_run == 0 and _oof_written(out_dir, task, data)):
         load_weights(out_dir / "best.pt", model, map_location=device)
         model.to(device).eval()
         writer = write_seg_oof if task == "seg" else write_cls_oof
-        log.info("wrote out-of-fold predictions %s", writer(model, cfg, data, out_dir, device))
+        log.info("wrote out-of-fold predictions %s", writer(model, cfg, data, out_dir, device, progress))
     return out_dir
 
 
-def train_segmenter(cfg: SegConfig, fold: Fold) -> Path:
+def train_segmenter(cfg: SegConfig, fold: Fold, progress: bool = True) -> Path:
     """Train one fold (or ``"all"``) of a segmenter; returns its run folder."""
     if cfg.stage != "seg":
         raise ValueError(f"train_segmenter needs a seg config, got a '{cfg.stage}' config ({cfg.name})")
-    return _train(cfg, fold, "seg")
+    return _train(cfg, fold, "seg", progress)
 
 
-def train_classifier(cfg: ClsConfig, fold: Fold) -> Path:
+def train_classifier(cfg: ClsConfig, fold: Fold, progress: bool = True) -> Path:
     """Train one fold (or ``"all"``) of the slice classifier; returns its run folder."""
     if cfg.stage != "cls":
         raise ValueError(f"train_classifier needs a cls config, got a '{cfg.stage}' config ({cfg.name})")
-    return _train(cfg, fold, "cls")
+    return _train(cfg, fold, "cls", progress)
 
 
 def describe(cfg: Any) -> str:
