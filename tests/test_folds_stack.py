@@ -56,7 +56,7 @@ def test_folds_stage_writes_once(dataset: Path, monkeypatch: pytest.MonkeyPatch)
     assert set(read_folds(dataset).columns) >= {"id", "case", "fold"}
     assert fold_numbers(read_folds(dataset)) == [0, 1, 2, 3, 4]
     again = out.read_bytes()
-    with pytest.raises(SystemExit, match="holds 5 folds but configs/demo_folds.yaml asks for 4"):
+    with pytest.raises(SystemExit, match=r"holds 5 folds but configs/demo_folds\.yaml asks for 4"):
         folds_stage.main(["--config", "configs/demo_folds.yaml"])  # runs would mix two splits
     assert out.read_bytes() == again
     folds_stage.main(["--config", "configs/demo_folds.yaml", "--force"])

@@ -2,10 +2,10 @@
 
 Small networks on a few CPU cores leave cores idle when folds run one after another:
 convolutions of a few dozen channels scale poorly across threads, and a fold's data
-preparation, validation metric and out-of-fold writing run on one core. Two demo segmenter
-folds trained side by side with one thread each took 155 s together against 2 x 108 s one
-after the other with both threads (2 cores): 1.39x (``python -m stages.bench_folds``
-measures it again).
+preparation, validation metric and out-of-fold writing run on one core. Side by side, each
+fold keeps one core busy. The gain is modest on 2 cores (``python -m stages.bench_folds``
+measures it: see the README); with more cores more folds fit side by side (not measured:
+every machine here has 2).
 
 Each running fold is a fresh (spawned) process. The parent keeps ``running`` = the number
 of folds in progress, and the engine re-splits the cores before every epoch
