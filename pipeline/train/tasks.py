@@ -95,9 +95,9 @@ def parse_folds(items: list[str]) -> list[Fold]:
     return list(dict.fromkeys(folds))
 
 
-def every_fold(cfg: SegConfig | ClsConfig) -> list[Fold]:
+def every_fold(cfg: SegConfig | ClsConfig) -> list[int]:
     """Every fold of the config's dataset (``$DATA_DIR/folds.csv``), in order."""
-    return list(fold_numbers(read_folds(data_dir(cfg.data.data_dir))))
+    return fold_numbers(read_folds(data_dir(cfg.data.data_dir)))
 
 
 def fold_seed(cfg: SegConfig | ClsConfig, fold: Fold) -> int:

@@ -1,0 +1,49 @@
+"""The command line shared by `make train-cls` and `make train-seg`: config, folds, jobs, overrides."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.config import load_config
+from pipeline.runtime import configure_runtime
+from pipeline.train.parallel import resolve_jobs, run_folds
+from pipeline.train.tasks import describe, every_fold, parse_folds, train_store
+
+
+def run_stage(
+    argv: list[str] | None,
+    *,
+    stage: str,
+    default_config: str,
+    train: Callable[..., Path],
+    outputs: str,
+    description: str,
+) -> list[Path]:
+    """Parse the arguments, train every asked fold (``--jobs`` at a time), log each run folder."""
+    log = logging.getLogger(f"stages.train_{stage}")
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=default_config)
+    parser.add_argument(
+        "--folds", nargs="+", help="fold numbers, or 'all' (default: every fold of $DATA_DIR/folds.csv)"
+    )
+    parser.add_argument("--set", nargs="*", default=[], help="overrides key=value, e.g. train.epochs=1")
+    parser.add_argument(
+        "--jobs",
+        default="auto",
+        help="folds trained at once (CPU: one process each); auto: 1 on a GPU, else one per core",
+    )
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.set, stage=stage)
+    folds = parse_folds(args.folds) if args.folds else every_fold(cfg)
+    configure_runtime(seed=cfg.train.seed)
+    log.info("%s; folds %s", describe(cfg), " ".join(map(str, folds)))
+    jobs = resolve_jobs(args.jobs, len(folds))
+    if jobs > 1:
+        train_store(cfg)  # decode the volumes once here, not in several workers at the same time
+    outs = run_folds(train, cfg, folds, jobs, desc=f"train-{stage} {cfg.name}")
+    for out in outs:
+        log.info("wrote %s (best.pt, last.pt, config.yaml, metrics.csv, %s)", out, outputs)
+    return outs
