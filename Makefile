@@ -1,19 +1,27 @@
 # Staged ensemble pipeline. Quick start: `make demo` (the whole job) and `make test`.
+# DATASET=uwmgi|lgg|nerve picks the dataset plug-in (pipeline/datasets/), its configs and its data folder.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 PYTHON_BASE ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
-DATA_DIR    ?= data/synthetic
+DATASET     ?= uwmgi
+DATA_DIR    ?= data/$(DATASET)
+# configs of a dataset other than UW-Madison carry its name: configs/lgg_demo_seg.yaml
+P           := $(if $(filter uwmgi,$(DATASET)),,$(DATASET)_)
 PRESET      ?= demo
-CONFIG_DET  ?= configs/demo_det.yaml
-CONFIG_CLS  ?= configs/demo_cls.yaml
-CONFIG      ?= configs/demo_seg.yaml
-BASELINE    ?= configs/demo_seg_baseline.yaml
-ENSEMBLE    ?= configs/demo_ensemble.yaml
-BASELINE_ENSEMBLE ?= configs/demo_baseline_ensemble.yaml
-SUBMISSION  ?= submission.csv
+CONFIG_DET  ?= configs/$(P)demo_det.yaml
+CONFIG_CLS  ?= configs/$(P)demo_cls.yaml
+CONFIG      ?= configs/$(P)demo_seg.yaml
+BASELINE    ?= configs/$(P)demo_seg_baseline.yaml
+ENSEMBLE    ?= configs/$(P)demo_ensemble.yaml
+BASELINE_ENSEMBLE ?= configs/$(P)demo_baseline_ensemble.yaml
+SUBMISSION  ?= $(if $(P),build/$(P)submission.csv,submission.csv)
+# datasets whose demo crops to the detector's box (the nerve frames are used whole)
+DEMO_DET_uwmgi := train-det
+DEMO_DET_lgg   := train-det
+DEMO_DET_nerve :=
 FOLDS       ?=
 FOLDS_CONFIG ?= configs/folds.yaml
 JOBS        ?= auto
@@ -22,11 +30,9 @@ KAGGLE_USER ?=
 SET         ?=
 
 export DATA_DIR
+export DATASET
 export PYTHONUNBUFFERED := 1
-export YOLO_OFFLINE := 1
-export NO_ALBUMENTATIONS_UPDATE := 1
-export HF_HUB_OFFLINE := 1
-export YOLO_CONFIG_DIR := $(CURDIR)/.yolo
+# the offline switches are set by every stage (pipeline.runtime.OFFLINE_ENV, their one home)
 
 STAMP := $(VENV)/.installed
 
@@ -38,7 +44,7 @@ help:
 	@echo "make test     - the test suite (CPU, a few minutes)"
 	@echo "make install | data | folds | train-det | train-cls | train-seg | tune | cv | submit | score"
 	@echo "make baseline | kernel | kernel-push | bench | lint | clean"
-	@echo "variables: DATA_DIR CONFIG CONFIG_CLS CONFIG_DET ENSEMBLE FOLDS FOLDS_CONFIG JOBS SET KAGGLE_USER"
+	@echo "variables: DATASET (uwmgi|lgg|nerve) DATA_DIR CONFIG CONFIG_CLS CONFIG_DET ENSEMBLE FOLDS FOLDS_CONFIG JOBS SET"
 
 install: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt
@@ -47,10 +53,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $@
 
 data: $(STAMP)
-	$(PY) -m stages.make_data --out $(DATA_DIR) --preset $(PRESET) --workers 2
+	$(PY) -m stages.make_data --dataset $(DATASET) --out $(DATA_DIR) --preset $(PRESET) --workers 2
 
 folds: $(STAMP)
-	$(PY) -m stages.folds --config $(FOLDS_CONFIG) $(if $(FORCE),--force)
+	$(PY) -m stages.folds --config $(FOLDS_CONFIG) --set dataset=$(DATASET) $(if $(FORCE),--force)
 
 train-det: $(STAMP)
 	$(PY) -m stages.train_det --config $(CONFIG_DET) $(if $(SET),--set $(SET))
@@ -71,22 +77,22 @@ submit: $(STAMP)
 	$(PY) -m stages.submit --config $(ENSEMBLE) --out $(SUBMISSION)
 
 score: $(STAMP)
-	$(PY) -m stages.score --submission $(SUBMISSION) --truth $(DATA_DIR)/test_labels.csv --data-dir $(DATA_DIR)
+	$(PY) -m stages.score --dataset $(DATASET) --submission $(SUBMISSION) --truth $(DATA_DIR)/test_labels.csv --data-dir $(DATA_DIR)
 
 # The comparison point: one plain 2D segmenter (fold 0 of demo_seg_baseline: 1 channel, no crop),
 # no classifier gate, no TTA, threshold 0.5; trained, submitted and scored like the full pipeline.
 baseline: $(STAMP)
 	@set -e; \
 	$(MAKE) --no-print-directory train-seg CONFIG=$(BASELINE) FOLDS=0; \
-	$(MAKE) --no-print-directory tune submit ENSEMBLE=$(BASELINE_ENSEMBLE) SUBMISSION=build/baseline_submission.csv; \
+	$(MAKE) --no-print-directory tune submit ENSEMBLE=$(BASELINE_ENSEMBLE) SUBMISSION=build/$(P)baseline_submission.csv; \
 	echo "== baseline (single 2D segmenter, no crop, gate or TTA):"; \
-	$(MAKE) --no-print-directory score SUBMISSION=build/baseline_submission.csv | tail -n 1
+	$(MAKE) --no-print-directory score SUBMISSION=build/$(P)baseline_submission.csv | tail -n 1
 
 # The main job: every stage on the embedded synthetic set (4 folds, trained two at a time on a
 # 2-core CPU), then the single-2D baseline for comparison, ending with the score of submission.csv.
 demo: $(STAMP)
 	@set -e; t0=$$(date +%s); \
-	$(MAKE) --no-print-directory data folds train-det train-cls train-seg tune cv submit FOLDS_CONFIG=configs/demo_folds.yaml; \
+	$(MAKE) --no-print-directory data folds $(DEMO_DET_$(DATASET)) train-cls train-seg tune cv submit FOLDS_CONFIG=configs/demo_folds.yaml; \
 	$(MAKE) --no-print-directory baseline; \
 	echo "== demo wall time: $$(( $$(date +%s) - t0 )) s (install excluded)"; \
 	echo "== full pipeline (crop + gate + 2.5D fold ensemble + TTA + tuned post-processing):"; \

@@ -29,7 +29,8 @@ from pathlib import Path
 
 # --- settings: written by `make kernel` (pipeline/kaggle/bundle.py) ---
 SETTINGS = {
-    "competition": "uw-madison-gi-tract-image-segmentation",
+    "dataset": "uwmgi",
+    "data_input": "uw-madison-gi-tract-image-segmentation",
     "datasets": {"code": "gi-tract-code", "weights": "gi-tract-weights", "wheels": "gi-tract-wheels"},
     "ensemble": "demo_ensemble",
     "build_id": "unbuilt",
@@ -121,25 +122,26 @@ def main() -> Path:
     datasets = SETTINGS["datasets"]
     code = find_input(datasets["code"])
     weights = find_input(datasets["weights"])
-    data = find_input(SETTINGS["competition"])
+    data = find_input(SETTINGS["data_input"])
     check_build(code)
     check_build(weights)
     install_wheels(datasets["wheels"])
 
     SCRATCH.mkdir(parents=True, exist_ok=True)
     WORKING.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(code))  # the kernel script, not the library: the code dataset goes first
+    from pipeline.runtime import OFFLINE_ENV  # the one list of offline switches (imports numpy only)
+
     os.environ.update(
         RUNS_DIR=str(weights / "runs"),
         DATA_DIR=str(data),
+        DATASET=SETTINGS["dataset"],
         CACHE_DIR=str(SCRATCH / "cache"),  # the inputs are read-only
         YOLO_CONFIG_DIR=str(SCRATCH / "yolo"),
         NUMBA_CACHE_DIR=str(SCRATCH / "numba"),
         MPLCONFIGDIR=str(SCRATCH / "matplotlib"),
-        YOLO_OFFLINE="1",
-        NO_ALBUMENTATIONS_UPDATE="1",
-        HF_HUB_OFFLINE="1",
+        **OFFLINE_ENV,
     )
-    sys.path.insert(0, str(code))  # the kernel script, not the library: the code dataset goes first
     from stages.submit import main as submit
 
     out = WORKING / "submission.csv"

@@ -14,13 +14,12 @@ import difflib
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-CLASSES = ("large_bowel", "small_bowel", "stomach")
 
 
 class ConfigError(ValueError):
@@ -34,7 +33,7 @@ class ConfigError(ValueError):
 class DataCfg:
     """Input geometry shared by detector, classifier and segmenters."""
 
-    data_dir: str | None = None  # None: $DATA_DIR, else data/synthetic
+    data_dir: str | None = None  # None: $DATA_DIR, else data/<dataset>
     k: int = 1  # neighbours on each side: 2k+1 input channels
     stride: int = 2  # slice distance between neighbours (the 1st place used [i-2, i, i+2])
     img_size: tuple[int, int] = (384, 384)  # network input (H, W)
@@ -53,6 +52,7 @@ class ModelCfg:
     encoder: str = "tu-resnet18"  # smp encoder or timm model ("tu-" prefix for timm in smp)
     pretrained_path: str | None = None  # local weights file; nothing is ever downloaded
     dropout: float = 0.0  # classifier head dropout
+    freeze_encoder: int = 0  # freeze the first N encoder stages (0: fine-tune everything)
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
 
 
@@ -150,16 +150,18 @@ class TuneCfg:
 class FoldsConfig:
     name: str = "folds"
     stage: str = "folds"
+    dataset: str = "uwmgi"  # the dataset plug-in (pipeline/datasets/<name>.py)
     data_dir: str | None = None
     n_folds: int = 5
     seed: int = 42
-    exclude_days: tuple[str, ...] = ("case7_day0", "case81_day30")
+    exclude_volumes: tuple[str, ...] = ()  # volumes with known label faults (the dataset declares them)
 
 
 @dataclass(frozen=True)
 class DetConfig:
     name: str = ""
     stage: str = "det"
+    dataset: str = "uwmgi"  # the dataset plug-in (pipeline/datasets/<name>.py)
     data: DataCfg = field(default_factory=DataCfg)
     det: DetParams = field(default_factory=DetParams)
 
@@ -168,6 +170,7 @@ class DetConfig:
 class ClsConfig:
     name: str = ""
     stage: str = "cls"
+    dataset: str = "uwmgi"  # the dataset plug-in (pipeline/datasets/<name>.py)
     data: DataCfg = field(default_factory=lambda: DataCfg(train_on="all"))
     model: ModelCfg = field(default_factory=lambda: ModelCfg(arch="timm", encoder="resnet18"))
     train: TrainCfg = field(default_factory=TrainCfg)
@@ -179,6 +182,7 @@ class ClsConfig:
 class SegConfig:
     name: str = ""
     stage: str = "seg"
+    dataset: str = "uwmgi"  # the dataset plug-in (pipeline/datasets/<name>.py)
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
@@ -190,6 +194,7 @@ class SegConfig:
 class EnsembleConfig:
     name: str = ""
     stage: str = "ensemble"
+    dataset: str = "uwmgi"  # the dataset plug-in (pipeline/datasets/<name>.py)
     data_dir: str | None = None
     members: tuple[MemberCfg, ...] = ()
     classifier: str | None = None  # cls config whose OOF/weights gate the slices; None: no gate
@@ -362,11 +367,18 @@ def resolve_config_path(name: str | os.PathLike, relative_to: Path | None = None
     raise ConfigError(f"config '{name}' not found (looked at {', '.join(str(c) for c in candidates)})")
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None, stage: str | None = None) -> Any:
+def load_config(
+    path: str | os.PathLike,
+    overrides: list[str] | None = None,
+    stage: str | None = None,
+    defaults: Callable[[str, str], dict[str, Any]] | None = None,
+) -> Any:
     """Load, merge over defaults, validate and freeze a config.
 
     ``stage`` (optional) asserts which schema the file must use; ``overrides`` are
-    ``key.sub=value`` strings (values parsed as YAML) applied last.
+    ``key.sub=value`` strings (values parsed as YAML) applied last. ``defaults(dataset, stage)``
+    (optional) gives a delta that goes under the file's values: the dataset's own defaults
+    (``pipeline.datasets.load_config`` passes them).
     """
     file = resolve_config_path(path)
     raw = _read_yaml(file)
@@ -374,6 +386,14 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None, sta
         keys, value = _parse_override(item)
         raw = _merge(raw, _nest(keys, value))
     raw.setdefault("name", file.stem)
+    if defaults is not None:
+        dataset = raw.get("dataset", "uwmgi")
+        kind = raw.get("stage", stage)
+        if isinstance(dataset, str) and isinstance(kind, str):
+            try:
+                raw = _merge(defaults(dataset, kind), raw)
+            except ConfigError as exc:
+                raise ConfigError(f"{file}: {exc}") from None
     return _validate(raw, str(file), stage)
 
 

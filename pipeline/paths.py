@@ -3,7 +3,7 @@
 Environment variables override the defaults so the same code runs on the embedded synthetic
 set, on the real Kaggle download and inside a Kaggle kernel:
 
-- ``DATA_DIR``  (default ``data/synthetic``): the Kaggle layout (train.csv, train/, test/, ...).
+- ``DATA_DIR``  (default ``data/<dataset>``): the dataset's Kaggle layout (train.csv, train/, ...).
 - ``RUNS_DIR``  (default ``runs``): ``runs/<stage>/<config-name>/fold_<k>/``.
 - ``CACHE_DIR`` (default ``cache``): decoded per-day volumes as ``.npy``.
 """
@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SYNTHETIC_DIR = PROJECT_ROOT / "data" / "synthetic"
+DATA_ROOT = PROJECT_ROOT / "data"
 
 
 def _env_path(name: str, default: Path) -> Path:
@@ -22,11 +22,15 @@ def _env_path(name: str, default: Path) -> Path:
     return Path(value).expanduser() if value else default
 
 
-def data_dir(override: str | os.PathLike | None = None) -> Path:
-    """The dataset root: ``override`` if given, else ``$DATA_DIR``, else the synthetic set."""
+def data_dir(override: str | os.PathLike | None = None, dataset: str | None = None) -> Path:
+    """The dataset root: ``override`` if given, else ``$DATA_DIR``, else ``data/<dataset>``.
+
+    ``dataset`` defaults to ``$DATASET``, else ``uwmgi`` (the embedded phantoms live in ``data/<name>``).
+    """
     if override:
         return Path(override).expanduser()
-    return _env_path("DATA_DIR", SYNTHETIC_DIR)
+    name = dataset or os.environ.get("DATASET", "").strip() or "uwmgi"
+    return _env_path("DATA_DIR", DATA_ROOT / name)
 
 
 def runs_dir() -> Path:

@@ -6,7 +6,6 @@ flattens them column-major (``order="F"``). Any non-zero mask value counts as fo
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import re
@@ -14,7 +13,8 @@ import sys
 
 import numpy as np
 
-from pipeline.rle_numba import encode_one, find_runs, format_runs, paint_runs
+from pipeline.rle_format import as_uint8, check_order, runs_to_strings
+from pipeline.rle_numba import encode_one, find_runs, paint_runs
 
 __all__ = [
     "RLEError",
@@ -29,19 +29,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_ORDERS = ("C", "F")
 _TOKENS = re.compile(r"-?[0-9]+(?:\s+-?[0-9]+)*")
 _TOKEN = re.compile(r"-?[0-9]+")
 
 
 class RLEError(ValueError):
     """A run-length string that cannot be decoded onto the given mask shape."""
-
-
-def check_order(order: str) -> None:
-    """Raise ValueError unless ``order`` is "C" (row-major) or "F" (column-major)."""
-    if order not in _ORDERS:
-        raise ValueError(f"order must be 'C' (row-major, UW-Madison) or 'F' (column-major), got {order!r}")
 
 
 def _is_empty(rle: object) -> bool:
@@ -77,25 +70,6 @@ def rle_encode_numpy(mask: np.ndarray, order: str = "C") -> str:
 # ---------------------------------------------------------------- encoding API
 
 
-def _as_uint8(masks: np.ndarray) -> np.ndarray:
-    """C-contiguous uint8 masks where non-zero means foreground (a view where possible)."""
-    if masks.dtype == np.uint8 or masks.dtype == np.bool_:
-        return np.ascontiguousarray(masks).view(np.uint8)
-    return (masks != 0).view(np.uint8)
-
-
-def runs_to_strings(starts: np.ndarray, lengths: np.ndarray, run_offsets: np.ndarray) -> list[str]:
-    """Format 1-indexed runs into RLE strings; mask ``i`` owns runs ``run_offsets[i]:run_offsets[i+1]``."""
-    buf, byte_off = format_runs(
-        np.ascontiguousarray(starts, np.int64),
-        np.ascontiguousarray(lengths, np.int64),
-        np.ascontiguousarray(run_offsets, np.int64),
-    )
-    text = buf.tobytes().decode("ascii")
-    offs = byte_off.tolist()
-    return [text[a:b] for a, b in itertools.pairwise(offs)]
-
-
 def rle_encode(mask: np.ndarray, order: str = "C") -> str:
     """Encode one 2-D mask (non-zero = foreground); an empty mask gives ``""``."""
     check_order(order)
@@ -104,7 +78,7 @@ def rle_encode(mask: np.ndarray, order: str = "C") -> str:
         raise ValueError(f"rle_encode expects a 2-D mask, got shape {mask.shape}")
     if mask.size == 0:
         return ""
-    return encode_one(_as_uint8(mask), order == "F").tobytes().decode("ascii")
+    return encode_one(as_uint8(mask), order == "F").tobytes().decode("ascii")
 
 
 def rle_encode_batch(masks: np.ndarray, order: str = "C") -> list[str]:
@@ -117,7 +91,7 @@ def rle_encode_batch(masks: np.ndarray, order: str = "C") -> list[str]:
     count = math.prod(masks.shape[:-2])
     if count == 0 or h * w == 0:
         return [""] * count
-    return runs_to_strings(*find_runs(_as_uint8(masks).reshape(count, h, w), order == "F"))
+    return runs_to_strings(*find_runs(as_uint8(masks).reshape(count, h, w), order == "F"))
 
 
 def encode_masks(masks: object, order: str = "C") -> list[str]:

@@ -11,7 +11,7 @@ run start, run end. Each thread block owns a tile of ``threads * chunk`` positio
    boundary in order into the compact array.
 
 Only the per-mask totals and the compact boundaries cross to the host, where
-:func:`pipeline.rle.runs_to_strings` formats them. ``order="F"`` is index math in the kernels.
+:func:`pipeline.rle_format.runs_to_strings` formats them. ``order="F"`` is index math in the kernels.
 numba.cuda is imported on first use, never at import; under ``NUMBA_ENABLE_CUDASIM=1`` the same
 code runs in the CUDA simulator on NumPy input.
 """
@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from pipeline.rle import check_order, runs_to_strings
+from pipeline.rle_format import check_order, runs_to_strings
 
 __all__ = ["cuda_available", "rle_encode_cuda"]
 

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.config import load_config
+from pipeline.datasets import load_config
 from pipeline.runtime import configure_runtime
 from pipeline.train.parallel import resolve_jobs, run_folds
 from pipeline.train.tasks import describe, every_fold, parse_folds, train_store

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import load_config
+from pipeline.datasets import load_config
 from pipeline.runtime import available_cores, configure_runtime
 from pipeline.train.parallel import resolve_jobs, run_folds
 from pipeline.train.tasks import parse_folds, train_classifier, train_segmenter, train_store

@@ -29,15 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import TTACfg, load_config
-from pipeline.data.catalog import scan_split
+from pipeline.config import TTACfg
 from pipeline.data.geometry import full_box
-from pipeline.data.volumes import read_volume
+from pipeline.datasets import get_dataset, load_config
+from pipeline.device import resolve_device
 from pipeline.infer.postprocess import apply_postprocess, decisions_path, read_decisions, to_uint8
-from pipeline.infer.predict import build_model, channels_last, predict_day, predict_day_cls
+from pipeline.models.predict import build_model, channels_last, predict_day, predict_day_cls
 from pipeline.paths import data_dir
 from pipeline.runtime import configure_runtime
-from pipeline.train.engine import resolve_device
 
 FOLDS, MODELS = 5, 3
 KAGGLE_LIMIT_H = 9.0
@@ -65,7 +64,9 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
 
 def model_rates(cfg: Any, device: torch.device, n_slices: int, repeats: int) -> dict[str, dict[str, float]]:
     """{stage:name: {"no_tta": slices/s, "tta": slices/s}} of one fold of every member and the classifier."""
-    image = np.random.default_rng(0).integers(0, 4000, (n_slices, 266, 266)).astype(np.uint16)
+    channels = get_dataset(cfg.dataset).channels
+    shape = (n_slices, 266, 266) if channels == 1 else (n_slices, channels, 266, 266)
+    image = np.random.default_rng(0).integers(0, 4000, shape).astype(np.uint16)
     amp = cfg.amp and device.type == "cuda"
     members = [load_config(m.config, stage="seg") for m in cfg.members]
     if cfg.classifier:
@@ -84,7 +85,7 @@ def model_rates(cfg: Any, device: torch.device, n_slices: int, repeats: int) -> 
                     model,
                     member,
                     image,
-                    full_box(image.shape[1:]),
+                    full_box(image.shape[-2:]),
                     device=device,
                     batch_size=cfg.batch_size,
                     tta=tta,
@@ -106,12 +107,13 @@ def end_to_end(
     """Seconds per slice of each submit phase on ``n_days`` test days, without and with TTA."""
     from pipeline.infer.submit import EnsemblePredictor
 
-    catalog = scan_split(data_dir(cfg.data_dir), "test")
+    spec = get_dataset(cfg.dataset)
+    catalog = spec.prediction_catalog(data_dir(cfg.data_dir, cfg.dataset))
     if not decisions_path(cfg.name).is_file() or catalog.empty:
         return None
     decisions = read_decisions(cfg.name)
-    groups = [g for _, g in catalog.groupby("case_day", sort=False)][: max(1, n_days)]
-    volumes = [read_volume(g, False) for g in groups]
+    groups = [g for _, g in catalog.groupby("volume_id", sort=False)][: max(1, n_days)]
+    volumes = [spec.read_volume(g, False) for g in groups]
     n = sum(len(v.ids) for v in volumes)
     out = {}
     for label, tta in (("no_tta", NO_TTA), ("tta", cfg.tta)):
@@ -127,9 +129,9 @@ def end_to_end(
                 marks.append(time.perf_counter())
                 probs = to_uint8(p.seg_probs(volume.image, boxes))
                 marks.append(time.perf_counter())
-                masks = apply_postprocess(probs, gate, p.decisions.classes)
+                masks = apply_postprocess(probs, gate, p.decisions.classes, spec.volumetric)
                 marks.append(time.perf_counter())
-                p.encode(masks)
+                p.encode(masks.reshape(-1, *masks.shape[2:]), spec.rle_order)
                 _sync()
                 marks.append(time.perf_counter())
                 for phase, a, b in zip(PHASES, marks, marks[1:]):

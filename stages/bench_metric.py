@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 from scipy.spatial.distance import directed_hausdorff
 
-from pipeline.config import CLASSES
-from pipeline.metric import hausdorff_volume, hausdorff_volume_edt, score_submission, score_volumes
+from pipeline.datasets.uwmgi_files import CLASSES
+from pipeline.datasets.uwmgi_submission import score_submission
+from pipeline.metric import hausdorff_volume, hausdorff_volume_edt, score_volumes
 from pipeline.rle import rle_encode_batch
 from pipeline.runtime import configure_runtime
 
@@ -161,14 +162,14 @@ def bench_full(n_volumes: int, shape: tuple[int, int, int], pool: int, seed: int
     made = time.perf_counter() - start
     preds = {f"case{i}_day0": pairs[i % pool][0] for i in range(n_volumes)}
     truths = {f"case{i}_day0": pairs[i % pool][1] for i in range(n_volumes)}
-    score_volumes(dict(list(preds.items())[:1]), dict(list(truths.items())[:1]))  # compile
+    score_volumes(dict(list(preds.items())[:1]), dict(list(truths.items())[:1]), CLASSES)  # compile
     n_slices = n_volumes * shape[0]
     print(
         f"Full set: {n_volumes} volumes {'x'.join(map(str, shape))} ({n_slices} slices, "
         f"pool of {pool} made in {made:.1f} s)"
     )
     for per_class in (False, True):
-        result, dt = _timed(score_volumes, preds, truths, per_class)
+        result, dt = _timed(score_volumes, preds, truths, CLASSES, per_class)
         what = "merged + per class" if per_class else "merged only"
         print(
             f"  score_volumes ({what:18s}): {dt:6.2f} s, {dt / n_volumes * 1e3:5.1f} ms/volume -> "

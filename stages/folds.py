@@ -1,4 +1,4 @@
-"""`make folds`: case-grouped, stratified folds written once to $DATA_DIR/folds.csv."""
+"""`make folds`: group-disjoint (case, patient, subject), stratified folds written once to $DATA_DIR/folds.csv."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline.config import load_config
-from pipeline.data.catalog import load_split
 from pipeline.data.folds import fold_numbers, make_folds, read_folds
+from pipeline.datasets import get_dataset, load_config
 from pipeline.io import write_csv
 from pipeline.paths import data_dir, folds_path
 from pipeline.runtime import configure_runtime
@@ -24,7 +23,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set, stage="folds")
     configure_runtime(seed=cfg.seed)
-    root = data_dir(cfg.data_dir)
+    spec = get_dataset(cfg.dataset)
+    root = data_dir(cfg.data_dir, cfg.dataset)
     out = folds_path(root)
     if out.exists() and not args.force:
         present = fold_numbers(read_folds(root))
@@ -38,12 +38,19 @@ def main(argv: list[str] | None = None) -> Path:
             "%s exists: keeping its %d folds (folds are written once; --force rewrites)", out, len(present)
         )
         return out
-    folds = make_folds(load_split(root, "train"), cfg.n_folds, cfg.seed, cfg.exclude_days)
+    catalog = spec.load_split(root, "train")
+    has_label = spec.presence(catalog).loc[catalog["id"]].to_numpy(bool).any(axis=1)
+    folds = make_folds(catalog, has_label, cfg.n_folds, cfg.seed, cfg.exclude_volumes)
     write_csv(out, folds)
     summary = (
         folds[folds["fold"] >= 0]
         .groupby("fold")
-        .agg(cases=("case", "nunique"), slices=("id", "size"), labelled=("has_label", "mean"))
+        .agg(
+            groups=("group", "nunique"),
+            volumes=("volume_id", "nunique"),
+            slices=("id", "size"),
+            labelled=("has_label", "mean"),
+        )
     )
     log.info("wrote %s\n%s", out, summary.to_string())
     return out

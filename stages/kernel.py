@@ -10,7 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline.config import load_config
+from pipeline.datasets import load_config
 from pipeline.kaggle.bundle import DEFAULT_OUT, DEFAULT_PREFIX, BundleError, build_bundle, resolve_user
 from pipeline.kaggle.push import PushError, push_bundle
 from pipeline.kaggle.wheels import DEFAULT_CACHE, WheelError

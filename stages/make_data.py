@@ -1,4 +1,4 @@
-"""`make data`: write the synthetic dataset (Kaggle layout) under --out."""
+"""`make data`: write the dataset's synthetic phantom (its exact Kaggle layout) under --out."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.data.synthetic import PRESETS, SyntheticDataError, format_stats, generate_dataset
+from pipeline.data.synthetic_io import SyntheticDataError
+from pipeline.datasets import get_dataset
 from pipeline.paths import data_dir
 from pipeline.runtime import configure_runtime
 
@@ -16,8 +17,9 @@ log = logging.getLogger("stages.make_data")
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default=None, help="output folder (default: $DATA_DIR, else data/synthetic)")
-    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    parser.add_argument("--dataset", default=None, help="uwmgi, lgg or nerve (default: $DATASET, else uwmgi)")
+    parser.add_argument("--out", default=None, help="output folder (default: $DATA_DIR, else data/<dataset>)")
+    parser.add_argument("--preset", default="demo", help="tiny, demo or full")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="processes rendering day-volumes in parallel")
     parser.add_argument(
@@ -25,14 +27,21 @@ def main(argv: list[str] | None = None) -> Path:
     )
     args = parser.parse_args(argv)
     configure_runtime(seed=args.seed)
-    out = data_dir(args.out)
+    spec = get_dataset(args.dataset)
+    phantom = spec.phantom()
+    if args.preset not in phantom.PRESETS:
+        parser.exit(
+            2,
+            f"make_data: unknown preset '{args.preset}' for {spec.name}; valid: {', '.join(phantom.PRESETS)}\n",
+        )
+    out = data_dir(args.out, spec.name)
     start = time.perf_counter()
     try:
-        stats = generate_dataset(out, args.preset, seed=args.seed, workers=args.workers, force=args.force)
+        stats = phantom.generate(out, args.preset, seed=args.seed, workers=args.workers, force=args.force)
     except SyntheticDataError as exc:
         parser.exit(2, f"make_data: {exc}\n")
     log.info("%s (%s preset, seed %d) in %.1f s\n%s", out, args.preset, args.seed, time.perf_counter() - start,
-             format_stats(stats))  # fmt: skip
+             phantom.format_stats(stats))  # fmt: skip
     if (out / "preview.png").is_file():
         log.info("preview: %s", out / "preview.png")
     return out

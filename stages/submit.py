@@ -1,4 +1,4 @@
-"""`make submit`: predict the test day-volumes with the tuned ensemble and write submission.csv."""
+"""`make submit`: predict the test volumes with the tuned ensemble and write the submission in the dataset's format."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline.config import load_config
+from pipeline.datasets import load_config
 from pipeline.infer.submit import run_submit
 from pipeline.paths import data_dir
 from pipeline.runtime import configure_runtime
@@ -24,14 +24,24 @@ def main(argv: list[str] | None = None) -> Path:
         "--debug-train-days",
         type=int,
         default=0,
-        help="run over the first N train day-volumes instead of test",
+        help="run over the first N train volumes instead of test",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, auto (default: the config's device)")
+    parser.add_argument(
+        "--force", action="store_true", help="write a submission the dataset's sanity checks refuse"
+    )
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set, stage="ensemble")
     configure_runtime()
-    root = data_dir(args.data_dir or cfg.data_dir)
-    out = run_submit(cfg, root, Path(args.out), debug_train_days=args.debug_train_days, device=args.device)
+    root = data_dir(args.data_dir or cfg.data_dir, cfg.dataset)
+    out = run_submit(
+        cfg,
+        root,
+        Path(args.out),
+        debug_train_days=args.debug_train_days,
+        device=args.device,
+        force=args.force,
+    )
     log.info("wrote %s", out)
     return out
 

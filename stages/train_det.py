@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline.config import load_config
+from pipeline.datasets import load_config
 from pipeline.models.detector import train_detector
 from pipeline.runtime import configure_runtime
 

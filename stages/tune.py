@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline.config import load_config
+from pipeline.datasets import load_config
 from pipeline.infer.tune import run_tune
 from pipeline.paths import data_dir
 from pipeline.runtime import configure_runtime
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set, stage="ensemble")
     configure_runtime()
-    out = run_tune(cfg, data_dir(args.data_dir or cfg.data_dir), workers=args.workers)
+    out = run_tune(cfg, data_dir(args.data_dir or cfg.data_dir, cfg.dataset), workers=args.workers)
     log.info("wrote %s", out)
     return out
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.runtime import OFFLINE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+for key, value in OFFLINE_ENV.items():
+    os.environ.setdefault(key, value)
 os.environ.setdefault("YOLO_CONFIG_DIR", str(ROOT / ".yolo"))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 

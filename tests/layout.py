@@ -8,8 +8,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.config import CLASSES
-from pipeline.data.catalog import make_id, slice_filename
+from pipeline.datasets.uwmgi_files import CLASSES, make_id, slice_filename
 from pipeline.rle import rle_encode
 
 

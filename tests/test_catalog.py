@@ -12,26 +12,32 @@ import pandas as pd
 import pytest
 from layout import write_dataset
 
-from pipeline.config import CLASSES
-from pipeline.data.catalog import DataError, load_split, parse_id, read_labels, read_slice, scan_split
-from pipeline.data.volumes import VolumeStore, read_volume
+from pipeline.data.volumes import VolumeStore
+from pipeline.datasets import get_dataset
+from pipeline.datasets.uwmgi_files import CLASSES, load_split, parse_id, read_labels, read_slice, scan_split
+from pipeline.errors import DataError
 from pipeline.rle import rle_decode, rle_encode
+
+SPEC = get_dataset("uwmgi")
 
 
 def test_real_mini_layout_reads(shared_data: Path) -> None:
     root = shared_data / "uwmgi-real-mini"
     catalog = load_split(root, "train")
     assert len(catalog) == 5
-    assert set(catalog["case_day"]) == {"case139_day0", "case117_day15", "case117_day16", "case117_day17"}
+    columns = ["id", "group", "volume_id", "slice", "path", "height", "width", "px", "py", "day"]
+    assert list(catalog.columns) == columns + list(CLASSES)
+    pd.testing.assert_frame_equal(SPEC.load_split(root, "train"), catalog)
+    assert set(catalog["volume_id"]) == {"case139_day0", "case117_day15", "case117_day16", "case117_day17"}
     row = catalog[catalog["id"] == "case139_day0_slice_0001"].iloc[0]
     assert (row.width, row.height, row.px, row.py) == (234, 234, 1.5, 1.5)
     image = read_slice(row.path, row.width, row.height)
     assert image.dtype == np.uint16 and image.shape == (234, 234)
     assert image.max() > 255  # an original 16-bit slice
     assert all(row[name] == "" for name in CLASSES)
-    day16 = catalog[catalog["case_day"] == "case117_day16"]
+    day16 = catalog[catalog["volume_id"] == "case117_day16"]
     assert list(day16["slice"]) == [25, 38]  # slice order, not file-system order
-    volume = read_volume(day16)
+    volume = SPEC.read_volume(day16)
     assert volume.image.shape == (2, 276, 276) and volume.mask.shape == (2, 3, 276, 276)
     for s, slice_id in enumerate(volume.ids):
         for c, name in enumerate(CLASSES):
@@ -100,13 +106,13 @@ def test_size_mismatch_and_rle_out_of_bounds(tmp_path: Path) -> None:
     path = Path(catalog["path"].iloc[0])
     cv2.imwrite(str(path), np.zeros((10, 10), np.uint16))
     with pytest.raises(DataError, match="image is 10x10 but its file name says 32x24"):
-        read_volume(catalog)
+        SPEC.read_volume(catalog)
     root = write_dataset(tmp_path / "e", {1: [0]}, n_slices=2)
     labels = pd.read_csv(root / "train.csv", keep_default_na=False)
     labels.loc[0, "segmentation"] = "760 10"  # 24*32 = 768 pixels
     labels.to_csv(root / "train.csv", index=False)
     with pytest.raises(ValueError, match=r"case1_day0_slice_0001, large_bowel"):
-        read_volume(load_split(root, "train"))
+        SPEC.read_volume(load_split(root, "train"))
 
 
 def test_missing_dataset_names_the_path(tmp_path: Path) -> None:
@@ -118,12 +124,12 @@ def test_missing_dataset_names_the_path(tmp_path: Path) -> None:
 def test_volume_cache_round_trip_and_invalidation(tmp_path: Path) -> None:
     root = write_dataset(tmp_path / "d", {1: [0, 1], 2: [0]}, n_slices=5)
     catalog = load_split(root, "train")
-    store = VolumeStore(root, catalog, cache_root=tmp_path / "cache")
+    store = VolumeStore(root, catalog, "train", SPEC, cache_root=tmp_path / "cache")
     store.build(progress=False)
     assert all(store.is_cached(d) for d in store.days)
-    for case_day in store.days:
-        cached = store[case_day]
-        direct = read_volume(catalog[catalog["case_day"] == case_day])
+    for volume_id in store.days:
+        cached = store[volume_id]
+        direct = SPEC.read_volume(catalog[catalog["volume_id"] == volume_id])
         assert isinstance(cached.image, np.memmap)
         np.testing.assert_array_equal(cached.image, direct.image)
         np.testing.assert_array_equal(cached.mask, direct.mask)
@@ -132,7 +138,7 @@ def test_volume_cache_round_trip_and_invalidation(tmp_path: Path) -> None:
     labels = pd.read_csv(root / "train.csv", keep_default_na=False)
     labels.loc[0, "segmentation"] = "1 5"
     labels.to_csv(root / "train.csv", index=False)
-    store = VolumeStore(root, load_split(root, "train"), cache_root=tmp_path / "cache")
+    store = VolumeStore(root, load_split(root, "train"), "train", SPEC, cache_root=tmp_path / "cache")
     assert not store.is_cached("case1_day0")
     assert store["case1_day0"].mask[0, 0].sum() == 5
     np.testing.assert_array_equal(store["case1_day0"].mask[0, 0], rle_decode("1 5", (24, 32)))

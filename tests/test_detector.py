@@ -13,8 +13,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import CLASSES, ConfigError, DetParams, load_config
-from pipeline.data.catalog import DataError, make_id, slice_filename
+from pipeline.config import ConfigError, DetParams, load_config
 from pipeline.data.geometry import (
     Box,
     Geometry,
@@ -25,7 +24,9 @@ from pipeline.data.geometry import (
     threshold_box,
     union_boxes,
 )
-from pipeline.infer.crop import mask_inside
+from pipeline.datasets.uwmgi_files import CLASSES, make_id, slice_filename
+from pipeline.errors import DataError
+from pipeline.models.box_quality import mask_inside
 from pipeline.models.detector import (
     BodyDetector,
     arch_yaml,
@@ -250,7 +251,7 @@ def test_train_det_end_to_end_offline(isolated_dirs: Path, monkeypatch: pytest.M
     assert ckpt["imgsz"] == 64 and all(isinstance(v, torch.Tensor) for v in ckpt["model"].values())
     assert yaml.safe_load((out / "model.yaml").read_text())["nc"] == 1
     boxes = pd.read_csv(out / "boxes_train.csv")
-    assert sorted(boxes["case_day"]) == [f"case{c}_day0" for c in range(1, 5)]
+    assert sorted(boxes["volume_id"]) == [f"case{c}_day0" for c in range(1, 5)]
     assert set(boxes["source"]) <= {"detector", "threshold", "full"}
     cfg = load_config(out / "config.yaml", stage="det")
     assert cfg.det.imgsz == 64 and cfg.name == "demo_det"
@@ -265,6 +266,6 @@ def test_train_det_end_to_end_offline(isolated_dirs: Path, monkeypatch: pytest.M
         [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in sorted((data / "train" / "case1").rglob("*.png"))]
     )
     box, source = detector.day_box(volume)
-    row = boxes.set_index("case_day").loc["case1_day0"]
+    row = boxes.set_index("volume_id").loc["case1_day0"]
     assert (box, source) == (Box(*row[["y0", "x0", "y1", "x1"]].astype(int)), row["source"])  # same weights
     assert load_boxes("demo_det")["case1_day0"] == box

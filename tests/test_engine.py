@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import LossCfg, TrainCfg
-from pipeline.train.engine import fit, load_weights, resolve_device
+from pipeline.device import resolve_device
+from pipeline.train.engine import fit, load_weights
 from pipeline.train.losses import build_loss
 from pipeline.train.schedule import build_scheduler, lr_factor, plan_steps
 

@@ -9,10 +9,18 @@ import pandas as pd
 import pytest
 from layout import write_dataset
 
-from pipeline.data.catalog import DataError, load_split
 from pipeline.data.folds import fold_days, fold_numbers, make_folds, read_folds
 from pipeline.data.stack import neighbour_indices, stack_slices, stack_volume
+from pipeline.datasets import get_dataset
+from pipeline.datasets.uwmgi_files import load_split
+from pipeline.errors import DataError
 from stages import folds as folds_stage
+
+SPEC = get_dataset("uwmgi")
+
+
+def _has_label(catalog: pd.DataFrame) -> np.ndarray:
+    return SPEC.presence(catalog).loc[catalog["id"]].to_numpy().any(axis=1)
 
 
 @pytest.fixture(scope="module")
@@ -23,24 +31,26 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_folds_case_disjoint_and_seeded(dataset: Path) -> None:
     catalog = load_split(dataset, "train")
-    folds = make_folds(catalog, n_folds=5, seed=3, exclude_days=("case7_day0", "case99_day1"))
+    has_label = _has_label(catalog)
+    folds = make_folds(catalog, has_label, n_folds=5, seed=3, exclude_volumes=("case7_day0", "case99_day1"))
     assert set(folds["id"]) == set(catalog["id"])
-    assert (folds.loc[folds["case_day"] == "case7_day0", "fold"] == -1).all()
+    assert (folds.loc[folds["volume_id"] == "case7_day0", "fold"] == -1).all()
     used = folds[folds["fold"] >= 0]
-    assert used.groupby("case")["fold"].nunique().max() == 1
+    assert used.groupby("group")["fold"].nunique().max() == 1
     assert sorted(used["fold"].unique()) == [0, 1, 2, 3, 4]
-    again = make_folds(catalog, n_folds=5, seed=3, exclude_days=("case7_day0",))
+    again = make_folds(catalog, has_label, n_folds=5, seed=3, exclude_volumes=("case7_day0",))
     pd.testing.assert_frame_equal(folds, again)
-    other = make_folds(catalog, n_folds=5, seed=4, exclude_days=("case7_day0",))
+    other = make_folds(catalog, has_label, n_folds=5, seed=4, exclude_volumes=("case7_day0",))
     assert not other["fold"].equals(folds["fold"])
     train, val = fold_days(folds, 2)
     assert not set(train) & set(val) and "case7_day0" not in train + val
-    assert set(fold_days(folds, "all")[0]) == set(used["case_day"])
+    assert set(fold_days(folds, "all")[0]) == set(used["volume_id"])
 
 
 def test_too_few_cases(dataset: Path) -> None:
-    with pytest.raises(DataError, match="cannot make 20 case-disjoint folds"):
-        make_folds(load_split(dataset, "train"), n_folds=20, seed=0)
+    catalog = load_split(dataset, "train")
+    with pytest.raises(DataError, match="cannot make 20 group-disjoint folds"):
+        make_folds(catalog, _has_label(catalog), n_folds=20, seed=0)
 
 
 def test_folds_stage_writes_once(dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,11 +59,13 @@ def test_folds_stage_writes_once(dataset: Path, monkeypatch: pytest.MonkeyPatch)
         read_folds(dataset)
     out = folds_stage.main([])
     first = out.read_bytes()
+    written = read_folds(dataset)  # uwmgi's defaults exclude its faulty case7_day0
+    assert (written.loc[written["volume_id"] == "case7_day0", "fold"] == -1).all()
     folds_stage.main(["--set", "seed=9"])  # exists: kept
     assert out.read_bytes() == first
     folds_stage.main(["--set", "seed=9", "--force"])
     assert out.read_bytes() != first
-    assert set(read_folds(dataset).columns) >= {"id", "case", "fold"}
+    assert set(read_folds(dataset).columns) >= {"id", "group", "volume_id", "fold", "has_label"}
     assert fold_numbers(read_folds(dataset)) == [0, 1, 2, 3, 4]
     again = out.read_bytes()
     with pytest.raises(SystemExit, match=r"holds 5 folds but configs/demo_folds\.yaml asks for 4"):

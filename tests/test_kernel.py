@@ -17,13 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import CLASSES, dump_config, load_config
+from pipeline.config import dump_config, load_config
+from pipeline.datasets import get_dataset
+from pipeline.datasets.uwmgi_files import CLASSES
 from pipeline.kaggle import push as push_mod
 from pipeline.kaggle.bundle import (
-    COMPETITION,
     PLACEHOLDER_USER,
     BundleError,
     build_bundle,
+    data_input,
     render_entry,
     resolve_user,
 )
@@ -31,6 +33,12 @@ from pipeline.kaggle.wheels import KERNEL_PACKAGES, SUPPORT_PACKAGES, WheelSet, 
 from stages import kernel as kernel_stage
 
 ROOT = Path(__file__).resolve().parents[1]
+COMPETITION = "uw-madison-gi-tract-image-segmentation"  # the real data of the default dataset
+
+
+def test_uwmgi_kaggle_source_is_the_competition() -> None:
+    assert get_dataset("uwmgi").kaggle_source == ("competition", COMPETITION)
+    assert data_input("uwmgi") == COMPETITION  # mounted as /kaggle/input/<slug>
 
 
 # --------------------------------------------------------------------------- toy runs
@@ -186,6 +194,7 @@ def test_bundle_layout_and_metadata(toy, tmp_path: Path) -> None:
         "wheels": "gi-tract-wheels",
     }
     assert settings["ensemble"] == "toy_ens" and settings["packages"] == manifest["packages"]
+    assert settings["dataset"] == "uwmgi" and settings["data_input"] == COMPETITION
     for part in ("code", "weights"):
         assert json.loads((out / part / "BUNDLE.json").read_text())["build_id"] == settings["build_id"]
 
@@ -239,7 +248,13 @@ def test_ungated_classifier_is_not_shipped(toy, tmp_path: Path) -> None:
 
 def test_render_entry_replaces_only_the_settings_block() -> None:
     template = ROOT / "kernels" / "gi_tract_submit.py"
-    settings = {"competition": COMPETITION, "datasets": {"code": "c"}, "ensemble": "e", "build_id": "b"}
+    settings = {
+        "dataset": "uwmgi",
+        "data_input": COMPETITION,
+        "datasets": {"code": "c"},
+        "ensemble": "e",
+        "build_id": "b",
+    }
     text = render_entry(settings, template)
     assert script_settings_text(text) == settings
     assert text.replace(script_block(text), "") == template.read_text().replace(
@@ -521,7 +536,7 @@ def test_built_kernel_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     bundled wheels, and writes the same submission as `make submit`."""
     import pandas as pd
 
-    from pipeline.data.catalog import scan_split
+    from pipeline.datasets.uwmgi_files import scan_split
     from pipeline.kaggle.wheels import WheelError, collect_wheels
     from pipeline.rle import rle_decode
     from stages import folds, make_data, submit, train_cls, train_det, train_seg, tune
@@ -558,10 +573,11 @@ def test_built_kernel_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     settings = script_settings(bundle / "kernel" / "gi_tract_submit.py")
     for part, slug in settings["datasets"].items():
         shutil.copytree(bundle / part, kaggle / "input" / slug)
-    (kaggle / "input" / COMPETITION).mkdir(parents=True)
+    mounted = kaggle / "input" / settings["data_input"]
+    mounted.mkdir(parents=True)
     for name in ("train", "test", "train.csv", "sample_submission.csv"):  # what Kaggle mounts, no more
         copy = shutil.copytree if (data / name).is_dir() else shutil.copy2
-        copy(data / name, kaggle / "input" / COMPETITION / name)
+        copy(data / name, mounted / name)
     (kaggle / "working").mkdir()
     manifest = json.loads((bundle / "wheels" / "manifest.json").read_text())
     python = kaggle_image(tmp_path / "image", set(manifest["packages"]) | set(manifest["support"]))

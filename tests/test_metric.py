@@ -15,18 +15,15 @@ from layout import write_dataset
 from scipy import ndimage as ndi
 from scipy.spatial.distance import directed_hausdorff
 
-from pipeline.config import CLASSES
-from pipeline.data.catalog import DataError
+from pipeline.datasets.uwmgi_files import CLASSES
+from pipeline.datasets.uwmgi_submission import score_submission, slice_shapes, validate_submission
+from pipeline.errors import DataError, SubmissionError
 from pipeline.metric import (
-    SubmissionError,
     aggregate,
     dice_pair,
     hausdorff_volume,
     hausdorff_volume_edt,
-    score_submission,
     score_volumes,
-    slice_shapes,
-    validate_submission,
     volume_stats,
 )
 from pipeline.metric_kernels import class_runs, row_any, union_runs
@@ -171,7 +168,7 @@ def test_score_volumes_by_hand_and_dice_skip_rule() -> None:
     pred[2, 1, 3, 0:4] = True
     truth[2, 1, 3, 2:6] = True  # row (2, small_bowel): dice 2*2/8
     # every other (slice, class) row is empty in both and skipped
-    result = score_volumes({"case1_day0": pred}, {"case1_day0": truth})
+    result = score_volumes({"case1_day0": pred}, {"case1_day0": truth}, CLASSES)
     dice = (1 + 0 + 0 + 0.5) / 4
     # classes merged: pred (2, 3, 0) is 2 columns from truth (2, 3, 2), truth (2, 3, 5) 2 columns
     # from pred (2, 3, 3); nothing is farther: 2/8 in the unit cube
@@ -191,25 +188,28 @@ def test_score_volumes_by_hand_and_dice_skip_rule() -> None:
     # a volume empty in both adds no row and no Hausdorff term; all empty scores 1
     empty = np.zeros((2, 3, 6, 8), np.uint8)
     both = score_volumes(
-        {"case1_day0": pred, "case2_day0": empty}, {"case1_day0": truth, "case2_day0": empty}
+        {"case1_day0": pred, "case2_day0": empty}, {"case1_day0": truth, "case2_day0": empty}, CLASSES
     )
     assert both["score"] == pytest.approx(result["score"]) and both["n_volumes"] == 1
-    nothing = score_volumes({"a": empty}, {"a": empty})
+    nothing = score_volumes({"a": empty}, {"a": empty}, CLASSES)
     assert (nothing["score"], nothing["dice"], nothing["hausdorff"], nothing["n_rows"]) == (1.0, 1.0, 0.0, 0)
     # per-volume stats aggregate to the same dict (the tuner may cache them)
     stats = [volume_stats(pred, truth), volume_stats(empty, empty)]
-    assert aggregate(stats) == both
+    assert aggregate(stats, CLASSES) == both
     assert (
-        score_volumes({"a": pred}, {"a": truth}, per_class=False)["per_class"]["stomach"]["hausdorff"] is None
+        score_volumes({"a": pred}, {"a": truth}, CLASSES, per_class=False)["per_class"]["stomach"][
+            "hausdorff"
+        ]
+        is None
     )
 
 
 def test_score_volumes_rejects_mismatched_inputs() -> None:
     vol = np.zeros((2, 3, 4, 4), bool)
     with pytest.raises(ValueError, match="missing predictions case2_day0"):
-        score_volumes({"case1_day0": vol}, {"case1_day0": vol, "case2_day0": vol})
+        score_volumes({"case1_day0": vol}, {"case1_day0": vol, "case2_day0": vol}, CLASSES)
     with pytest.raises(ValueError, match=r"case1_day0: prediction \(2, 3, 4, 5\)"):
-        score_volumes({"case1_day0": np.zeros((2, 3, 4, 5), bool)}, {"case1_day0": vol})
+        score_volumes({"case1_day0": np.zeros((2, 3, 4, 5), bool)}, {"case1_day0": vol}, CLASSES)
 
 
 # ---------------------------------------------------------------- submissions
@@ -223,12 +223,12 @@ def _day(case: int, day: int, n_slices: int, shape: tuple[int, int], seed: int) 
 
 def _long(volumes: dict[str, np.ndarray], column: str, slice_numbers=None) -> pd.DataFrame:
     rows = []
-    for case_day, vol in volumes.items():
+    for volume_id, vol in volumes.items():
         numbers = slice_numbers or range(1, len(vol) + 1)
         for s, number in enumerate(numbers):
             for c, name in enumerate(CLASSES):
                 rows.append(
-                    {"id": f"{case_day}_slice_{number:04d}", "class": name, column: rle_encode(vol[s, c])}
+                    {"id": f"{volume_id}_slice_{number:04d}", "class": name, column: rle_encode(vol[s, c])}
                 )
     return pd.DataFrame(rows)
 
@@ -250,7 +250,7 @@ def tiny() -> dict:
 
 
 def test_submission_scores_like_the_arrays_and_perfect_is_one(tiny: dict) -> None:
-    expected = score_volumes(tiny["preds"], tiny["truths"])
+    expected = score_volumes(tiny["preds"], tiny["truths"], CLASSES)
     sub = tiny["sub"].sample(frac=1.0, random_state=0)  # row order must not matter
     got = score_submission(sub, tiny["truth"], tiny["shapes"])
     assert got["score"] == pytest.approx(expected["score"], abs=1e-12)
@@ -272,8 +272,8 @@ def test_slices_stack_by_slice_number_not_row_order() -> None:
     moved[0] = False  # drop slice 7: the middle one in slice order, the first in row order
     sub = _long({"case1_day0": moved}, "predicted", slice_numbers=[7, 2, 40])
     got = score_submission(sub, truth, shapes)
-    expected = score_volumes({"d": moved[order]}, {"d": vol[order]})
-    in_row_order = score_volumes({"d": moved}, {"d": vol})
+    expected = score_volumes({"d": moved[order]}, {"d": vol[order]}, CLASSES)
+    in_row_order = score_volumes({"d": moved}, {"d": vol}, CLASSES)
     assert got["hausdorff"] == pytest.approx(expected["hausdorff"], abs=1e-12)
     assert got["hausdorff"] != pytest.approx(in_row_order["hausdorff"])
     assert score_submission(pred, truth, shapes)["score"] == 1.0
@@ -353,6 +353,17 @@ def test_slice_shapes_from_columns_or_images(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the score CLI
 
 
+def _score_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """Run the score stage on bad input: exit status 2 and one stderr line "score: error: ..."."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        score_stage.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("score: error: ")
+    return err[0]
+
+
 def test_score_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = write_dataset(tmp_path / "data", {1: [0], 3: [2]}, n_slices=4, shape=(24, 32))
     truth = pd.read_csv(root / "train.csv", keep_default_na=False)
@@ -367,10 +378,12 @@ def test_score_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
             str(root / "train.csv"),
             "--data-dir",
             str(root),
+            "--dataset",
+            "uwmgi",
         ]
     )
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert json.loads(last) == json.loads(json.dumps(result))
+    assert json.loads(last) == json.loads(json.dumps({"dataset": "uwmgi", **result}))
     assert set(result["per_class"]) == set(CLASSES)
     shapes = slice_shapes(truth, root)
     assert result["score"] == pytest.approx(score_submission(sub, truth, shapes)["score"])
@@ -378,39 +391,13 @@ def test_score_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
 
     # bad input: a clear message and a non-zero exit, no traceback
     sub.drop(columns="class").to_csv(tmp_path / "bad.csv", index=False)
-    with pytest.raises(SystemExit, match=r"score: error: .*missing \['class'\]"):
-        score_stage.main(
-            [
-                "--submission",
-                str(tmp_path / "bad.csv"),
-                "--truth",
-                str(root / "train.csv"),
-                "--data-dir",
-                str(root),
-            ]
-        )
-    with pytest.raises(SystemExit, match="submission file not found"):
-        score_stage.main(
-            [
-                "--submission",
-                str(tmp_path / "none.csv"),
-                "--truth",
-                str(root / "train.csv"),
-                "--data-dir",
-                str(root),
-            ]
-        )
-    with pytest.raises(SystemExit, match="no slice image under"):
-        score_stage.main(
-            [
-                "--submission",
-                str(tmp_path / "sub.csv"),
-                "--truth",
-                str(root / "train.csv"),
-                "--data-dir",
-                str(tmp_path),
-            ]
-        )
+    args = ["--truth", str(root / "train.csv"), "--dataset", "uwmgi"]
+    bad = ["--submission", str(tmp_path / "bad.csv"), "--data-dir", str(root)]
+    assert "missing ['class']" in _score_error(capsys, bad + args)
+    none = ["--submission", str(tmp_path / "none.csv"), "--data-dir", str(root)]
+    assert "submission file not found" in _score_error(capsys, none + args)
+    no_images = ["--submission", str(tmp_path / "sub.csv"), "--data-dir", str(tmp_path)]
+    assert "no slice image under" in _score_error(capsys, no_images + args)
 
 
 def test_score_cli_exit_status_without_traceback(tmp_path: Path) -> None:
@@ -444,8 +431,10 @@ def test_score_cli_exit_status_without_traceback(tmp_path: Path) -> None:
         text=True,
         check=False,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "score: error: " in line]
+    assert len(errors) == 1 and errors[0].rstrip().endswith("(wrong image shape?)")  # one line
     assert "row 0 (case1_day0_slice_0001, stomach)" in proc.stderr and "out of bounds" in proc.stderr
 
 
@@ -453,4 +442,4 @@ def test_threads_give_the_same_score() -> None:
     rng = np.random.default_rng(11)
     truths = {f"case{i}_day0": rng.random((3, 3, 9, 7)) < 0.2 for i in range(6)}
     preds = {k: v ^ (rng.random(v.shape) < 0.05) for k, v in truths.items()}
-    assert score_volumes(preds, truths, workers=3) == score_volumes(preds, truths)
+    assert score_volumes(preds, truths, CLASSES, workers=3) == score_volumes(preds, truths, CLASSES)

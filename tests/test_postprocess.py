@@ -34,6 +34,11 @@ def test_small_3d_components_removed_large_kept() -> None:
     assert out[0:2, 1:3, 1:3].all() and out.sum() == 8
     assert remove_small_components(mask, 2).sum() == 10
     assert remove_small_components(mask, 0).sum() == mask.sum()
+    # per image (a 2D dataset): the 8-voxel block is two 4-pixel components, the diagonal pair two singles
+    flat = remove_small_components(mask, 3, volumetric=False)
+    assert flat[0:2, 1:3, 1:3].all() and flat.sum() == 8
+    assert remove_small_components(mask, 5, volumetric=False).sum() == 0
+    assert remove_small_components(mask, 2, volumetric=False).sum() == 8
 
 
 def test_gate_empties_exactly_the_gated_slices() -> None:
@@ -102,6 +107,8 @@ def test_decisions_json_round_trip(isolated_dirs: Path) -> None:
         steps=[{"step": "raw", "score": 0.8, "gain": None}],
         curves={"pixel_threshold": {"stomach": {"values": [0.3], "score": [0.81], "chosen": 0.3}}},
         oof={"days": 3, "score": float("nan")},
+        dataset="uwmgi",
+        volumetric=True,
     )
     path = write_decisions(run_dir("ensemble", "rt") / "postprocess.json", decisions)
     back = read_decisions("rt")
@@ -113,6 +120,11 @@ def test_decisions_json_round_trip(isolated_dirs: Path) -> None:
     )
     assert back.curves == decisions.curves and back.steps == decisions.steps
     assert back.oof == {"days": 3, "score": None}  # NaN is not JSON: written as null
+    assert (back.dataset, back.volumetric) == ("uwmgi", True)
+    assert back.params() == [decisions.classes[name] for name in ("large_bowel", "small_bowel", "stomach")]
+    flat = Decisions(classes=decisions.classes, weights={}, members=[], dataset="lgg", volumetric=False)
+    write_decisions(path, flat)
+    assert (read_decisions("rt").dataset, read_decisions("rt").volumetric) == ("lgg", False)
     path.write_text('{"classes": {}}')
     with pytest.raises(DecisionsError, match="make tune"):
         read_decisions("rt")

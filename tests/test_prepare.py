@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 
 from pipeline.config import DataCfg
-from pipeline.data.catalog import DataError, load_split
 from pipeline.data.geometry import Box, Geometry, full_box
 from pipeline.data.prepare import (
     boxes_for,
@@ -21,8 +20,13 @@ from pipeline.data.prepare import (
     prepare_slice,
     volume_scale_of,
 )
-from pipeline.data.synthetic import generate_dataset
 from pipeline.data.volumes import VolumeStore
+from pipeline.datasets import get_dataset
+from pipeline.datasets.uwmgi_files import load_split
+from pipeline.datasets.uwmgi_phantom import generate_dataset
+from pipeline.errors import DataError
+
+SPEC = get_dataset("uwmgi")
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +65,9 @@ def test_k0_is_a_single_channel_and_image_mode_scales_each_stack() -> None:
 @pytest.mark.parametrize("normalize", ["image", "volume"])
 @pytest.mark.parametrize("resize", ["resize", "pad"])
 def test_training_item_equals_row_of_prepared_day(tiny_data: Path, normalize: str, resize: str) -> None:
-    store = VolumeStore(tiny_data, load_split(tiny_data, "train"), cache_root=tiny_data.parent / "cache_prep")
+    store = VolumeStore(
+        tiny_data, load_split(tiny_data, "train"), "train", SPEC, cache_root=tiny_data.parent / "cache_prep"
+    )
     volume = store[store.days[0]]
     h, w = volume.shape
     box = Box(h // 8, w // 6, h - h // 10, w - w // 5)
@@ -121,7 +127,9 @@ def test_pad_mode_keeps_aspect_and_leaves_a_zero_border() -> None:
 
 
 def test_paste_back_of_a_resampled_crop_is_close(tiny_data: Path) -> None:
-    store = VolumeStore(tiny_data, load_split(tiny_data, "train"), cache_root=tiny_data.parent / "cache_prep")
+    store = VolumeStore(
+        tiny_data, load_split(tiny_data, "train"), "train", SPEC, cache_root=tiny_data.parent / "cache_prep"
+    )
     volume = store[store.days[1]]
     h, w = volume.shape
     box = Box(h // 7, w // 9, h - h // 11, w - w // 8)
@@ -137,9 +145,9 @@ def test_paste_back_of_a_resampled_crop_is_close(tiny_data: Path) -> None:
 def test_boxes_full_frame_without_crop(tiny_data: Path) -> None:
     catalog = load_split(tiny_data, "train")
     boxes = boxes_for(DataCfg(crop=False), catalog, "train")
-    assert set(boxes) == set(catalog["case_day"])
-    for row in catalog.drop_duplicates("case_day").itertuples():
-        assert boxes[row.case_day] == full_box((row.height, row.width))
+    assert set(boxes) == set(catalog["volume_id"])
+    for row in catalog.drop_duplicates("volume_id").itertuples():
+        assert boxes[row.volume_id] == full_box((row.height, row.width))
 
 
 def test_boxes_from_the_detector_csv(tiny_data: Path, isolated_dirs: Path) -> None:
@@ -147,17 +155,17 @@ def test_boxes_from_the_detector_csv(tiny_data: Path, isolated_dirs: Path) -> No
     cfg = DataCfg(crop=True, det_config="testdet")
     with pytest.raises(DataError, match="make train-det"):
         boxes_for(cfg, catalog, "train")
-    days = list(dict.fromkeys(catalog["case_day"]))
+    days = list(dict.fromkeys(catalog["volume_id"]))
     rows = [
-        {"case_day": d, "y0": 5 + i, "x0": 6, "y1": 90, "x1": 10_000, "source": "detector"}
+        {"volume_id": d, "y0": 5 + i, "x0": 6, "y1": 90, "x1": 10_000, "source": "detector"}
         for i, d in enumerate(days)
     ]
     path = isolated_dirs / "runs" / "det" / "testdet" / "boxes_train.csv"
     path.parent.mkdir(parents=True)
     pd.DataFrame(rows).to_csv(path, index=False)
-    store = VolumeStore(tiny_data, catalog, cache_root=isolated_dirs / "cache")
+    store = VolumeStore(tiny_data, catalog, "train", SPEC, cache_root=isolated_dirs / "cache")
     boxes = boxes_for(cfg, store, "train")
-    width = int(catalog.loc[catalog["case_day"] == days[1], "width"].iloc[0])
+    width = int(catalog.loc[catalog["volume_id"] == days[1], "width"].iloc[0])
     assert boxes[days[1]] == Box(6, 6, 90, width)  # clipped to the slice
     pd.DataFrame(rows[1:]).to_csv(path, index=False)
     with pytest.raises(ValueError, match=days[0]):

@@ -52,3 +52,35 @@ def test_run_dirs_derive_from_name_and_fold(monkeypatch) -> None:
     assert run_dir("seg", "demo_seg", "all") == Path("/tmp/r/seg/demo_seg/fold_all")
     assert run_dir("ensemble", "demo_ensemble") == Path("/tmp/r/ensemble/demo_ensemble")
     assert fold_name(0) == "fold_0"
+
+
+def test_offline_switches_are_listed_once() -> None:
+    """runtime.OFFLINE_ENV is the one list: no other module, stage, kernel or conftest spells a key."""
+    files = [
+        *(PROJECT_ROOT / "pipeline").rglob("*.py"),
+        *(PROJECT_ROOT / "stages").rglob("*.py"),
+        *(PROJECT_ROOT / "kernels").glob("*.py"),
+        PROJECT_ROOT / "tests" / "conftest.py",
+    ]
+    runtime_py = PROJECT_ROOT / "pipeline" / "runtime.py"
+    hits = [
+        f"{path.relative_to(PROJECT_ROOT)}: {key}"
+        for path in files
+        if path != runtime_py
+        for key in OFFLINE_ENV
+        if any(spelling in path.read_text() for spelling in (f'"{key}"', f"'{key}'", f"{key}="))
+    ]
+    assert hits == []
+
+
+def test_conftest_and_model_factories_apply_the_offline_switches(monkeypatch) -> None:
+    import os
+
+    from pipeline.models.registry import set_offline
+
+    assert all(key in os.environ for key in OFFLINE_ENV)  # set by tests/conftest.py
+    for key in OFFLINE_ENV:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # a value already set is kept
+    set_offline()
+    assert {key: os.environ[key] for key in OFFLINE_ENV} == {**OFFLINE_ENV, "WANDB_MODE": "offline"}

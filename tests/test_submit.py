@@ -11,7 +11,6 @@ import torch
 from layout import write_dataset, write_day
 
 from pipeline.config import (
-    CLASSES,
     ClsConfig,
     DataCfg,
     EnsembleConfig,
@@ -21,6 +20,9 @@ from pipeline.config import (
     TTACfg,
     dump_config,
 )
+from pipeline.datasets import get_dataset
+from pipeline.datasets.uwmgi_files import CLASSES
+from pipeline.errors import SubmissionError
 from pipeline.infer.postprocess import (
     ClassParams,
     Decisions,
@@ -31,7 +33,6 @@ from pipeline.infer.postprocess import (
 )
 from pipeline.infer.submit import run_submit
 from pipeline.io import write_text
-from pipeline.metric import SubmissionError
 from pipeline.models.segmenter import build_segmenter
 from pipeline.paths import run_dir
 from pipeline.rle import rle_decode, rle_encode
@@ -83,11 +84,11 @@ def test_submission_has_sample_rows_in_order(toy, tmp_path: Path) -> None:
 
 def test_submission_equals_direct_prediction(toy, tmp_path: Path) -> None:
     """Every row is the RLE of predict_day (TTA) -> uint8 -> post-processing of its own slice and class."""
-    from pipeline.data.catalog import scan_split
     from pipeline.data.geometry import full_box
-    from pipeline.data.volumes import read_volume
+    from pipeline.datasets.uwmgi_files import scan_split
     from pipeline.infer.postprocess import apply_postprocess, to_uint8
-    from pipeline.infer.predict import load_member, predict_day
+    from pipeline.infer.predict import load_member
+    from pipeline.models.predict import predict_day
 
     cfg, root = toy
     params = {
@@ -105,8 +106,8 @@ def test_submission_equals_direct_prediction(toy, tmp_path: Path) -> None:
     got = dict(zip(zip(sub["id"], sub["class"]), sub["predicted"]))
     model, member = load_member(run_dir("seg", "toy_seg", 0), "cpu")
     expected = {}
-    for _, rows in scan_split(root, "test").groupby("case_day"):
-        volume = read_volume(rows, False)
+    for _, rows in scan_split(root, "test").groupby("volume_id"):
+        volume = get_dataset("uwmgi").read_volume(rows, False)
         probs = predict_day(
             model, member, volume.image, full_box(volume.image.shape[1:]), tta=cfg.tta, amp=False
         )
@@ -158,7 +159,7 @@ def test_failed_write_keeps_previous_file(toy, tmp_path: Path, monkeypatch: pyte
     def broken(frame, rows, where, shapes=None):
         raise SubmissionError("simulated validation failure")
 
-    monkeypatch.setattr("pipeline.infer.submit.validate_rows", broken)
+    monkeypatch.setattr("pipeline.datasets.uwmgi_submission.validate_rows", broken)
     with pytest.raises(SubmissionError, match="simulated"):
         run_submit(cfg, root, out, device="cpu")
     assert out.read_text() == "previous\n"
@@ -209,7 +210,6 @@ def _toy_detector(name: str) -> None:
     from ultralytics.nn.tasks import DetectionModel
 
     from pipeline.config import DetConfig
-    from pipeline.data.catalog import load_split
     from pipeline.data.volumes import VolumeStore
     from pipeline.models.detector import choose_day_box, save_weights, write_boxes
     from pipeline.paths import data_dir
@@ -218,7 +218,8 @@ def _toy_detector(name: str) -> None:
     out = run_dir("det", name)
     save_weights(out, DetectionModel("yolov8n.yaml", nc=1, verbose=False), det.det)
     write_text(out / "config.yaml", dump_config(det))
-    store = VolumeStore(data_dir(), load_split(data_dir(), "train"))
+    spec = get_dataset("uwmgi")
+    store = VolumeStore(data_dir(), spec.load_split(data_dir(), "train"), "train", spec)
     write_boxes(out / "boxes_train.csv", {d: choose_day_box(store[d].image, [], det.det) for d in store.days})
 
 
@@ -227,7 +228,7 @@ def test_tiny_trained_chain_tune_cv_submit(
 ) -> None:
     """make data (tiny) -> folds -> a detector run -> train-cls / train-seg (1 epoch, 2 steps, 64 px,
     crop on) -> tune -> cv -> submit (and its debug path), each through its stage's main()."""
-    from pipeline.data.catalog import scan_split
+    from pipeline.datasets.uwmgi_files import scan_split
     from stages import cv, folds, make_data, train_cls, train_seg, tune
     from stages import submit as submit_stage
 
@@ -284,5 +285,5 @@ def test_tiny_trained_chain_tune_cv_submit(
         ["--config", str(config), "--out", str(tmp_path / "debug.csv"), "--debug-train-days", "2"]
     )
     debug_sub = pd.read_csv(debug, dtype=str, keep_default_na=False)
-    train_days = list(dict.fromkeys(scan_split(root, "train")["case_day"]))[:2]
+    train_days = list(dict.fromkeys(scan_split(root, "train")["volume_id"]))[:2]
     assert list(dict.fromkeys(debug_sub["id"].str.rsplit("_slice", n=1).str[0])) == train_days

@@ -12,21 +12,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import CLASSES
-from pipeline.data.catalog import load_split, read_labels, read_slice, scan_split
-from pipeline.data.synthetic import (
+from pipeline.data.synthetic_io import SyntheticDataError
+from pipeline.datasets import get_dataset
+from pipeline.datasets.uwmgi_files import CLASSES, load_split, read_labels, read_slice, scan_split
+from pipeline.datasets.uwmgi_phantom import (
     PRESETS,
     SIZES,
     Preset,
-    SyntheticDataError,
     VolumeJob,
     dataset_stats,
     generate_dataset,
     render_volume,
 )
-from pipeline.data.volumes import read_volume
 from pipeline.rle import rle_decode, rle_encode
 from stages import make_data
+
+SPEC = get_dataset("uwmgi")
 
 MEDIUM = Preset("medium", train_cases=3, test_cases=1, days=(2,), test_days=(1,), slices=(44, 40))
 
@@ -81,7 +82,7 @@ def test_a_matching_set_is_kept_and_a_foreign_folder_is_never_replaced(tiny: Pat
     before = {p: p.stat().st_mtime_ns for p in tiny.rglob("*")}
     stats = generate_dataset(tiny, "tiny", seed=0)
     assert stats == json.loads((tiny / "dataset.json").read_text())["stats"]
-    assert make_data.main(["--out", str(tiny), "--preset", "tiny"]) == tiny
+    assert make_data.main(["--dataset", "uwmgi", "--out", str(tiny), "--preset", "tiny"]) == tiny
     assert {p: p.stat().st_mtime_ns for p in tiny.rglob("*")} == before
     foreign = tmp_path / "real_data"
     foreign.mkdir()
@@ -100,11 +101,11 @@ def test_layout_reads_back_through_the_catalog(tiny: Path) -> None:
     train = load_split(tiny, "train")
     test = scan_split(tiny, "test")
     assert len(train) == sum(1 for _ in (tiny / "train").rglob("*.png"))
-    assert set(train["case"]).isdisjoint(test["case"])
+    assert set(train["group"]).isdisjoint(test["group"])
     for frame in (train, test):
         assert {tuple(s) for s in frame[["width", "height", "px"]].to_numpy()} <= set(SIZES)
-        assert (frame.groupby("case")[["width", "height"]].nunique() == 1).all().all()
-        for _, day in frame.groupby("case_day"):
+        assert (frame.groupby("group")[["width", "height"]].nunique() == 1).all().all()
+        for _, day in frame.groupby("volume_id"):
             assert day["slice"].tolist() == list(range(1, len(day) + 1))
     raw = pd.read_csv(tiny / "train.csv", keep_default_na=False)
     assert list(raw.columns) == ["id", "class", "segmentation"]
@@ -140,7 +141,7 @@ def test_every_rle_decodes_within_bounds_and_round_trips(tiny: Path) -> None:
 
 def test_images_are_16_bit_with_a_dark_border_around_the_body(tiny: Path) -> None:
     catalog = scan_split(tiny, "train")
-    for _, day in catalog.groupby("case_day"):
+    for _, day in catalog.groupby("volume_id"):
         row = day.iloc[len(day) // 2]
         image = read_slice(row["path"], row["width"], row["height"])
         assert image.dtype == np.uint16
@@ -182,8 +183,8 @@ def test_organs_are_continuous_across_slices_and_overlap_only_now_and_then(mediu
     catalog = load_split(root, "train")
     dice: dict[int, list[float]] = {c: [] for c in range(len(CLASSES))}
     overlapping = 0
-    for _, rows in catalog.groupby("case_day"):
-        masks = read_volume(rows).mask.astype(bool)
+    for _, rows in catalog.groupby("volume_id"):
+        masks = SPEC.read_volume(rows).mask.astype(bool)
         for c in dice:
             for a, b in zip(masks[:-1, c], masks[1:, c]):
                 if a.any() and b.any():
@@ -199,8 +200,8 @@ def test_no_single_threshold_separates_organs_from_tissue(medium: tuple[Path, di
     catalog = load_split(root, "train")
     best = {c: [] for c in range(len(CLASSES))}
     peaks = []
-    for _, rows in catalog.groupby("case_day"):
-        volume = read_volume(rows)
+    for _, rows in catalog.groupby("volume_id"):
+        volume = SPEC.read_volume(rows)
         peaks.append(np.percentile(volume.image, 99.9))
         for image, masks in zip(volume.image, volume.mask.astype(bool)):
             image = image / max(np.percentile(image, 99), 1.0)

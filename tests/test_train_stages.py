@@ -11,27 +11,24 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import CLASSES, ConfigError, DataCfg, TTACfg, config_from_text, load_config
+from pipeline.config import ConfigError, DataCfg, TTACfg, config_from_text, load_config
 from pipeline.data.augment import build_augment
-from pipeline.data.catalog import DataError, load_split
-from pipeline.data.datasets import EpochSampler, SliceDataset, presence, select_slices
+from pipeline.data.datasets import EpochSampler, SliceDataset, select_slices
 from pipeline.data.folds import make_folds
 from pipeline.data.geometry import Box, full_box
 from pipeline.data.prepare import boxes_for, prepare_day
-from pipeline.data.synthetic import generate_dataset
 from pipeline.data.volumes import VolumeStore
-from pipeline.infer.predict import (
-    MemberError,
-    forward_views,
-    load_member,
-    predict_day,
-    predict_day_cls,
-    tta_views,
-)
+from pipeline.datasets import get_dataset
+from pipeline.datasets.uwmgi_files import CLASSES
+from pipeline.datasets.uwmgi_phantom import generate_dataset
+from pipeline.errors import DataError
+from pipeline.infer.predict import MemberError, load_member
 from pipeline.io import write_csv
+from pipeline.models.predict import forward_views, predict_day, predict_day_cls, tta_views
 from pipeline.train.tasks import cls_metrics, parse_folds
 from stages import train_cls, train_seg
 
+SPEC = get_dataset("uwmgi")
 FAST = [
     "train.epochs=1",
     "train.max_steps_per_epoch=2",
@@ -48,7 +45,9 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.getbasetemp() / "tiny_data"
     generate_dataset(root, "tiny", seed=0)
     if not (root / "folds.csv").is_file():
-        write_csv(root / "folds.csv", make_folds(load_split(root, "train"), n_folds=3, seed=0))
+        catalog = SPEC.load_split(root, "train")
+        has_label = SPEC.presence(catalog).loc[catalog["id"]].to_numpy().any(axis=1)
+        write_csv(root / "folds.csv", make_folds(catalog, has_label, n_folds=3, seed=0))
     return root
 
 
@@ -61,7 +60,11 @@ def env(tiny_data: Path, isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch) -
 @pytest.fixture(scope="module")
 def store(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> VolumeStore:
     store = VolumeStore(
-        tiny_data, load_split(tiny_data, "train"), cache_root=tmp_path_factory.mktemp("cache")
+        tiny_data,
+        SPEC.load_split(tiny_data, "train"),
+        "train",
+        SPEC,
+        cache_root=tmp_path_factory.mktemp("cache"),
     )
     store.build(progress=False)
     return store
@@ -84,8 +87,8 @@ def test_slice_dataset_items(store: VolumeStore) -> None:
     cfg = DataCfg(k=1, stride=2, img_size=(48, 40), crop=False)
     boxes = boxes_for(cfg, store)
     days = store.days
-    seg = SliceDataset(store, days, boxes, cfg, task="seg")
-    every = SliceDataset(store, days, boxes, cfg, task="cls", train_on="all")
+    seg = SliceDataset(store, days, boxes, cfg, with_masks=True)
+    every = SliceDataset(store, days, boxes, cfg, with_masks=False, train_on="all")
     assert len(every) == len(store.catalog) > len(seg) > 0
     assert seg.presence.any(axis=1).all()
     item = seg[3]
@@ -93,21 +96,23 @@ def test_slice_dataset_items(store: VolumeStore) -> None:
     assert item["target"].shape == (3, 48, 40) and set(item["target"].unique().tolist()) <= {0.0, 1.0}
     volume = store[item["id"].rsplit("_slice", 1)[0]]
     pos = volume.ids.index(item["id"])
-    x, _ = prepare_day(volume.image, boxes[volume.case_day], cfg)
+    x, _ = prepare_day(volume.image, boxes[volume.volume_id], cfg)
     np.testing.assert_array_equal(item["image"].numpy(), x[pos])  # the inference preprocessing
     cls_item = every[5]
-    expect = presence(store.catalog, [cls_item["id"]])[0]
+    expect = SPEC.presence_of(store.catalog, [cls_item["id"]])[0]
     np.testing.assert_array_equal(cls_item["target"].numpy(), expect.astype(np.float32))
-    capped = SliceDataset(store, days, boxes, DataCfg(img_size=(48, 40), crop=False, max_days=2), task="seg")
+    capped = SliceDataset(
+        store, days, boxes, DataCfg(img_size=(48, 40), crop=False, max_days=2), with_masks=True
+    )
     assert len(capped.days) == 2
 
 
 def test_truncated_tail_is_dropped(store: VolumeStore) -> None:
     cfg = DataCfg(img_size=(32, 32), crop=False, train_on="all", drop_truncated_tail=True)
-    data = SliceDataset(store, store.days, boxes_for(cfg, store), cfg, task="cls")
-    for case_day in store.days:
-        volume = store[case_day]
-        labelled = presence(store.catalog, volume.ids).any(axis=1)
+    data = SliceDataset(store, store.days, boxes_for(cfg, store), cfg, with_masks=False)
+    for volume_id in store.days:
+        volume = store[volume_id]
+        labelled = SPEC.presence_of(store.catalog, volume.ids).any(axis=1)
         kept = [i for i in data.ids if i in set(volume.ids)]
         assert kept == volume.ids[: np.flatnonzero(labelled)[-1] + 1]
 
@@ -192,10 +197,12 @@ def test_predict_day_returns_original_geometry() -> None:
 def test_cls_metrics_handle_single_class_folds() -> None:
     truth = np.array([[1, 0, 0], [0, 0, 0], [1, 0, 1], [0, 0, 1]])
     probs = np.array([[0.9, 0.1, 0.2], [0.2, 0.3, 0.1], [0.7, 0.2, 0.6], [0.4, 0.1, 0.3]])
-    out = cls_metrics(truth, probs)
+    out = cls_metrics(truth, probs, CLASSES)
     assert out["auc_large_bowel"] == 1.0 and np.isnan(out["auc_small_bowel"]) and out["auc_stomach"] == 1.0
     assert out["score"] == 1.0 and out["acc_stomach"] == 0.75
-    assert cls_metrics(truth[:, [1, 1, 1]], probs)["score"] == (0.5 + 1.0 + 0.75) / 3  # no AUC: mean accuracy
+    assert (
+        cls_metrics(truth[:, [1, 1, 1]], probs, CLASSES)["score"] == (0.5 + 1.0 + 0.75) / 3
+    )  # no AUC: mean accuracy
 
 
 def test_parse_folds() -> None:
@@ -218,11 +225,11 @@ def test_train_seg_end_to_end(env: Path, store: VolumeStore) -> None:
     cfg = config_from_text((out / "config.yaml").read_text())
     assert cfg == load_config("demo_seg", FAST)
     val_days = sorted(p.stem for p in (out / "oof").glob("*.npz"))
-    expect_days = sorted(set(_folds(store).query("fold == 1")["case_day"]))
+    expect_days = sorted(set(_folds(store).query("fold == 1")["volume_id"]))
     assert val_days == expect_days
-    for case_day in val_days:
-        oof = np.load(out / "oof" / f"{case_day}.npz")
-        volume = store[case_day]
+    for volume_id in val_days:
+        oof = np.load(out / "oof" / f"{volume_id}.npz")
+        volume = store[volume_id]
         assert oof["probs"].dtype == np.uint8 and oof["probs"].shape == (len(volume), 3, *volume.shape)
         assert oof["ids"].tolist() == volume.ids
     model, loaded = load_member(out, "cpu")
@@ -256,10 +263,10 @@ def _folds(store: VolumeStore) -> pd.DataFrame:
 
 def test_train_seg_with_crop_boxes_and_all_folds(env: Path, store: VolumeStore) -> None:
     rows = []
-    for case_day in store.days:
-        h, w = store[case_day].shape
+    for volume_id in store.days:
+        h, w = store[volume_id].shape
         rows.append(
-            {"case_day": case_day, "y0": 8, "x0": 10, "y1": h - 8, "x1": w - 12, "source": "threshold"}
+            {"volume_id": volume_id, "y0": 8, "x0": 10, "y1": h - 8, "x1": w - 12, "source": "threshold"}
         )
     write_csv(env / "runs" / "det" / "testdet" / "boxes_train.csv", pd.DataFrame(rows))
     overrides = [*FAST[:-1], "data.crop=true", "data.det_config=testdet", "data.k=0"]
@@ -278,7 +285,7 @@ def test_train_cls_end_to_end(env: Path, store: VolumeStore) -> None:
     metrics = pd.read_csv(out / "metrics.csv")
     assert {"score", "acc", *(f"auc_{c}" for c in CLASSES)} <= set(metrics.columns)
     oof = pd.read_csv(out / "oof.csv")
-    assert list(oof.columns) == ["id", "case_day", *CLASSES]
+    assert list(oof.columns) == ["id", "volume_id", *CLASSES]
     val = _folds(store).query("fold == 2")
     assert sorted(oof["id"]) == sorted(val["id"])
     assert oof[list(CLASSES)].to_numpy().min() >= 0 and oof[list(CLASSES)].to_numpy().max() <= 1

@@ -10,9 +10,10 @@ import pytest
 from layout import write_dataset
 from scipy import ndimage
 
-from pipeline.config import CLASSES, EnsembleConfig, MemberCfg, TuneCfg
-from pipeline.data.catalog import load_split
+from pipeline.config import EnsembleConfig, MemberCfg, TuneCfg
 from pipeline.data.volumes import VolumeStore
+from pipeline.datasets import get_dataset
+from pipeline.datasets.uwmgi_files import CLASSES
 from pipeline.infer.postprocess import DecisionsError, read_decisions
 from pipeline.infer.tune import run_tune, simplex_grid
 from pipeline.io import write_with
@@ -29,17 +30,18 @@ def planted_oof(isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Two members: 'good' puts 0.7 on the truth and 0.6 on scattered false pixels; 'bad' is noise."""
     root = write_dataset(isolated_dirs / "data", {c: [0] for c in range(1, 5)}, n_slices=5)
     monkeypatch.setenv("DATA_DIR", str(root))
-    store = VolumeStore(root, load_split(root, "train"))
+    spec = get_dataset("uwmgi")
+    store = VolumeStore(root, spec.load_split(root, "train"), "train", spec)
     rng = np.random.default_rng(0)
-    for case_day in store.days:
-        volume = store[case_day]
+    for volume_id in store.days:
+        volume = store[volume_id]
         truth = np.asarray(volume.mask, bool)
         noise = (rng.random(truth.shape) < 0.02) & ~truth
         good = np.where(truth, round(0.7 * 255), np.where(noise, round(0.6 * 255), 0)).astype(np.uint8)
         bad = rng.integers(0, 256, truth.shape).astype(np.uint8)
         ids = np.array(volume.ids)
         for name, probs in (("good", good), ("bad", bad)):
-            path = run_dir("seg", name, 0) / "oof" / f"{case_day}.npz"
+            path = run_dir("seg", name, 0) / "oof" / f"{volume_id}.npz"
             path.parent.mkdir(parents=True, exist_ok=True)
             write_with(path, lambda p, probs=probs, ids=ids: np.savez_compressed(p, probs=probs, ids=ids))
     return root
@@ -97,10 +99,11 @@ def gated_oof(isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     one isolated voxel per class on a slice with the organ; a classifier OOF to gate with."""
     root = write_dataset(isolated_dirs / "data", {c: [0] for c in range(1, 5)}, n_slices=5)
     monkeypatch.setenv("DATA_DIR", str(root))
-    store = VolumeStore(root, load_split(root, "train"))
+    spec = get_dataset("uwmgi")
+    store = VolumeStore(root, spec.load_split(root, "train"), "train", spec)
     rows = []
-    for case_day in store.days:
-        volume = store[case_day]
+    for volume_id in store.days:
+        volume = store[volume_id]
         truth = np.asarray(volume.mask, bool)
         probs = np.where(truth, 200, 0).astype(np.uint8)
         present = truth.any(axis=(2, 3))  # (S, 3)
@@ -113,7 +116,7 @@ def gated_oof(isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             if len(lone):
                 s, y, x = lone[len(lone) // 2]
                 probs[s, c, y, x] = 230  # size step's job: a lone voxel on a slice the gate keeps
-        path = run_dir("seg", "m", 0) / "oof" / f"{case_day}.npz"
+        path = run_dir("seg", "m", 0) / "oof" / f"{volume_id}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
         ids = np.array(volume.ids)
         write_with(path, lambda p, probs=probs, ids=ids: np.savez_compressed(p, probs=probs, ids=ids))
@@ -121,7 +124,7 @@ def gated_oof(isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             rows.append(
                 {
                     "id": slice_id,
-                    "case_day": case_day,
+                    "volume_id": volume_id,
                     **{n: 0.8 if present[i, c] else 0.2 for c, n in enumerate(CLASSES)},
                 }
             )
@@ -169,6 +172,6 @@ def test_evaluate_equals_score_volumes(planted_oof: Path) -> None:
     for i, (w, v) in enumerate((w, v) for w in weights for v in values):
         varied = [*params[:1], params[1].with_value("pixel_threshold", v), *params[2:]]
         preds = {d: apply_postprocess(oof.blend(d, w), None, varied) for d in oof.days}
-        want = score_volumes(preds, truths, per_class=False)
+        want = score_volumes(preds, truths, CLASSES, per_class=False)
         assert got[i]["score"] == pytest.approx(want["score"], abs=1e-12)
         assert got[i]["dice"] == pytest.approx(want["dice"], abs=1e-12)

@@ -3,9 +3,10 @@
 An item is one slice of a day-volume, prepared by :func:`pipeline.data.prepare.prepare_slice`
 (the same computation inference runs on the whole day) from the memory-mapped cache:
 
-- ``task="seg"``: ``image`` (C, Hn, Wn) float32, ``target`` (3, Hn, Wn) float32 masks on the
-  network grid, ``id``;
-- ``task="cls"``: the same ``image``, ``target`` (3,) float32 organ presence of the slice.
+- ``with_masks=True`` (segmenters): ``image`` (C, Hn, Wn) float32, ``target`` (classes, Hn, Wn)
+  float32 masks on the network grid, ``id``;
+- ``with_masks=False`` (the slice classifier): the same ``image``, ``target`` (classes,) float32
+  presence of each class in the slice.
 
 Reproducible order: :class:`EpochSampler` yields ``(epoch, index)`` keys in an order drawn
 from ``(seed, epoch)``, and the augmentation of an item is seeded from ``(seed, epoch, index)``,
@@ -18,11 +19,10 @@ import logging
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from pipeline.config import CLASSES, DataCfg
+from pipeline.config import DataCfg
 from pipeline.data.augment import apply_augment, seed_augment
 from pipeline.data.geometry import Box, Geometry
 from pipeline.data.prepare import geometry_for, prepare_masks, prepare_slice, volume_scale_of
@@ -30,22 +30,7 @@ from pipeline.data.volumes import Volume, VolumeStore
 
 log = logging.getLogger(__name__)
 
-TASKS = ("seg", "cls")
 TRAIN_ON = ("labelled", "all")
-
-
-def presence_table(catalog: pd.DataFrame) -> pd.DataFrame:
-    """Per id, which organs have a non-empty mask (bool columns in CLASSES order, from the RLEs)."""
-    missing = [c for c in CLASSES if c not in catalog.columns]
-    if missing:
-        raise ValueError(f"the catalog has no label columns {missing}: training needs train.csv labels")
-    rles = catalog.set_index("id")[list(CLASSES)].astype(str)
-    return rles.apply(lambda col: col.str.len() > 0)
-
-
-def presence(catalog: pd.DataFrame, ids: Sequence[str]) -> np.ndarray:
-    """(len(ids), 3) bool organ presence of the slices ``ids``."""
-    return presence_table(catalog).loc[list(ids)].to_numpy(dtype=bool)
 
 
 def select_slices(has_label: np.ndarray, train_on: str, drop_truncated_tail: bool) -> np.ndarray:
@@ -102,39 +87,39 @@ class SliceDataset(Dataset):
         boxes: dict[str, Box],
         data_cfg: DataCfg,
         *,
-        task: str = "seg",
+        with_masks: bool = True,
         augment: object | None = None,
         seed: int = 0,
         train_on: str | None = None,
     ) -> None:
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got '{task}'")
-        self.task, self.cfg, self.augment, self.seed, self.epoch = task, data_cfg, augment, seed, 0
+        self.with_masks, self.cfg, self.augment, self.seed, self.epoch = with_masks, data_cfg, augment, seed, 0
+        self.channels = int(store.spec.channels)
         days = list(days)[: data_cfg.max_days] if data_cfg.max_days is not None else list(days)
         missing = [d for d in days if d not in boxes]
         if missing:
             raise ValueError(f"no crop box for day-volume {missing[0]} ({len(missing)} missing)")
         train_on = train_on or data_cfg.train_on
         self.days: list[_Day] = []
-        table = presence_table(store.catalog)
+        table = store.spec.presence(store.catalog)
+        n_classes = table.shape[1]
         rows, ids, targets = [], [], []
-        for case_day in days:
-            volume = store[case_day]
+        for volume_id in days:
+            volume = store[volume_id]
             present = table.loc[volume.ids].to_numpy(dtype=bool)
             keep = select_slices(present.any(axis=1), train_on, data_cfg.drop_truncated_tail)
             if keep.size == 0:
                 continue
             day_index = len(self.days)
-            self.days.append(_Day(volume, boxes[case_day], data_cfg))
+            self.days.append(_Day(volume, boxes[volume_id], data_cfg))
             rows += [(day_index, int(p)) for p in keep]
             ids += [volume.ids[p] for p in keep]
             targets.append(present[keep])
         self.items = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
         self.ids = ids
-        self.presence = np.concatenate(targets) if targets else np.zeros((0, len(CLASSES)), bool)
+        self.presence = np.concatenate(targets) if targets else np.zeros((0, n_classes), bool)
         log.info(
             "%s dataset: %d slices of %d day-volumes (train_on=%s, drop_truncated_tail=%s), %.0f%% labelled",
-            task,
+            "mask" if with_masks else "presence",
             len(self.ids),
             len(self.days),
             train_on,
@@ -144,7 +129,7 @@ class SliceDataset(Dataset):
 
     @property
     def in_channels(self) -> int:
-        return 2 * self.cfg.k + 1
+        return (2 * self.cfg.k + 1) * self.channels
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -164,12 +149,12 @@ class SliceDataset(Dataset):
         day = self.days[day_index]
         image = prepare_slice(day.volume.image, pos, day.geometry, self.cfg, day.volume_scale)
         mask = None
-        if self.task == "seg":
+        if self.with_masks:
             mask = prepare_masks(day.volume.mask[pos][None], day.geometry)[0]
         if self.augment is not None:
             seed_augment(self.augment, [self.seed, epoch, index])
             image, mask = apply_augment(self.augment, image, mask)
-        if self.task == "seg":
+        if self.with_masks:
             target = torch.from_numpy(mask.astype(np.float32))
         else:
             target = torch.from_numpy(self.presence[index].astype(np.float32))

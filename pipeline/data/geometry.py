@@ -158,14 +158,25 @@ class Geometry:
         return out.reshape(*lead, *self.shape)
 
 
-def intensity_scale(image: np.ndarray, percentile: float = 99.5) -> float:
-    """Robust intensity scale of a slice, stack or volume (the value mapped to 1.0)."""
-    values = np.asarray(image, dtype=np.float32)
-    scale = float(np.percentile(values, percentile)) if values.size else 0.0
-    return scale if scale > 0 else 1.0
+PERCENTILE = 99.5  # intensity mapped to 1.0
+CLIP = 1.5  # upper clip after scaling
+
+
+def robust_scale(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
+    """The ``PERCENTILE`` of ``values`` as float32 (over the rows of ``axis``); 1.0 where not positive.
+
+    The one intensity scale of the project: :func:`normalize` and the network inputs of
+    :mod:`pipeline.data.prepare` both divide by it. An empty array scales by 1.0.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    if axis is None:
+        scale = float(np.percentile(values, PERCENTILE)) if values.size else 0.0
+        return scale if scale > 0 else 1.0
+    scale = np.percentile(values, PERCENTILE, axis=axis)
+    return np.where(scale > 0, scale, 1.0).astype(np.float32)
 
 
 def normalize(stack: np.ndarray, scale: float | None = None) -> np.ndarray:
     """uint16 stack -> float32 in about [0, 1] (divided by ``scale``, or its own robust scale)."""
     stack = np.asarray(stack, dtype=np.float32)
-    return np.clip(stack / (scale if scale else intensity_scale(stack)), 0.0, 1.5)
+    return np.clip(stack / (scale if scale else robust_scale(stack)), 0.0, CLIP)

@@ -26,13 +26,12 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import DataCfg
-from pipeline.data.geometry import Box, Geometry, full_box
+from pipeline.data.boxes import load_boxes
+from pipeline.data.geometry import CLIP, Box, Geometry, full_box, robust_scale
 from pipeline.data.stack import neighbour_indices
 
 log = logging.getLogger(__name__)
 
-PERCENTILE = 99.5  # intensity mapped to 1.0
-CLIP = 1.5  # upper clip after scaling
 NORMALIZE_MODES = ("image", "volume")
 
 
@@ -42,16 +41,8 @@ def geometry_for(shape: tuple[int, int], box: Box, data_cfg: DataCfg) -> Geometr
 
 
 def prepare_planes(image: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """(n, H, W) raw slices -> (n, Hn, Wn) float32 cropped and resized, not yet normalised."""
+    """(n, [C,] H, W) raw slices -> (n, [C,] Hn, Wn) float32 cropped and resized, not yet normalised."""
     return geometry.forward(np.asarray(image, dtype=np.float32))
-
-
-def robust_scale(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
-    """The ``PERCENTILE`` of ``values`` (over the rows of ``axis``); 1.0 where it is not positive."""
-    scale = np.percentile(values, PERCENTILE, axis=axis)
-    if axis is None:
-        return float(scale) if scale > 0 else 1.0
-    return np.where(scale > 0, scale, 1.0).astype(np.float32)
 
 
 def _check_normalize(mode: str) -> None:
@@ -74,16 +65,21 @@ def normalise_stacks(stacks: np.ndarray, mode: str, volume_scale: float | None =
 
 
 def prepare_day(image: np.ndarray, box: Box, data_cfg: DataCfg) -> tuple[np.ndarray, Geometry]:
-    """(S, H, W) uint16 day -> (x float32 (S, 2k+1, Hn, Wn), Geometry) for the network."""
+    """(S, H, W) or (S, C, H, W) volume -> (x float32 (S, (2k+1)*C, Hn, Wn), Geometry) for the network.
+
+    A multi-channel slice (LGG's three MR contrasts) keeps its channels together: the stack is
+    ``[slice i-k*s (all channels), ..., slice i+k*s (all channels)]``.
+    """
     image = np.asarray(image)
-    if image.ndim != 3:
-        raise ValueError(f"prepare_day expects a (S, H, W) volume, got shape {image.shape}")
+    if image.ndim not in (3, 4):
+        raise ValueError(f"prepare_day expects a (S, H, W) or (S, C, H, W) volume, got shape {image.shape}")
     _check_normalize(data_cfg.normalize)
-    geometry = geometry_for(image.shape[1:], box, data_cfg)
+    geometry = geometry_for(image.shape[-2:], box, data_cfg)
     planes = prepare_planes(image, geometry)
     index = neighbour_indices(len(planes), data_cfg.k, data_cfg.stride)
     volume_scale = robust_scale(planes) if data_cfg.normalize == "volume" else None
-    return normalise_stacks(planes[index], data_cfg.normalize, volume_scale), geometry
+    stacks = planes[index].reshape(len(planes), -1, *planes.shape[-2:])  # (S, (2k+1)*C, Hn, Wn)
+    return normalise_stacks(stacks, data_cfg.normalize, volume_scale), geometry
 
 
 def volume_scale_of(image: np.ndarray, geometry: Geometry) -> float:
@@ -98,25 +94,26 @@ def prepare_slice(
     data_cfg: DataCfg,
     volume_scale: float | None = None,
 ) -> np.ndarray:
-    """(2k+1, Hn, Wn) input of slice ``index``; equals ``prepare_day(image, ...)[0][index]``.
+    """((2k+1)*C, Hn, Wn) input of slice ``index``; equals ``prepare_day(image, ...)[0][index]``.
 
     Reads only the ``2k+1`` slices it needs, so ``image`` can be a memory-mapped volume.
     """
     rows = neighbour_indices(image.shape[0], data_cfg.k, data_cfg.stride)[index]
     unique, inverse = np.unique(rows, return_inverse=True)
     planes = prepare_planes(image[unique], geometry)[inverse]
-    return normalise_stacks(planes[None], data_cfg.normalize, volume_scale)[0]
+    stack = planes.reshape(1, -1, *planes.shape[-2:])  # (1, (2k+1)*C, Hn, Wn)
+    return normalise_stacks(stack, data_cfg.normalize, volume_scale)[0]
 
 
 def prepare_masks(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """(S, 3, H, W) uint8 masks -> (S, 3, Hn, Wn) uint8 on the network grid (nearest)."""
+    """(S, classes, H, W) uint8 masks -> (S, classes, Hn, Wn) uint8 on the network grid (nearest)."""
     return geometry.forward(np.asarray(mask, dtype=np.uint8), interpolation=cv2.INTER_NEAREST)
 
 
 def day_shapes(catalog: pd.DataFrame) -> dict[str, tuple[int, int]]:
-    """(H, W) of every day-volume of a catalog."""
-    first = catalog.drop_duplicates("case_day")
-    return {row.case_day: (int(row.height), int(row.width)) for row in first.itertuples(index=False)}
+    """(H, W) of every volume of a catalog."""
+    first = catalog.drop_duplicates("volume_id")
+    return {row.volume_id: (int(row.height), int(row.width)) for row in first.itertuples(index=False)}
 
 
 def boxes_for(data_cfg: DataCfg, store_or_catalog: Any, split: str = "train") -> dict[str, Box]:
@@ -127,9 +124,7 @@ def boxes_for(data_cfg: DataCfg, store_or_catalog: Any, split: str = "train") ->
     catalog = getattr(store_or_catalog, "catalog", store_or_catalog)
     shapes = day_shapes(catalog)
     if not data_cfg.crop:
-        return {case_day: full_box(shape) for case_day, shape in shapes.items()}
-    from pipeline.models.detector import load_boxes  # the detector adapter, only when cropping
-
+        return {volume_id: full_box(shape) for volume_id, shape in shapes.items()}
     boxes = load_boxes(data_cfg.det_config, split=split)
     missing = [d for d in shapes if d not in boxes]
     if missing:
@@ -138,7 +133,7 @@ def boxes_for(data_cfg: DataCfg, store_or_catalog: Any, split: str = "train") ->
             f"(first {missing[0]}); run `make train-det` again on this dataset, or set data.crop=false"
         )
     out = {}
-    for case_day, shape in shapes.items():
-        box = boxes[case_day].clip(shape)
-        out[case_day] = box
+    for volume_id, shape in shapes.items():
+        box = boxes[volume_id].clip(shape)
+        out[volume_id] = box
     return out

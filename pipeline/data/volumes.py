@@ -1,9 +1,11 @@
-"""Per-day volumes: decoded once, cached as ``.npy``, memory-mapped for training.
+"""Volumes: decoded once, cached as ``.npy``, memory-mapped for training.
 
-A day-volume is every slice of ``case{N}_day{D}`` in slice order: image uint16 (S, H, W) and,
-when labels exist, masks uint8 (S, 3, H, W) in ``CLASSES`` order. Training reads the cache
-(``$CACHE_DIR/<dataset>/<split>/<case_day>.{image,mask}.npy``) and never decodes a PNG twice;
-inference reads a day straight from the PNGs (:func:`read_volume`).
+A volume is every image of one ``volume_id`` of a catalog in slice order (a UW-Madison day, an LGG
+patient, a nerve subject's frames): image (S, H, W), or (S, C, H, W) for multi-channel datasets,
+and, when labels exist, masks uint8 (S, classes, H, W). Reading the files is the dataset's job
+(:meth:`pipeline.datasets.base.DatasetSpec.read_volume`); training reads the cache
+(``$CACHE_DIR/<dataset folder>/<split>/<volume_id>.{image,mask}.npy``) and never decodes an image
+twice; inference reads a volume straight from its files.
 """
 
 from __future__ import annotations
@@ -13,71 +15,51 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from pipeline.config import CLASSES
-from pipeline.data.catalog import DataError, days, read_slice
 from pipeline.io import write_json, write_with
 from pipeline.paths import cache_dir
-from pipeline.rle import rle_decode
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: any dataset; multi-channel images (S, C, H, W)
+
+
+def volume_ids(catalog: pd.DataFrame) -> list[str]:
+    """Volume keys in catalog order."""
+    return list(dict.fromkeys(catalog["volume_id"]))
+
+
+def gray(image: np.ndarray) -> np.ndarray:
+    """(S, H, W) of a volume image: itself, or the mean of its channels when it is (S, C, H, W)."""
+    image = np.asarray(image)
+    return image if image.ndim == 3 else image.mean(axis=1, dtype=np.float32)
 
 
 @dataclass
 class Volume:
-    """One day-volume. ``mask`` is None when the split has no labels."""
+    """One volume. ``mask`` is None when the split has no labels."""
 
-    case_day: str
+    volume_id: str
     ids: list[str]
-    image: np.ndarray  # (S, H, W) uint16
-    mask: np.ndarray | None  # (S, 3, H, W) uint8
+    image: np.ndarray  # (S, H, W) or (S, C, H, W)
+    mask: np.ndarray | None  # (S, classes, H, W) uint8
     spacing: tuple[float, float]
 
     @property
     def shape(self) -> tuple[int, int]:
-        return int(self.image.shape[1]), int(self.image.shape[2])
+        return int(self.image.shape[-2]), int(self.image.shape[-1])
+
+    def gray(self) -> np.ndarray:
+        """(S, H, W): the image, channels averaged (detector, boxes, figures)."""
+        return gray(self.image)
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
-
-
-def _check_day(rows: pd.DataFrame) -> None:
-    sizes = rows[["width", "height"]].drop_duplicates()
-    if len(sizes) != 1:
-        raise DataError(
-            f"{rows['case_day'].iloc[0]}: slices of one day-volume have different sizes "
-            f"{sizes.to_dict('records')}; every slice of a day must share its size"
-        )
-
-
-def decode_masks(rows: pd.DataFrame, source: str = "train.csv") -> np.ndarray:
-    """(S, 3, H, W) uint8 masks of one day from the per-class RLE columns of the catalog."""
-    height, width = int(rows["height"].iloc[0]), int(rows["width"].iloc[0])
-    masks = np.zeros((len(rows), len(CLASSES), height, width), dtype=np.uint8)
-    for s, row in enumerate(rows.itertuples(index=False)):
-        for c, name in enumerate(CLASSES):
-            rle = getattr(row, name)
-            if rle:
-                masks[s, c] = rle_decode(rle, (height, width), where=f"{source} ({row.id}, {name})")
-    return masks
-
-
-def read_volume(rows: pd.DataFrame, with_masks: bool | None = None, source: str = "train.csv") -> Volume:
-    """Read one day straight from its PNGs (rows: that day's catalog rows, any order)."""
-    rows = rows.sort_values("slice", kind="stable")
-    _check_day(rows)
-    width, height = int(rows["width"].iloc[0]), int(rows["height"].iloc[0])
-    image = np.stack([read_slice(p, width, height) for p in rows["path"]])
-    has_labels = all(name in rows.columns for name in CLASSES)
-    mask = decode_masks(rows, source) if (has_labels if with_masks is None else with_masks) else None
-    spacing = (float(rows["py"].iloc[0]), float(rows["px"].iloc[0]))
-    return Volume(str(rows["case_day"].iloc[0]), list(rows["id"]), image, mask, spacing)
 
 
 def dataset_key(root: Path) -> str:
@@ -88,77 +70,82 @@ def dataset_key(root: Path) -> str:
 
 
 class VolumeStore:
-    """Cached, memory-mapped day-volumes of one split, built on first use.
+    """Cached, memory-mapped volumes of one split of a dataset, built on first use.
 
-    A day's cache is rebuilt when its slice ids, its label source (size and mtime of the
+    ``spec`` is the dataset (:class:`pipeline.datasets.base.DatasetSpec`): it reads the files.
+    A volume's cache is rebuilt when its ids, its label source (size and mtime of the dataset's
     labels file) or the cache version change.
     """
 
-    def __init__(self, root: Path, catalog: pd.DataFrame, split: str = "train", cache_root: Path | None = None):
+    def __init__(
+        self, root: Path, catalog: pd.DataFrame, split: str, spec: Any, cache_root: Path | None = None
+    ) -> None:
         self.root = Path(root)
         self.split = split
         self.catalog = catalog
+        self.spec = spec
         self.dir = (cache_root or cache_dir()) / dataset_key(self.root) / split
-        self.has_labels = all(name in catalog.columns for name in CLASSES)
-        self._groups = {k: g for k, g in catalog.groupby("case_day", sort=False)}
-        labels = self.root / "train.csv"
-        stat = labels.stat() if labels.is_file() and self.has_labels else None
+        self.has_labels = bool(spec.has_labels(catalog))
+        self._groups = {k: g for k, g in catalog.groupby("volume_id", sort=False)}
+        labels = self.root / spec.labels_file if spec.labels_file else None
+        stat = labels.stat() if labels is not None and labels.is_file() and self.has_labels else None
         self._source = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns} if stat else None
 
     @property
     def days(self) -> list[str]:
-        return days(self.catalog)
+        """The volume ids of the split, in catalog order."""
+        return volume_ids(self.catalog)
 
-    def _meta(self, case_day: str) -> dict:
+    def _meta(self, volume_id: str) -> dict:
         return {
             "version": CACHE_VERSION,
-            "ids": list(self._groups[case_day].sort_values("slice")["id"]),
+            "ids": list(self._groups[volume_id].sort_values("slice")["id"]),
             "labels": self._source,
         }
 
-    def _paths(self, case_day: str) -> tuple[Path, Path, Path]:
+    def _paths(self, volume_id: str) -> tuple[Path, Path, Path]:
         return (
-            self.dir / f"{case_day}.image.npy",
-            self.dir / f"{case_day}.mask.npy",
-            self.dir / f"{case_day}.json",
+            self.dir / f"{volume_id}.image.npy",
+            self.dir / f"{volume_id}.mask.npy",
+            self.dir / f"{volume_id}.json",
         )
 
-    def is_cached(self, case_day: str) -> bool:
-        image_path, mask_path, meta_path = self._paths(case_day)
+    def is_cached(self, volume_id: str) -> bool:
+        image_path, mask_path, meta_path = self._paths(volume_id)
         if not (image_path.is_file() and meta_path.is_file()):
             return False
         if self.has_labels and not mask_path.is_file():
             return False
         try:
-            return json.loads(meta_path.read_text()) == self._meta(case_day)
+            return json.loads(meta_path.read_text()) == self._meta(volume_id)
         except (OSError, ValueError):
             return False
 
-    def _write(self, case_day: str) -> None:
-        image_path, mask_path, meta_path = self._paths(case_day)
-        volume = read_volume(self._groups[case_day], with_masks=self.has_labels, source=str(self.root / "train.csv"))
+    def _write(self, volume_id: str) -> None:
+        image_path, mask_path, meta_path = self._paths(volume_id)
+        volume = self.spec.read_volume(self._groups[volume_id], with_masks=self.has_labels)
         write_with(image_path, lambda p: np.save(p, volume.image))
         if volume.mask is not None:
             write_with(mask_path, lambda p: np.save(p, volume.mask))
-        write_json(meta_path, self._meta(case_day))
+        write_json(meta_path, self._meta(volume_id))
 
     def build(self, progress: bool = True) -> None:
-        """Decode every day not yet cached (a progress bar over days)."""
+        """Decode every volume not yet cached (a progress bar over volumes)."""
         todo = [d for d in self.days if not self.is_cached(d)]
         if not todo:
             return
-        log.info("caching %d day-volumes of %s/%s into %s", len(todo), self.root, self.split, self.dir)
-        for case_day in tqdm(todo, desc=f"cache {self.split}", unit="day", disable=not progress):
-            self._write(case_day)
+        log.info("caching %d volumes of %s/%s into %s", len(todo), self.root, self.split, self.dir)
+        for volume_id in tqdm(todo, desc=f"cache {self.split}", unit="vol", disable=not progress):
+            self._write(volume_id)
 
-    def __getitem__(self, case_day: str) -> Volume:
-        if case_day not in self._groups:
-            raise KeyError(f"{case_day} is not a day-volume of {self.root}/{self.split}")
-        if not self.is_cached(case_day):
-            self._write(case_day)
-        image_path, mask_path, _ = self._paths(case_day)
-        rows = self._groups[case_day].sort_values("slice")
+    def __getitem__(self, volume_id: str) -> Volume:
+        if volume_id not in self._groups:
+            raise KeyError(f"{volume_id} is not a volume of {self.root}/{self.split}")
+        if not self.is_cached(volume_id):
+            self._write(volume_id)
+        image_path, mask_path, _ = self._paths(volume_id)
+        rows = self._groups[volume_id].sort_values("slice")
         image = np.load(image_path, mmap_mode="r")
         mask = np.load(mask_path, mmap_mode="r") if self.has_labels else None
         spacing = (float(rows["py"].iloc[0]), float(rows["px"].iloc[0]))
-        return Volume(case_day, list(rows["id"]), image, mask, spacing)
+        return Volume(volume_id, list(rows["id"]), image, mask, spacing)

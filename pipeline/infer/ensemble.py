@@ -2,7 +2,7 @@
 
 A member is a trained segmenter config (``runs/seg/<name>/fold_<k>/``); its folds are the ones
 listed in the ensemble config or, when none are, every ``fold_<k>`` found. Out-of-fold files
-(``oof/<case_day>.npz``: ``probs`` uint8 (S, 3, H, W), ``ids``) are decoded once into a ``.npy``
+(``oof/<volume_id>.npz``: ``probs`` uint8 (S, 3, H, W), ``ids``) are decoded once into a ``.npy``
 cache under ``$CACHE_DIR/oof/`` and memory-mapped afterwards, so the many passes of tuning
 neither re-decode nor hold the whole set in memory.
 """
@@ -19,9 +19,11 @@ import pandas as pd
 from numba import njit
 from tqdm.auto import tqdm
 
-from pipeline.config import CLASSES, ConfigError, EnsembleConfig, MemberCfg, load_config, resolve_config_path
-from pipeline.data.catalog import DataError, load_split
+from pipeline.config import ConfigError, EnsembleConfig, MemberCfg, resolve_config_path
 from pipeline.data.volumes import VolumeStore
+from pipeline.datasets import get_dataset, load_config
+from pipeline.datasets.base import DatasetSpec
+from pipeline.errors import DataError
 from pipeline.io import write_with
 from pipeline.paths import cache_dir, run_dir, runs_dir
 
@@ -137,7 +139,7 @@ def _blend_kernel(members, weights, out):  # pragma: no cover - compiled
 
 @dataclass
 class OOFMember:
-    """One member's out-of-fold files: {case_day: npz path} over its folds."""
+    """One member's out-of-fold files: {volume_id: npz path} over its folds."""
 
     name: str
     folds: list[int]
@@ -171,7 +173,7 @@ def _cache_path(npz: Path) -> Path:
 
 
 def read_oof_day(path: Path) -> tuple[np.ndarray, list[str]]:
-    """(probs uint8 (S, 3, H, W) memory-mapped from the decoded cache, ids) of one OOF file."""
+    """(probs uint8 (S, classes, H, W) memory-mapped from the decoded cache, ids) of one OOF file."""
     cache = _cache_path(path)
     try:
         with np.load(path) as npz:
@@ -179,9 +181,9 @@ def read_oof_day(path: Path) -> tuple[np.ndarray, list[str]]:
             fresh = cache.is_file() and cache.stat().st_mtime_ns >= path.stat().st_mtime_ns
             if not fresh:
                 probs = npz["probs"]
-                if probs.dtype != np.uint8 or probs.ndim != 4 or probs.shape[1] != len(CLASSES):
+                if probs.dtype != np.uint8 or probs.ndim != 4:
                     raise DataError(
-                        f"{path}: 'probs' must be uint8 (S, 3, H, W), got {probs.dtype} {probs.shape}"
+                        f"{path}: 'probs' must be uint8 (S, classes, H, W), got {probs.dtype} {probs.shape}"
                     )
                 write_with(cache, lambda p: np.save(p, probs))
     except (KeyError, OSError, ValueError) as exc:
@@ -191,20 +193,23 @@ def read_oof_day(path: Path) -> tuple[np.ndarray, list[str]]:
     return np.load(cache, mmap_mode="r"), ids
 
 
-def read_cls_oof(name: str, folds: tuple[int, ...] | None = None) -> tuple[pd.DataFrame, list[int]]:
+def read_cls_oof(
+    name: str, classes: tuple[str, ...], folds: tuple[int, ...] | None = None
+) -> tuple[pd.DataFrame, list[int]]:
     """Classifier OOF of every fold: a frame indexed by slice id with one probability column per class."""
     used = find_folds("cls", name, CLS_OOF_FILE, folds)
     frames = []
     for fold in used:
         path = run_dir("cls", name, fold) / CLS_OOF_FILE
         frame = pd.read_csv(path)
-        missing = {"id", *CLASSES} - set(frame.columns)
+        missing = {"id", *classes} - set(frame.columns)
         if missing:
             raise DataError(
-                f"{path}: missing columns {sorted(missing)} (expected id, case_day, {', '.join(CLASSES)})"
+                f"{path}: missing columns {sorted(missing)} (expected id, volume_id, {', '.join(classes)}); "
+                "was the classifier trained on another dataset?"
             )
-        frames.append(frame[["id", *CLASSES]])
-    table = pd.concat(frames).groupby("id", sort=False)[list(CLASSES)].mean()
+        frames.append(frame[["id", *classes]].astype({"id": str}))
+    table = pd.concat(frames).groupby("id", sort=False)[list(classes)].mean()
     return table.astype(np.float32), used
 
 
@@ -215,7 +220,8 @@ class OOFSet:
     days: list[str]
     members: list[OOFMember]
     truth: VolumeStore
-    gates: dict[str, np.ndarray] | None  # case_day -> (S, 3) float32 classifier probabilities
+    spec: DatasetSpec
+    gates: dict[str, np.ndarray] | None  # volume_id -> (S, 3) float32 classifier probabilities
     classifier: dict | None = None  # {"config": name, "folds": [...]}
     n_slices: int = 0
     ids: dict[str, list[str]] = field(default_factory=dict)
@@ -236,8 +242,8 @@ class OOFSet:
 def load_oof(cfg: EnsembleConfig, root: Path, progress: bool = True) -> OOFSet:
     """Find, check and cache the OOF of every member (and the classifier) on the days all of them cover."""
     members = [find_member_oof(m) for m in check_members(cfg)]
-    catalog = load_split(root, "train")
-    store = VolumeStore(root, catalog, "train")
+    spec = get_dataset(cfg.dataset)
+    store = VolumeStore(root, spec.load_split(root, "train"), "train", spec)
     order = {d: i for i, d in enumerate(store.days)}
     common = set.intersection(*(set(m.files) for m in members))
     unknown = sorted(common - set(order))
@@ -260,7 +266,7 @@ def load_oof(cfg: EnsembleConfig, root: Path, progress: bool = True) -> OOFSet:
     table, cls_info = None, None
     if cfg.classifier:
         cls_name = config_name(cfg.classifier, "cls")
-        table, cls_folds = read_cls_oof(cls_name)
+        table, cls_folds = read_cls_oof(cls_name, spec.classes)
         cls_info = {"config": cls_name, "folds": cls_folds}
     ids_by_day: dict[str, list[str]] = {}
     gates: dict[str, np.ndarray] | None = {} if table is not None else None
@@ -281,8 +287,8 @@ def load_oof(cfg: EnsembleConfig, root: Path, progress: bool = True) -> OOFSet:
                     f"classifier OOF of '{cls_info['config']}' lacks {len(missing)} slices of {day} (first {missing[0]}); "
                     "train the classifier on the same folds as the segmenters"
                 )
-            gates[day] = table.loc[truth_ids, list(CLASSES)].to_numpy(np.float32)
+            gates[day] = table.loc[truth_ids, list(spec.classes)].to_numpy(np.float32)
         ids_by_day[day] = truth_ids
     n_slices = sum(len(v) for v in ids_by_day.values())
     log.info("OOF: %d day-volumes, %d slices, members %s", len(days), n_slices, [m.name for m in members])
-    return OOFSet(days, members, store, gates, cls_info, n_slices, ids_by_day)
+    return OOFSet(days, members, store, spec, gates, cls_info, n_slices, ids_by_day)

@@ -1,8 +1,9 @@
 """Post-processing decided on out-of-fold predictions, and the file that carries the decisions.
 
 Per class, in this order: pixel threshold on the (blended) probability, classifier gate (a slice
-whose classifier probability for the class is below ``gate_threshold`` is emptied), removal of 3D
-connected components smaller than ``min_component_size`` voxels (per day-volume, 26-connected).
+whose classifier probability for the class is below ``gate_threshold`` is emptied), removal of
+connected components smaller than ``min_component_size`` voxels: 3D and 26-connected within a
+volume for volumetric datasets, 2D and 8-connected within each image otherwise (``volumetric``).
 Probabilities travel as uint8 (``round(p * 255)``, the out-of-fold format), so the threshold that
 was tuned on OOF files is applied bit for bit the same way at submission time.
 
@@ -21,13 +22,14 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from pipeline.config import CLASSES
 from pipeline.io import write_json
 from pipeline.paths import run_dir
 
 POSTPROCESS_FILE = "postprocess.json"
 FORMAT_VERSION = 1
 _STRUCTURE_26 = ndimage.generate_binary_structure(3, 3)
+_STRUCTURE_2D = np.zeros((3, 3, 3), bool)
+_STRUCTURE_2D[1] = True  # 8-connected in-plane, never across slices
 
 
 class DecisionsError(ValueError):
@@ -51,7 +53,7 @@ class ClassParams:
 class Decisions:
     """The content of postprocess.json: post-processing per class, blend weights, and how they scored."""
 
-    classes: dict[str, ClassParams]
+    classes: dict[str, ClassParams]  # in the dataset's class order
     weights: dict[str, float]  # member config name -> blend weight (sum 1)
     members: list[dict[str, Any]]  # [{"config": name, "folds": [..]}]
     classifier: dict[str, Any] | None = None  # {"config": name, "folds": [..]} or None (no gate)
@@ -60,10 +62,12 @@ class Decisions:
     per_class: dict[str, dict[str, Any]] = field(default_factory=dict)  # final OOF table
     curves: dict[str, Any] = field(default_factory=dict)  # step -> class -> {values, score, ...}
     oof: dict[str, Any] = field(default_factory=dict)  # days, slices, ...
+    dataset: str = "uwmgi"
+    volumetric: bool = True  # components are 3D (volumes) or per image
 
     def params(self) -> list[ClassParams]:
-        """Per-class parameters in ``CLASSES`` order."""
-        return [self.classes[name] for name in CLASSES]
+        """Per-class parameters in the dataset's class order."""
+        return list(self.classes.values())
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -73,11 +77,11 @@ class Decisions:
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "postprocess.json") -> Decisions:
         try:
-            classes = {name: ClassParams(**data["classes"][name]) for name in CLASSES}
+            classes = {name: ClassParams(**value) for name, value in data["classes"].items()}
             kwargs = {k: data[k] for k in ("weights", "members")}
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise DecisionsError(f"{where}: malformed ({exc!r}); rerun `make tune`") from None
-        optional = ("classifier", "ensemble", "steps", "per_class", "curves", "oof")
+        optional = ("classifier", "ensemble", "steps", "per_class", "curves", "oof", "dataset", "volumetric")
         return cls(classes=classes, **kwargs, **{k: data[k] for k in optional if k in data})
 
 
@@ -174,12 +178,14 @@ class Components:
     sizes: np.ndarray  # voxel count per label, [0] = 0
 
     @classmethod
-    def of(cls, mask: np.ndarray) -> Components:
+    def of(cls, mask: np.ndarray, volumetric: bool = True) -> Components:
+        """Components of a (S, H, W) mask: 3D 26-connected, or per slice 8-connected (``volumetric=False``)."""
         mask = np.asarray(mask, dtype=bool)
         box = foreground_box(mask)
         if box is None:
             return cls(mask.shape, None, np.zeros((0,) * mask.ndim, np.int32), np.zeros(1, np.int64))
-        labels, n = ndimage.label(mask[box], structure=_STRUCTURE_26)
+        structure = _STRUCTURE_26 if volumetric else _STRUCTURE_2D
+        labels, n = ndimage.label(mask[box], structure=structure)
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
         sizes[0] = 0
         return cls(mask.shape, box, labels, sizes)
@@ -194,31 +200,36 @@ class Components:
         return out
 
 
-def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
-    """Drop 3D connected components (26-connected) of a (S, H, W) mask smaller than ``min_size`` voxels."""
+def remove_small_components(mask: np.ndarray, min_size: int, volumetric: bool = True) -> np.ndarray:
+    """Drop connected components of a (S, H, W) mask smaller than ``min_size`` voxels (see :class:`Components`)."""
     mask = np.asarray(mask, dtype=bool)
     if min_size <= 1 or not mask.any():
         return mask
-    return Components.of(mask).keep(min_size)
+    return Components.of(mask, volumetric).keep(min_size)
 
 
-def apply_class(probs_u8: np.ndarray, gate_probs: np.ndarray | None, params: ClassParams) -> np.ndarray:
+def apply_class(
+    probs_u8: np.ndarray, gate_probs: np.ndarray | None, params: ClassParams, volumetric: bool = True
+) -> np.ndarray:
     """(S, H, W) uint8 probabilities of one class -> its post-processed (S, H, W) bool mask."""
     mask = threshold_probs(probs_u8, params.pixel_threshold)
     gate_slices(mask, gate_probs, params.gate_threshold)
-    return remove_small_components(mask, params.min_component_size)
+    return remove_small_components(mask, params.min_component_size, volumetric)
 
 
 def apply_postprocess(
-    probs_u8: np.ndarray, gate_probs: np.ndarray | None, params: list[ClassParams] | dict[str, ClassParams]
+    probs_u8: np.ndarray,
+    gate_probs: np.ndarray | None,
+    params: list[ClassParams] | dict[str, ClassParams],
+    volumetric: bool = True,
 ) -> np.ndarray:
-    """A day's (S, 3, H, W) uint8 probabilities (+ (S, 3) gate probabilities or None) -> bool masks."""
+    """A volume's (S, C, H, W) uint8 probabilities (+ (S, C) gate probabilities or None) -> bool masks."""
     if isinstance(params, dict):
-        params = [params[name] for name in CLASSES]
+        params = list(params.values())
     if probs_u8.ndim != 4 or probs_u8.shape[1] != len(params):
         raise ValueError(f"expected (S, {len(params)}, H, W) probabilities, got {probs_u8.shape}")
     out = np.empty(probs_u8.shape, dtype=bool)
     for c, p in enumerate(params):
         gate = None if gate_probs is None else gate_probs[:, c]
-        out[:, c] = apply_class(probs_u8[:, c], gate, p)
+        out[:, c] = apply_class(probs_u8[:, c], gate, p, volumetric)
     return out

@@ -20,22 +20,21 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from pipeline.config import CLASSES, EnsembleConfig
+from pipeline.config import EnsembleConfig
 from pipeline.data.geometry import normalize
 from pipeline.infer.ensemble import OOFSet, load_oof
 from pipeline.infer.postprocess import Decisions, apply_postprocess, read_decisions
-from pipeline.infer.tune import default_workers
+from pipeline.infer.tune import default_workers, metric_values
 from pipeline.io import write_csv, write_with
-from pipeline.metric import aggregate, volume_stats
 from pipeline.paths import run_dir
 
 log = logging.getLogger(__name__)
 
-COLORS = {"large_bowel": "#e6550d", "small_bowel": "#31a354", "stomach": "#3182bd"}
+PALETTE = ("#e6550d", "#31a354", "#3182bd", "#756bb1", "#de2d26")  # class colours, in class order
 FIELD_TITLES = {
     "pixel_threshold": "pixel threshold",
     "gate_threshold": "classifier gate threshold",
-    "min_component_size": "minimum 3D component size (voxels)",
+    "min_component_size": "minimum component size (voxels)",
 }
 
 
@@ -54,9 +53,13 @@ class Report:
             )
 
 
+def colors(classes: tuple[str, ...]) -> dict[str, str]:
+    return {cls: PALETTE[c % len(PALETTE)] for c, cls in enumerate(classes)}
+
+
 def _day_masks(oof: OOFSet, day: str, decisions: Decisions, names: list[str]) -> np.ndarray:
     weights = np.array([decisions.weights[n] for n in names])
-    return apply_postprocess(oof.blend(day, weights), oof.gate(day), decisions.classes)
+    return apply_postprocess(oof.blend(day, weights), oof.gate(day), decisions.classes, oof.spec.volumetric)
 
 
 def _slice_dice(mask: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -80,7 +83,7 @@ def measure(
     def one(day: str):
         truth = np.asarray(oof.truth_mask(day))
         mask = _day_masks(oof, day, decisions, names)
-        return volume_stats(mask, truth, per_class=True), _slice_dice(mask, truth)
+        return oof.spec.volume_stats(mask, truth), _slice_dice(mask, truth)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         out = list(
@@ -88,34 +91,19 @@ def measure(
         )
     slices = pd.DataFrame(
         [(day, s, d) for day, (_, dice) in zip(oof.days, out) for s, d in enumerate(dice) if np.isfinite(d)],
-        columns=["case_day", "slice_index", "dice"],
+        columns=["volume_id", "slice_index", "dice"],
     )
-    return aggregate([stats for stats, _ in out]), slices
+    return oof.spec.aggregate([stats for stats, _ in out]), slices
 
 
 def cv_tables(result: dict, decisions: Decisions) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows = []
-    for cls in CLASSES:
-        pc = result["per_class"][cls]
-        rows.append(
-            {
-                "class": cls,
-                "dice": pc["dice"],
-                "hausdorff": pc["hausdorff"],
-                "score": pc["score"],
-                **asdict(decisions.classes[cls]),
-            }
-        )
-    rows.append(
-        {"class": "all", "dice": result["dice"], "hausdorff": result["hausdorff"], "score": result["score"]}
-    )
+    for cls, params in decisions.classes.items():
+        rows.append({"class": cls, **result["per_class"][cls], **asdict(params)})
+    rows.append({"class": "all", **metric_values(result)})
     table = pd.DataFrame(rows).astype({"min_component_size": "Int64"})
-    steps = pd.DataFrame(
-        [
-            {k: s.get(k) for k in ("step", "label", "score", "dice", "hausdorff", "gain")}
-            for s in decisions.steps
-        ]
-    )
+    keys = ["step", "label", *metric_values(result), "gain"]
+    steps = pd.DataFrame([{k: s.get(k) for k in keys} for s in decisions.steps])
     if not steps.empty:
         steps["gain"] = steps["score"].diff()
         steps["note"] = [s.get("skipped", "") for s in decisions.steps]
@@ -129,7 +117,7 @@ def _save(fig, path: Path) -> Path:
     return write_with(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
 
 
-def plot_curves(path: Path, field: str, curves: dict) -> Path:
+def plot_curves(path: Path, field: str, curves: dict, classes: tuple[str, ...]) -> Path:
     """OOF score against one post-processing value, one panel per class (own y range), chosen starred.
 
     Classes were tuned left to right, each with the previous ones' choices held, so a panel is
@@ -137,7 +125,8 @@ def plot_curves(path: Path, field: str, curves: dict) -> Path:
     """
     from matplotlib.figure import Figure
 
-    names = [cls for cls in CLASSES if cls in curves]
+    names = [cls for cls in classes if cls in curves]
+    COLORS = colors(classes)
     fig = Figure(figsize=(4.0 * max(1, len(names)), 3.5), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, max(1, len(names)), squeeze=False)).ravel()
     categorical = field == "min_component_size"  # sizes span decades: evenly spaced ticks
@@ -165,7 +154,7 @@ def plot_curves(path: Path, field: str, curves: dict) -> Path:
         ax.set_xlabel(FIELD_TITLES.get(field, field), fontsize=9)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
-    axes[0].set_ylabel("OOF score (0.4 Dice + 0.6 (1 - HD))", fontsize=9)
+    axes[0].set_ylabel("OOF score (the dataset's metric)", fontsize=9)
     fig.suptitle(
         f"OOF score vs {FIELD_TITLES.get(field, field)}, class by class (others held; star: chosen)",
         fontsize=10,
@@ -187,7 +176,7 @@ def plot_steps(path: Path, steps: pd.DataFrame) -> Path:
         ax.text(row["score"], yy, f" {row['score']:.4f}{gain}{note}", va="center", fontsize=8)
     ax.set_yticks(y, steps["label"], fontsize=8)
     ax.set_xlim(max(0.0, steps["score"].min() - 0.1), steps["score"].max() + 0.2)
-    ax.set_xlabel("OOF score (0.4 Dice + 0.6 (1 - Hausdorff))", fontsize=9)
+    ax.set_xlabel("OOF score (the dataset's metric)", fontsize=9)
     ax.set_title("score after each tuning step (gain over the previous)", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
@@ -197,7 +186,7 @@ def pick_slices(slices: pd.DataFrame, n: int) -> pd.DataFrame:
     """``n`` slices with an organ in truth or prediction, spread from the worst Dice to the best."""
     if slices.empty or n <= 0:
         return slices.iloc[:0]
-    ranked = slices.sort_values(["dice", "case_day", "slice_index"], kind="stable").reset_index(drop=True)
+    ranked = slices.sort_values(["dice", "volume_id", "slice_index"], kind="stable").reset_index(drop=True)
     picks = np.unique(np.linspace(0, len(ranked) - 1, num=min(n, len(ranked))).round().astype(int))
     return ranked.iloc[picks]
 
@@ -223,6 +212,8 @@ def plot_overlays(path: Path, oof: OOFSet, decisions: Decisions, picks: pd.DataF
     from matplotlib.patches import Patch
 
     names = [m.name for m in oof.members]
+    classes = oof.spec.classes
+    COLORS = colors(classes)
     n = max(1, len(picks))
     cols = min(3, n)
     rows = (n + cols - 1) // cols
@@ -230,19 +221,19 @@ def plot_overlays(path: Path, oof: OOFSet, decisions: Decisions, picks: pd.DataF
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     masks_by_day: dict[str, np.ndarray] = {}
     for ax, row in zip(axes, picks.itertuples(index=False)):
-        if row.case_day not in masks_by_day:
-            masks_by_day = {row.case_day: _day_masks(oof, row.case_day, decisions, names)}
+        if row.volume_id not in masks_by_day:
+            masks_by_day = {row.volume_id: _day_masks(oof, row.volume_id, decisions, names)}
         s = int(row.slice_index)
-        volume = oof.truth[row.case_day]
-        truth, pred = np.asarray(volume.mask[s], bool), masks_by_day[row.case_day][s]
+        volume = oof.truth[row.volume_id]
+        truth, pred = np.asarray(volume.mask[s], bool), masks_by_day[row.volume_id][s]
         ys, xs = _view_box([*truth, *pred], truth.shape[1:])
-        image = normalize(volume.image[s])[ys, xs]
+        image = normalize(volume.gray()[s])[ys, xs]
         rgb = np.repeat(np.clip(image / max(float(image.max()), 1e-6), 0, 1)[..., None], 3, axis=2)
-        for c, cls in enumerate(CLASSES):  # truth: tinted fill
+        for c, cls in enumerate(classes):  # truth: tinted fill
             fill = truth[c][ys, xs]
             rgb[fill] = 0.45 * rgb[fill] + 0.55 * np.array(to_rgb(COLORS[cls]))
         ax.imshow(rgb, interpolation="nearest")
-        for c, cls in enumerate(CLASSES):  # prediction: outline
+        for c, cls in enumerate(classes):  # prediction: outline
             if pred[c][ys, xs].any():
                 ax.contour(
                     pred[c][ys, xs].astype(np.uint8), levels=[0.5], colors=[COLORS[cls]], linewidths=2.0
@@ -253,7 +244,7 @@ def plot_overlays(path: Path, oof: OOFSet, decisions: Decisions, picks: pd.DataF
         ax.set_yticks([])
     for ax in axes[len(picks) :]:
         ax.set_axis_off()
-    handles = [Patch(facecolor=COLORS[c], label=f"{c}") for c in CLASSES]
+    handles = [Patch(facecolor=COLORS[c], label=f"{c}") for c in classes]
     handles.append(Patch(facecolor="none", edgecolor="k", label="outline = prediction, fill = truth"))
     fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=9, frameon=False)
     fig.suptitle("OOF slices, worst to best Dice: truth filled, tuned prediction outlined", fontsize=11)
@@ -287,7 +278,7 @@ def run_report(
         plot_steps(out / "steps.png", steps)
     for field in FIELD_TITLES:
         if decisions.curves.get(field):
-            plot_curves(out / f"{field}.png", field, decisions.curves[field])
+            plot_curves(out / f"{field}.png", field, decisions.curves[field], oof.spec.classes)
         else:
             log.info(
                 "no %s curve (%s): no figure",

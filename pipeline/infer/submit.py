@@ -1,15 +1,15 @@
-"""``make submit``: every test day-volume through crop, gate, ensemble, post-processing and RLE.
+"""``make submit``: every test volume through crop, gate, ensemble, post-processing and the writer.
 
-One day at a time (the next day's PNGs are read while the current one is predicted): the crop
+One volume at a time (the next one's files are read while the current one is predicted): the crop
 box from the body detector (members trained without crop see the full frame), the classifier's
-per-slice organ probabilities (mean over its folds), the weighted mean of every member x fold
+per-slice class probabilities (mean over its folds), the weighted mean of every member x fold
 segmenter with TTA, the tuned post-processing of ``postprocess.json``, and run-length encoding
-(on the GPU when there is one). The CSV has exactly the rows of ``sample_submission.csv`` in
-its order; it is validated before it is renamed into place, so a failed run leaves any previous
-file untouched.
+(on the GPU when there is one). The dataset's writer (:meth:`DatasetSpec.submission_writer`) puts
+the masks in the competition's format and checks the file before it is renamed into place, so a
+failed run leaves any previous file untouched.
 
 Kaggle behaviours: an empty test folder (the public competition page) still gives a valid file,
-and ``debug_train_days`` runs the same path over the first N train day-volumes instead.
+and ``debug_train_days`` runs the same path over the first N train volumes instead.
 """
 
 from __future__ import annotations
@@ -26,22 +26,21 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from pipeline.config import CLASSES, EnsembleConfig, TTACfg
-from pipeline.data.catalog import DataError, days, scan_split
+from pipeline.config import EnsembleConfig, TTACfg
 from pipeline.data.geometry import Box, full_box
-from pipeline.data.volumes import Volume, read_volume
+from pipeline.data.volumes import Volume
+from pipeline.datasets import get_dataset
+from pipeline.datasets.base import DatasetSpec
+from pipeline.device import resolve_device
 from pipeline.infer.ensemble import check_members, config_name
 from pipeline.infer.postprocess import Decisions, DecisionsError, apply_postprocess, read_decisions, to_uint8
-from pipeline.io import atomic_path
+from pipeline.infer.predict import load_member
+from pipeline.models.detector import BodyDetector
+from pipeline.models.predict import predict_day, predict_day_cls
 from pipeline.paths import run_dir
+from pipeline.rle import encode_masks
 
 log = logging.getLogger(__name__)
-
-SUBMISSION_COLUMNS = ["id", "class", "predicted"]
-
-
-class SubmissionError(ValueError):
-    """The submission about to be written does not match the expected rows."""
 
 
 @dataclass
@@ -66,9 +65,7 @@ class EnsemblePredictor:
     """Models loaded once; :meth:`masks` turns a day's image into its post-processed masks."""
 
     def __init__(self, cfg: EnsembleConfig, decisions: Decisions, device: Any = None):
-        from pipeline.infer.predict import load_member
-        from pipeline.train.engine import resolve_device
-
+        self.spec: DatasetSpec = get_dataset(cfg.dataset)
         self.device = resolve_device(str(device or cfg.device))
         self.amp = bool(cfg.amp) and self.device.type == "cuda"
         self.batch_size = cfg.batch_size
@@ -105,24 +102,20 @@ class EnsemblePredictor:
         )
 
     def _load_detector(self, name: str) -> Any:
-        from pipeline.models.detector import BodyDetector
-
         return BodyDetector.load(run_dir("det", config_name(name, "det")), str(self.device))
 
     def boxes(self, image: np.ndarray) -> dict[str | None, Box]:
-        """The day's crop box from every detector in use (None: the full frame)."""
-        out: dict[str | None, Box] = {None: full_box(image.shape[1:])}
+        """The volume's crop box from every detector in use (None: the full frame)."""
+        out: dict[str | None, Box] = {None: full_box(image.shape[-2:])}
         for key, detector in self.detectors.items():
             out[key] = detector.day_box(image)[0]
         return out
 
     def gate_probs(self, image: np.ndarray, boxes: dict[str | None, Box]) -> np.ndarray | None:
-        """(S, 3) classifier probabilities, the mean over its folds; None when no class is gated."""
-        from pipeline.infer.predict import predict_day_cls
-
+        """(S, classes) classifier probabilities, the mean over its folds; None when no class is gated."""
         if not self.classifiers:
             return None
-        total = np.zeros((len(image), len(CLASSES)), dtype=np.float32)
+        total = np.zeros((len(image), len(self.spec.classes)), dtype=np.float32)
         for m in self.classifiers:
             box = boxes[crop_key(m.cfg, self.det_config)]
             total += predict_day_cls(
@@ -138,10 +131,8 @@ class EnsemblePredictor:
         return total / len(self.classifiers)
 
     def seg_probs(self, image: np.ndarray, boxes: dict[str | None, Box]) -> np.ndarray:
-        """(S, 3, H, W) float32 weighted mean of every member x fold (TTA inside each)."""
-        from pipeline.infer.predict import predict_day
-
-        total = np.zeros((len(image), len(CLASSES), *image.shape[1:]), dtype=np.float32)
+        """(S, classes, H, W) float32 weighted mean of every member x fold (TTA inside each)."""
+        total = np.zeros((len(image), len(self.spec.classes), *image.shape[-2:]), dtype=np.float32)
         for m in self.segmenters:
             box = boxes[crop_key(m.cfg, self.det_config)]
             probs = predict_day(
@@ -158,26 +149,28 @@ class EnsemblePredictor:
         return total
 
     def masks(self, image: np.ndarray) -> np.ndarray:
-        """A day (S, H, W) uint16 -> post-processed (S, 3, H, W) bool masks."""
+        """A volume (S, [C,] H, W) -> post-processed (S, classes, H, W) bool masks."""
         boxes = self.boxes(image)
         gate = self.gate_probs(image, boxes)
         probs = to_uint8(self.seg_probs(image, boxes))
-        return apply_postprocess(probs, gate, self.decisions.classes)
+        return apply_postprocess(probs, gate, self.decisions.classes, self.spec.volumetric)
 
-    def encode(self, masks: np.ndarray) -> list[str]:
-        """RLE strings of (S, 3, H, W) masks, slice-major then class (the submission's row order)."""
-        from pipeline.rle import encode_masks
-
-        flat = masks.reshape(-1, *masks.shape[2:])
+    def encode(self, masks: np.ndarray, order: str = "C") -> list[str]:
+        """RLE strings of (N, H, W) masks in ``order`` (on the GPU when the predictor runs there)."""
         if self.device.type == "cuda":
             import torch
 
-            return encode_masks(torch.from_numpy(flat).to(self.device))
-        return encode_masks(flat)
+            return encode_masks(torch.from_numpy(np.ascontiguousarray(masks)).to(self.device), order)
+        return encode_masks(masks, order)
 
 
 def check_decisions(cfg: EnsembleConfig, decisions: Decisions) -> None:
-    """The decisions must have been tuned for this config's members and classifier."""
+    """The decisions must have been tuned for this config's dataset, members and classifier."""
+    if decisions.dataset != cfg.dataset:
+        raise DecisionsError(
+            f"postprocess.json of '{cfg.name}' was tuned on dataset '{decisions.dataset}' but the config is for "
+            f"'{cfg.dataset}'; rerun `make tune ENSEMBLE=configs/{cfg.name}.yaml`"
+        )
     wanted = sorted(config_name(m.config, "seg") for m in check_members(cfg))
     tuned = sorted(m["config"] for m in decisions.members)
     if wanted != tuned:
@@ -194,117 +187,53 @@ def check_decisions(cfg: EnsembleConfig, decisions: Decisions) -> None:
         )
 
 
-# --------------------------------------------------------------------------- rows and days
+# --------------------------------------------------------------------------- volumes
 
 
-def _rows_of(catalog: pd.DataFrame) -> pd.DataFrame:
-    ids = np.repeat(catalog["id"].to_numpy(), len(CLASSES))
-    return pd.DataFrame({"id": ids, "class": np.tile(CLASSES, len(catalog))})
-
-
-def expected_rows(root: Path, debug_train_days: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(rows ``id, class`` the file must have in order, catalog of the slices to predict)."""
-    root = Path(root)
-    if debug_train_days > 0:
-        train = scan_split(root, "train")
-        if train.empty:
-            raise DataError(f"debug_train_days={debug_train_days} but {root / 'train'} has no slice images")
-        keep = days(train)[:debug_train_days]
-        catalog = train[train["case_day"].isin(keep)].reset_index(drop=True)
-        log.info(
-            "debug: predicting %d train day-volumes (%d slices) instead of the test set",
-            len(keep),
-            len(catalog),
-        )
-        return _rows_of(catalog), catalog
-    catalog = scan_split(root, "test")
-    sample_path = root / "sample_submission.csv"
-    if sample_path.is_file():
-        sample = pd.read_csv(sample_path, dtype=str, keep_default_na=False)
-        missing = {"id", "class"} - set(sample.columns)
-        if missing:
-            raise DataError(f"{sample_path}: missing columns {sorted(missing)} (expected id,class,predicted)")
-        rows = sample[["id", "class"]].reset_index(drop=True)
-    else:
-        log.warning("%s not found: writing one row per test slice and class", sample_path)
-        rows = _rows_of(catalog)
-    no_image = sorted(set(rows["id"]) - set(catalog["id"])) if not catalog.empty else sorted(set(rows["id"]))
-    if no_image and not catalog.empty:
-        log.warning(
-            "%d sample_submission ids have no test image (first %s): left empty", len(no_image), no_image[0]
-        )
-    catalog = catalog[catalog["id"].isin(set(rows["id"]))] if not catalog.empty else catalog
-    return rows, catalog.reset_index(drop=True)
-
-
-def _read_days(catalog: pd.DataFrame) -> Iterator[Volume]:
-    """Day-volumes in catalog order, the next one read in the background."""
-    groups = [g for _, g in catalog.groupby("case_day", sort=False)]
+def read_volumes(spec: DatasetSpec, catalog: pd.DataFrame) -> Iterator[Volume]:
+    """Volumes in catalog order, the next one read in the background."""
+    groups = [g for _, g in catalog.groupby("volume_id", sort=False)]
     with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(read_volume, groups[0], False) if groups else None
+        pending = reader.submit(spec.read_volume, groups[0], False) if groups else None
         for i in range(len(groups)):
             volume = pending.result()
-            pending = reader.submit(read_volume, groups[i + 1], False) if i + 1 < len(groups) else None
+            pending = reader.submit(spec.read_volume, groups[i + 1], False) if i + 1 < len(groups) else None
             yield volume
 
 
-def validate_rows(
-    frame: pd.DataFrame, rows: pd.DataFrame, where: str, shapes: dict[str, tuple[int, int]] | None = None
-) -> None:
-    """The written file has the expected rows in order, then the metric's format and bounds checks."""
-    from pipeline.metric import validate_submission
-
-    if list(frame.columns) != SUBMISSION_COLUMNS:
-        raise SubmissionError(f"{where}: columns {list(frame.columns)}, expected {SUBMISSION_COLUMNS}")
-    if (
-        len(frame) != len(rows)
-        or not (frame[["id", "class"]].to_numpy() == rows[["id", "class"]].to_numpy()).all()
-    ):
-        raise SubmissionError(
-            f"{where}: rows differ from the expected (id, class) rows of sample_submission.csv"
-        )
-    validate_submission(frame, rows.assign(segmentation=""), shapes)
-
-
-def write_submission(
-    frame: pd.DataFrame, rows: pd.DataFrame, out: Path, shapes: dict[str, tuple[int, int]] | None = None
-) -> Path:
-    """Write atomically: to a temporary file, read back and validated, then renamed over ``out``."""
-    with atomic_path(out) as tmp:
-        frame.to_csv(tmp, index=False, columns=SUBMISSION_COLUMNS)
-        written = pd.read_csv(tmp, dtype=str, keep_default_na=False)
-        validate_rows(written, rows, str(out), shapes)
-    return Path(out)
-
-
 def run_submit(
-    cfg: EnsembleConfig, data_root: Path, out: Path, *, debug_train_days: int = 0, device: Any = None
+    cfg: EnsembleConfig,
+    data_root: Path,
+    out: Path,
+    *,
+    debug_train_days: int = 0,
+    device: Any = None,
+    force: bool = False,
 ) -> Path:
-    """Predict every test day-volume of ``data_root`` with the tuned ensemble; write ``out`` (CSV)."""
+    """Predict every test volume of ``data_root`` with the tuned ensemble; write ``out`` (and what the dataset adds).
+
+    ``force`` writes a submission the dataset's sanity checks refuse (e.g. every nerve mask identical).
+    """
+    spec = get_dataset(cfg.dataset)
     decisions = read_decisions(cfg.name)
     check_decisions(cfg, decisions)
-    rows, catalog = expected_rows(Path(data_root), debug_train_days or cfg.debug_train_days)
-    predicted: dict[tuple[str, str], str] = {}
+    catalog = spec.prediction_catalog(Path(data_root), debug_train_days or cfg.debug_train_days)
     start = time.perf_counter()
     if catalog.empty:
         log.warning("no test images under %s: writing the expected rows with empty predictions", data_root)
+        writer = spec.submission_writer(Path(data_root), Path(out), catalog, encode_masks, force)
     else:
         predictor = EnsemblePredictor(cfg, decisions, device)
-        n_days = catalog["case_day"].nunique()
-        for volume in tqdm(_read_days(catalog), total=n_days, desc="submit", unit="day"):
-            keys = [(slice_id, cls) for slice_id in volume.ids for cls in CLASSES]
-            predicted.update(zip(keys, predictor.encode(predictor.masks(volume.image))))
-    frame = rows.copy()
-    frame["predicted"] = [predicted.get(key, "") for key in zip(rows["id"], rows["class"])]
-    shapes = {i: (int(h), int(w)) for i, h, w in zip(catalog["id"], catalog["height"], catalog["width"])}
-    write_submission(frame, rows, Path(out), shapes)
-    n_pos = int((frame["predicted"] != "").sum())
+        writer = spec.submission_writer(Path(data_root), Path(out), catalog, predictor.encode, force)
+        n_volumes = catalog["volume_id"].nunique()
+        for volume in tqdm(read_volumes(spec, catalog), total=n_volumes, desc="submit", unit="vol"):
+            writer.add(volume, predictor.masks(volume.image))
+    path = writer.finish()
     log.info(
-        "wrote %s: %d rows (%d non-empty), %d day-volumes in %.1f s",
-        out,
-        len(frame),
-        n_pos,
-        catalog["case_day"].nunique() if not catalog.empty else 0,
+        "wrote %s: %d images of %d volumes in %.1f s",
+        path,
+        len(catalog),
+        catalog["volume_id"].nunique() if not catalog.empty else 0,
         time.perf_counter() - start,
     )
-    return Path(out)
+    return path

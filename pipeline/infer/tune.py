@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline.config import CLASSES, EnsembleConfig
+from pipeline.config import EnsembleConfig
 from pipeline.infer.ensemble import OOFSet, blend_uint8, load_oof, start_weights
 from pipeline.infer.postprocess import (
     ClassParams,
@@ -49,7 +48,7 @@ from pipeline.infer.postprocess import (
     threshold_probs,
     write_decisions,
 )
-from pipeline.metric import VolumeStats, aggregate, volume_stats
+from pipeline.runtime import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +66,12 @@ Vary = tuple[int, str, list[float]]  # (class index, ClassParams field, candidat
 
 
 def default_workers() -> int:
-    return max(1, min(8, len(os.sched_getaffinity(0))))
+    """Worker threads for tuning and reports: the cores this process may use, at most 8."""
+    return min(8, available_cores())
 
 
-def raw_params() -> list[ClassParams]:
-    return [ClassParams(RAW_THRESHOLD, 0.0, 0) for _ in CLASSES]
+def raw_params(n_classes: int) -> list[ClassParams]:
+    return [ClassParams(RAW_THRESHOLD, 0.0, 0) for _ in range(n_classes)]
 
 
 def simplex_grid(n: int, steps: int) -> list[np.ndarray]:
@@ -94,7 +94,12 @@ def _candidates(current: float, grid: tuple[float, ...]) -> list[float]:
 
 
 def class_variants(
-    probs_u8: np.ndarray, gate: np.ndarray | None, base: ClassParams, field: str, values: list[float]
+    probs_u8: np.ndarray,
+    gate: np.ndarray | None,
+    base: ClassParams,
+    field: str,
+    values: list[float],
+    volumetric: bool = True,
 ) -> Iterator[np.ndarray]:
     """One class's (S, H, W) mask for each value of ``field`` (the other fields from ``base``).
 
@@ -102,14 +107,16 @@ def class_variants(
     """
     if field == "pixel_threshold":
         for v in values:
-            yield apply_class(probs_u8, gate, base.with_value(field, v))
+            yield apply_class(probs_u8, gate, base.with_value(field, v), volumetric)
     elif field == "gate_threshold":
         cut = threshold_probs(probs_u8, base.pixel_threshold)
         for v in values:
-            yield remove_small_components(gate_slices(cut.copy(), gate, v), base.min_component_size)
+            yield remove_small_components(
+                gate_slices(cut.copy(), gate, v), base.min_component_size, volumetric
+            )
     elif field == "min_component_size":
         mask = gate_slices(threshold_probs(probs_u8, base.pixel_threshold), gate, base.gate_threshold)
-        components = Components.of(mask)
+        components = Components.of(mask, volumetric)
         for v in values:
             yield mask if v <= 1 else components.keep(int(v))
     else:
@@ -123,23 +130,25 @@ def day_stats(
     params: list[ClassParams],
     vary: Vary | None = None,
     per_class: bool = False,
-) -> list[VolumeStats]:
-    """Stats of one day for every (weights, candidate) variant, weights-major."""
+) -> list[Any]:
+    """The dataset's stats of one volume for every (weights, candidate) variant, weights-major."""
+    spec = oof.spec
+    stats = spec.volume_stats if per_class else spec.fast_stats
     probs = oof.member_probs(day)
     gate = oof.gate(day)
     truth = np.asarray(oof.truth_mask(day))
     out = []
     for weights in weight_list:
         q = blend_uint8(probs, weights)
-        mask = apply_postprocess(q, gate, params)
+        mask = apply_postprocess(q, gate, params, spec.volumetric)
         if vary is None:
-            out.append(volume_stats(mask, truth, per_class))
+            out.append(stats(mask, truth))
             continue
         c, field, values = vary
         gate_c = None if gate is None else gate[:, c]
-        for variant in class_variants(q[:, c], gate_c, params[c], field, values):
+        for variant in class_variants(q[:, c], gate_c, params[c], field, values, spec.volumetric):
             mask[:, c] = variant
-            out.append(volume_stats(mask, truth, per_class))
+            out.append(stats(mask, truth))
     return out
 
 
@@ -154,9 +163,9 @@ def evaluate(
     desc: str = "evaluate",
     progress: bool = True,
 ) -> list[dict]:
-    """The score dict (:func:`pipeline.metric.aggregate`) of every variant over every OOF day."""
+    """The dataset's score dict (``spec.aggregate``) of every variant over every OOF volume."""
 
-    def one(day: str) -> list[VolumeStats]:
+    def one(day: str) -> list[Any]:
         return day_stats(oof, day, weight_list, params, vary, per_class)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -164,35 +173,32 @@ def evaluate(
             tqdm(pool.map(one, oof.days), total=len(oof.days), desc=desc, unit="day", disable=not progress)
         )
     n_variants = len(per_day[0])
-    return [aggregate([stats[i] for stats in per_day]) for i in range(n_variants)]
+    return [oof.spec.aggregate([stats[i] for stats in per_day]) for i in range(n_variants)]
+
+
+def metric_values(result: dict) -> dict[str, float]:
+    """The scalar figures of a metric dict (``score`` and the dataset's other means), no counts."""
+    return {k: v for k, v in result.items() if isinstance(v, float)}
 
 
 def _step(name: str, result: dict, previous: dict | None, label: str | None = None) -> dict:
     row = {
         "step": name,
         "label": label or STEP_LABELS[name],
-        "score": result["score"],
-        "dice": result["dice"],
-        "hausdorff": result["hausdorff"],
+        **metric_values(result),
         "gain": None if previous is None else result["score"] - previous["score"],
     }
-    log.info(
-        "%-28s score %.5f (dice %.4f, hausdorff %.4f)",
-        row["label"],
-        row["score"],
-        row["dice"],
-        row["hausdorff"],
-    )
+    others = ", ".join(f"{k} {v:.4f}" for k, v in metric_values(result).items() if k != "score")
+    log.info("%-28s score %.5f (%s)", row["label"], row["score"], others)
     return row
 
 
 def _curve(values: list[float], results: list[dict], chosen: float) -> dict:
     order = np.argsort(values, kind="stable")
+    keys = list(metric_values(results[0])) if results else ["score"]
     return {
         "values": [values[i] for i in order],
-        "score": [results[i]["score"] for i in order],
-        "dice": [results[i]["dice"] for i in order],
-        "hausdorff": [results[i]["hausdorff"] for i in order],
+        **{k: [results[i][k] for i in order] for k in keys},
         "chosen": chosen,
     }
 
@@ -251,7 +257,8 @@ def tune_ensemble(
     oof = load_oof(cfg, root, progress)
     names = [m.name for m in oof.members]
     weights = start_weights(cfg)
-    params = raw_params()
+    classes = oof.spec.classes
+    params = raw_params(len(classes))
     kw = {"workers": workers, "progress": progress}
 
     best = evaluate(oof, [weights], params, desc="tune raw", **kw)[0]
@@ -274,7 +281,7 @@ def tune_ensemble(
                     steps.append({**_step(field, best, best), "skipped": "no classifier"})
                 continue
             curves[field] = {}  # the last sweep's curves: they pass through the final choice
-            for c, cls in enumerate(CLASSES):
+            for c, cls in enumerate(classes):
                 values = _candidates(getattr(params[c], field), grids[field])
                 desc = f"tune {field} {cls}" + (f" (sweep {sweep})" if sweep > 1 else "")
                 results = evaluate(oof, [weights], params, (c, field, values), desc=desc, **kw)
@@ -291,16 +298,16 @@ def tune_ensemble(
             )
         if params == before:
             break
-    for c, cls in enumerate(CLASSES):
+    for c, cls in enumerate(classes):
         for field in FIELDS:
             if field != "gate_threshold" or oof.gates is not None:
                 _warn_edge(cls, field, getattr(params[c], field), grids[field])
 
     weights, best = _tune_blend(oof, cfg, names, weights, params, best, steps, curves, "blend", **kw)
     final = evaluate(oof, [weights], params, per_class=True, desc="final OOF", **kw)[0]
-    per_class = {cls: {**final["per_class"][cls], **asdict(params[c])} for c, cls in enumerate(CLASSES)}
+    per_class = {cls: {**final["per_class"][cls], **asdict(params[c])} for c, cls in enumerate(classes)}
     return Decisions(
-        classes=dict(zip(CLASSES, params)),
+        classes=dict(zip(classes, params)),
         weights={name: float(w) for name, w in zip(names, weights)},
         members=[{"config": m.name, "folds": m.folds} for m in oof.members],
         classifier=oof.classifier,
@@ -311,12 +318,12 @@ def tune_ensemble(
         oof={
             "days": len(oof.days),
             "slices": oof.n_slices,
-            "score": final["score"],
-            "dice": final["dice"],
-            "hausdorff": final["hausdorff"],
+            **metric_values(final),
             "grids": {k: list(v) for k, v in grids.items()}
             | {"blend_steps": cfg.tune.blend_steps, "sweeps": cfg.tune.sweeps},
         },
+        dataset=oof.spec.name,
+        volumetric=oof.spec.volumetric,
     )
 
 

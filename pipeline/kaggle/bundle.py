@@ -29,14 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import EnsembleConfig, dump_config, load_config
+from pipeline.datasets import get_dataset
 from pipeline.infer.ensemble import config_name
+from pipeline.infer.postprocess import DecisionsError, read_decisions
+from pipeline.infer.submit import crop_key
 from pipeline.io import write_json, write_text
 from pipeline.kaggle.wheels import DEFAULT_CACHE, WheelSet, collect_wheels, copy_wheels
 from pipeline.paths import PROJECT_ROOT, run_dir, runs_dir
 
 log = logging.getLogger(__name__)
 
-COMPETITION = "uw-madison-gi-tract-image-segmentation"
 PLACEHOLDER_USER = "your-kaggle-user"
 DEFAULT_PREFIX = "gi-tract"
 DEFAULT_OUT = PROJECT_ROOT / "build" / "kaggle"
@@ -137,9 +139,6 @@ def needed_run_files(cfg: EnsembleConfig) -> tuple[list[Path], dict[str, Any]]:
     of ``postprocess.json`` with a blend weight above 0, the classifier folds when a class is
     gated, and the detector each of them crops with.
     """
-    from pipeline.infer.postprocess import DecisionsError, read_decisions
-    from pipeline.infer.submit import crop_key
-
     tuned = run_dir("ensemble", cfg.name) / "postprocess.json"
     files = _require(tuned.parent, (tuned.name,), f"make tune ENSEMBLE=configs/{cfg.name}.yaml")
     try:
@@ -209,14 +208,23 @@ def dataset_metadata(names: KaggleNames, part: str, description: str) -> dict[st
     }
 
 
-def kernel_metadata(names: KaggleNames, code_file: str, template: Path = METADATA_TEMPLATE) -> dict[str, Any]:
+def data_input(dataset: str) -> str:
+    """The folder the dataset's Kaggle data is mounted as under /kaggle/input (the slug's last part)."""
+    return get_dataset(dataset).kaggle_source[1].split("/")[-1]
+
+
+def kernel_metadata(
+    names: KaggleNames, code_file: str, dataset: str = "uwmgi", template: Path = METADATA_TEMPLATE
+) -> dict[str, Any]:
+    """kernel-metadata.json: the build's three datasets plus the real data (a competition or a dataset)."""
+    kind, slug = get_dataset(dataset).kaggle_source
     meta = json.loads(template.read_text())
     meta.update(
         id=names.ref("submit"),
         title=names.slug("submit"),
         code_file=code_file,
-        dataset_sources=[names.ref(part) for part in names.datasets],
-        competition_sources=[COMPETITION],
+        dataset_sources=[names.ref(part) for part in names.datasets] + ([slug] if kind == "dataset" else []),
+        competition_sources=[slug] if kind == "competition" else [],
     )
     return meta
 
@@ -303,7 +311,8 @@ def build_bundle(
     )
 
     settings = {
-        "competition": COMPETITION,
+        "dataset": cfg.dataset,
+        "data_input": data_input(cfg.dataset),
         "datasets": names.datasets,
         "ensemble": cfg.name,
         "build_id": build_id,
@@ -312,7 +321,7 @@ def build_bundle(
     }
     kernel = staging / "kernel"
     write_text(kernel / ENTRY_TEMPLATE.name, render_entry(settings))
-    write_json(kernel / "kernel-metadata.json", kernel_metadata(names, ENTRY_TEMPLATE.name))
+    write_json(kernel / "kernel-metadata.json", kernel_metadata(names, ENTRY_TEMPLATE.name, cfg.dataset))
 
     shutil.rmtree(out, ignore_errors=True)
     staging.replace(out)

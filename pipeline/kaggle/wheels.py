@@ -36,6 +36,7 @@ KERNEL_PACKAGES = (
     "albumentations",
     "albucore",
     "numba-cuda",
+    "tifffile",  # LGG and Ultrasound Nerve slices are TIFF files
 )
 # Dependencies of the above the image may lack; pip takes them only when it needs them.
 SUPPORT_PACKAGES = (

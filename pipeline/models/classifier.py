@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.config import ModelCfg
+from pipeline.config import ConfigError, ModelCfg
 from pipeline.models.registry import TIMM_ARCH, cls_arch, load_pretrained, set_offline
+from pipeline.models.segmenter import freeze_encoder_stages
 
 TIMM_PREFIXES = ("",)
 SMP_PREFIXES = ("", "encoder.", "encoder.model.")  # classifier/segmenter, smp encoder, bare timm model
@@ -42,9 +43,15 @@ def build_classifier(model_cfg: ModelCfg, in_channels: int, classes: int = 3) ->
     an smp architecture name builds that architecture's encoder + classification head
     (``encoder`` is then an smp / ``tu-`` encoder name). ``pretrained_path`` is a local file
     holding the whole model or its backbone; a head for another class count is skipped.
+    ``freeze_encoder: N`` freezes the first N stages of an smp encoder (not of ``arch: timm``).
     """
     set_offline()
     arch = cls_arch(model_cfg.arch)
+    if arch == TIMM_ARCH and model_cfg.freeze_encoder:
+        raise ConfigError(
+            "model.freeze_encoder needs an smp encoder: set model.arch to an smp architecture "
+            f"(e.g. Unet, encoder 'tu-{model_cfg.encoder}') or freeze_encoder to 0"
+        )
     kwargs = {k: v for k, v in model_cfg.kwargs.items() if v is not None}
     try:
         if arch == TIMM_ARCH:
@@ -82,4 +89,6 @@ def build_classifier(model_cfg: ModelCfg, in_channels: int, classes: int = 3) ->
         else:
             required = {k for k in model.state_dict() if k.startswith("encoder.")}
             load_pretrained(model, model_cfg.pretrained_path, required, SMP_PREFIXES, in_channels)
+    if arch != TIMM_ARCH:
+        freeze_encoder_stages(model.encoder, model_cfg.freeze_encoder, in_channels, model_cfg.encoder)
     return model

@@ -31,11 +31,13 @@ import yaml
 from tqdm.auto import tqdm
 
 from pipeline.config import CONFIG_DIR, ConfigError, DetConfig, DetParams, dump_config, load_config
-from pipeline.data.catalog import DataError, load_split
+from pipeline.data.boxes import SOURCES, boxes_path, load_boxes, write_boxes
 from pipeline.data.geometry import Box, day_threshold_box, full_box, pad_box, union_boxes
-from pipeline.data.volumes import VolumeStore
-from pipeline.infer.crop import SOURCES, boxes_path, evaluate_boxes, load_boxes, plot_day_boxes, write_boxes
+from pipeline.data.volumes import VolumeStore, gray
+from pipeline.datasets import get_dataset
+from pipeline.errors import DataError
 from pipeline.io import write_csv, write_json, write_text, write_with
+from pipeline.models.box_quality import evaluate_boxes, plot_day_boxes
 from pipeline.models.yolo_data import CLASS_NAME, slice_to_uint8, write_yolo_dataset
 from pipeline.paths import data_dir, run_dir
 from pipeline.runtime import set_offline_env
@@ -297,12 +299,13 @@ class BodyDetector:
         return out
 
     def day_box(self, image: np.ndarray, batch: int = 32) -> tuple[Box, str]:
-        """One crop box for a day (S, H, W) and where it came from (``detector|threshold|full``).
+        """One crop box for a volume (S, H, W) or (S, C, H, W) and where it came from
+        (``detector|threshold|full``).
 
         Every ``det.predict_step``-th slice (and the last) is detected; the union of their boxes
-        is padded by ``det.margin``.
+        is padded by ``det.margin``. Multi-channel slices are seen as the mean of their channels.
         """
-        image = np.asarray(image)
+        image = gray(image)
         if image.ndim != 3 or not len(image):
             raise ValueError(f"day_box expects a (S, H, W) day-volume with S >= 1, got shape {image.shape}")
         picked = np.unique(np.r_[np.arange(0, len(image), max(1, self.params.predict_step)), len(image) - 1])
@@ -328,8 +331,9 @@ def train_detector(cfg: DetConfig) -> Path:
         (out / name).unlink(missing_ok=True)  # a failed rerun must not look finished
     shutil.rmtree(out / "train", ignore_errors=True)  # ultralytics appends to an old results.csv
     write_text(out / "config.yaml", dump_config(cfg))
-    root = data_dir(cfg.data.data_dir)
-    store = VolumeStore(root, load_split(root, "train"), "train")
+    spec = get_dataset(cfg.dataset)
+    root = data_dir(cfg.data.data_dir, cfg.dataset)
+    store = VolumeStore(root, spec.load_split(root, "train"), "train", spec)
     store.build()
 
     clock = time.perf_counter()
@@ -345,7 +349,7 @@ def train_detector(cfg: DetConfig) -> Path:
     clock = time.perf_counter()
     detector = BodyDetector.load(out)
     boxes = {
-        day: detector.day_box(store[day].image) for day in tqdm(store.days, desc="day boxes", unit="day")
+        day: detector.day_box(store[day].image) for day in tqdm(store.days, desc="volume boxes", unit="vol")
     }
     write_boxes(boxes_path(cfg.name, "train"), boxes)
     seconds["seconds_boxes"] = time.perf_counter() - clock

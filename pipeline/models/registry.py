@@ -15,24 +15,10 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError
+from pipeline.runtime import OFFLINE_ENV
 
 log = logging.getLogger(__name__)
 
-# segmentation-models-pytorch 0.6 architectures, by the class name used in configs.
-SEG_ARCHS = (
-    "Unet",
-    "UnetPlusPlus",
-    "FPN",
-    "MAnet",
-    "Linknet",
-    "PSPNet",
-    "DeepLabV3",
-    "DeepLabV3Plus",
-    "PAN",
-    "UPerNet",
-    "Segformer",
-    "DPT",
-)
 TIMM_ARCH = "timm"  # classifier: a plain timm model with its own head
 WRAPPER_KEYS = ("model", "state_dict", "ema")  # checkpoint dicts that hold the state dict under a key
 
@@ -42,15 +28,31 @@ class PretrainedError(ValueError):
 
 
 def set_offline() -> None:
-    """Keep timm / huggingface-hub from reaching the network while models are built."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """Keep timm / huggingface-hub from reaching the network while models are built.
+
+    The switches are :data:`pipeline.runtime.OFFLINE_ENV`; values already set are kept.
+    """
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def seg_archs() -> tuple[str, ...]:
+    """The architectures of the installed segmentation-models-pytorch, by class name (``Unet``...).
+
+    Read from smp's own registry (``MODEL_ARCHITECTURES_MAPPING``), so a new smp release brings
+    its new architectures without an edit here.
+    """
+    import segmentation_models_pytorch as smp
+
+    return tuple(cls.__name__ for cls in smp.MODEL_ARCHITECTURES_MAPPING.values())
 
 
 def seg_arch(name: str) -> str:
     """The canonical smp architecture name for ``name`` (case-insensitive), or a ConfigError."""
-    by_lower = {arch.lower(): arch for arch in SEG_ARCHS}
+    archs = seg_archs()
+    by_lower = {arch.lower(): arch for arch in archs}
     if name.lower() not in by_lower:
-        raise ConfigError(f"model.arch '{name}' is not a known architecture; valid: {', '.join(SEG_ARCHS)}")
+        raise ConfigError(f"model.arch '{name}' is not a known architecture; valid: {', '.join(archs)}")
     return by_lower[name.lower()]
 
 
@@ -62,7 +64,7 @@ def cls_arch(name: str) -> str:
         return seg_arch(name)
     except ConfigError:
         raise ConfigError(
-            f"model.arch '{name}' is not a known classifier; valid: {TIMM_ARCH}, {', '.join(SEG_ARCHS)}"
+            f"model.arch '{name}' is not a known classifier; valid: {TIMM_ARCH}, {', '.join(seg_archs())}"
         ) from None
 
 

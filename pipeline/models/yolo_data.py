@@ -40,12 +40,12 @@ def yolo_label(box: Box | None, shape: tuple[int, int]) -> str:
     return f"0 {xc:.6f} {yc:.6f} {box.width / width:.6f} {box.height / height:.6f}\n"
 
 
-def split_cases(cases: list[int], val_fraction: float, rng: np.random.Generator) -> set[int]:
-    """Validation cases: ``val_fraction`` of the cases (at least one, never all); none if one case."""
+def split_cases(cases: list, val_fraction: float, rng: np.random.Generator) -> set[int]:
+    """Validation groups (cases, patients): ``val_fraction`` of them (at least one, never all); none if one."""
     if len(cases) < 2 or val_fraction <= 0:
         return set()
     n_val = min(len(cases) - 1, max(1, round(val_fraction * len(cases))))
-    return {int(c) for c in rng.permutation(sorted(cases))[:n_val]}
+    return {c.item() for c in rng.permutation(sorted(cases))[:n_val]}  # numpy scalar -> int or str
 
 
 def write_yolo_dataset(store: VolumeStore, params: DetParams, out: Path) -> tuple[Path, dict[str, int]]:
@@ -54,19 +54,20 @@ def write_yolo_dataset(store: VolumeStore, params: DetParams, out: Path) -> tupl
     The folder is built beside ``out`` and swapped in whole, so a crash never leaves half a dataset.
     """
     rng = np.random.default_rng(params.seed)
-    case_of = dict(zip(store.catalog["case_day"], store.catalog["case"]))
+    case_of = dict(zip(store.catalog["volume_id"], store.catalog["group"]))
     val_cases = split_cases(sorted(set(case_of.values())), params.val_fraction, rng)
     work = out.with_name(out.name + ".tmp")
     shutil.rmtree(work, ignore_errors=True)
     for sub in ("images/train", "images/val", "labels/train", "labels/val"):
         (work / sub).mkdir(parents=True)
     counts = {"train_images": 0, "train_negatives": 0, "val_images": 0, "val_negatives": 0}
-    for case_day in tqdm(store.days, desc="yolo dataset", unit="day"):
-        volume = store[case_day]
-        subset = "val" if case_of[case_day] in val_cases else "train"
+    for volume_id in tqdm(store.days, desc="yolo dataset", unit="day"):
+        volume = store[volume_id]
+        planes = volume.gray()
+        subset = "val" if case_of[volume_id] in val_cases else "train"
         picks = np.sort(rng.choice(len(volume), size=min(params.slices_per_day, len(volume)), replace=False))
         for s in picks:
-            image = np.asarray(volume.image[s])
+            image = np.asarray(planes[s])
             png = work / "images" / subset / f"{volume.ids[s]}.png"
             if not cv2.imwrite(str(png), slice_to_uint8(image)):
                 raise OSError(f"could not write {png}")

@@ -12,7 +12,6 @@ Epochs are numbered from 1; ``last.pt["epoch"]`` is the number of finished epoch
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -27,13 +26,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.config import TrainCfg, to_dict
+from pipeline.device import amp_autocast, amp_dtype, resolve_device
 from pipeline.io import write_csv, write_text
 from pipeline.runtime import balance_threads, seed_everything
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import BEST, LAST, cpu_state, load_weights
 from pipeline.train.schedule import StepPlan, build_scheduler, plan_steps
 
-__all__ = ["FitResult", "amp_autocast", "amp_dtype", "fit", "load_weights", "resolve_device"]
+__all__ = ["FitResult", "fit", "load_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -48,31 +48,6 @@ class FitResult:
     best_epoch: int
     epochs_run: int  # epochs trained by this call (0 when the run was already finished)
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU fails with the fix."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device is '{name}' but no CUDA GPU is visible; use 'auto' or 'cpu'")
-    return device
-
-
-def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
-    """bf16 on CUDA GPUs that support it, else fp16 on CUDA; None (fp32) on CPU or when disabled."""
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def amp_autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """The autocast context training uses; validation code may use it too (cast outputs to float)."""
-    dtype = amp_dtype(device, enabled)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _seed_epoch(seed: int, epoch: int) -> None:

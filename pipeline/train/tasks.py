@@ -5,13 +5,14 @@ volume cache, the crop boxes, the datasets, the model and the loss, run :func:`e
 into ``runs/<seg|cls>/<name>/fold_<k>/``, then write the out-of-fold predictions of the
 validation days from ``best.pt``:
 
-- seg: ``oof/<case_day>.npz`` with ``probs`` uint8 (S, 3, H, W) = round(p * 255) in the
+- seg: ``oof/<volume_id>.npz`` with ``probs`` uint8 (S, classes, H, W) = round(p * 255) in the
   original geometry and ``ids`` (S,), no TTA;
-- cls: ``oof.csv`` with ``id, case_day`` and one probability column per class.
+- cls: ``oof.csv`` with ``id, volume_id`` and one probability column per class.
 
-Validation each epoch runs the inference code (:mod:`pipeline.infer.predict`) on every
-validation day: seg scores the 0.5-thresholded masks with the competition metric, cls reports
-per-class ROC AUC and accuracy. ``fold="all"`` trains on every day without validation or OOF.
+Validation each epoch runs the inference code (:mod:`pipeline.models.predict`) on every
+validation volume: seg scores the 0.5-thresholded masks with the dataset's metric, cls reports
+per-class ROC AUC and accuracy. ``fold="all"`` trains on every volume without validation or OOF.
+What differs between the two is one :class:`Task` record, not string switches.
 """
 
 from __future__ import annotations
@@ -30,20 +31,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.config import CLASSES, ClsConfig, SegConfig, dump_config
+from pipeline.config import ClsConfig, SegConfig, dump_config
 from pipeline.data.augment import build_augment
-from pipeline.data.catalog import load_split
 from pipeline.data.datasets import EpochSampler, SliceDataset
 from pipeline.data.folds import fold_days, fold_numbers, read_folds
 from pipeline.data.geometry import Box
 from pipeline.data.prepare import boxes_for
 from pipeline.data.volumes import VolumeStore
-from pipeline.infer.predict import build_model, predict_day, predict_day_cls
+from pipeline.datasets import get_dataset
+from pipeline.device import resolve_device
 from pipeline.io import write_csv, write_with
+from pipeline.models.predict import build_model, predict_day, predict_day_cls
 from pipeline.paths import data_dir, run_dir
 from pipeline.runtime import seed_everything
 from pipeline.train.checkpoint import load_weights
-from pipeline.train.engine import fit, resolve_device
+from pipeline.train.engine import fit
 from pipeline.train.losses import build_loss
 
 log = logging.getLogger(__name__)
@@ -64,15 +66,16 @@ class FoldData:
 
 def train_store(cfg: SegConfig | ClsConfig, progress: bool = True) -> VolumeStore:
     """The cached train volumes of the config's dataset, built (decoded once) on first use."""
-    root = data_dir(cfg.data.data_dir)
-    store = VolumeStore(root, load_split(root, "train"), "train")
+    spec = get_dataset(cfg.dataset)
+    root = data_dir(cfg.data.data_dir, cfg.dataset)
+    store = VolumeStore(root, spec.load_split(root, "train"), "train", spec)
     store.build(progress=progress)
     return store
 
 
 def load_fold(cfg: SegConfig | ClsConfig, fold: Fold, progress: bool = True) -> FoldData:
     """Folds, the cached volumes (built on first use) and the crop boxes of a fold."""
-    root = data_dir(cfg.data.data_dir)
+    root = data_dir(cfg.data.data_dir, cfg.dataset)
     folds = read_folds(root)
     train_days, val_days = fold_days(folds, fold)
     store = train_store(cfg, progress)
@@ -97,7 +100,7 @@ def parse_folds(items: list[str]) -> list[Fold]:
 
 def every_fold(cfg: SegConfig | ClsConfig) -> list[int]:
     """Every fold of the config's dataset (``$DATA_DIR/folds.csv``), in order."""
-    return fold_numbers(read_folds(data_dir(cfg.data.data_dir)))
+    return fold_numbers(read_folds(data_dir(cfg.data.data_dir, cfg.dataset)))
 
 
 def fold_seed(cfg: SegConfig | ClsConfig, fold: Fold) -> int:
@@ -134,35 +137,32 @@ def make_loader(
 def seg_validator(
     cfg: SegConfig, data: FoldData, device: torch.device, progress: bool = True
 ) -> Callable[[nn.Module, int], dict]:
-    """Per epoch: every validation day through ``predict_day``, masks at 0.5, competition score."""
-    from pipeline.metric import aggregate, volume_stats
-
+    """Per epoch: every validation volume through ``predict_day``, masks at 0.5, the dataset's metric."""
+    spec = data.store.spec
     batch_size = cfg.train.val_batch_size or cfg.train.batch_size
 
     def validate(model: nn.Module, epoch: int) -> dict[str, float]:
         stats = []
         days = tqdm(data.val_days, desc=f"validate {epoch}", unit="day", leave=False, disable=not progress)
-        for case_day in days:
-            volume = data.store[case_day]
+        for volume_id in days:
+            volume = data.store[volume_id]
             probs = predict_day(
                 model,
                 cfg,
                 volume.image,
-                data.boxes[case_day],
+                data.boxes[volume_id],
                 device=device,
                 batch_size=batch_size,
                 amp=cfg.train.amp,
             )
-            stats.append(
-                volume_stats(probs > THRESHOLD, np.asarray(volume.mask, dtype=bool), per_class=False)
-            )
-        result = aggregate(stats)
-        return {"score": result["score"], "dice": result["dice"], "hausdorff": result["hausdorff"]}
+            stats.append(spec.fast_stats(probs > THRESHOLD, np.asarray(volume.mask, dtype=bool)))
+        result = spec.aggregate(stats)
+        return {key: result[key] for key in spec.metric_keys}
 
     return validate
 
 
-def cls_metrics(truth: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+def cls_metrics(truth: np.ndarray, probs: np.ndarray, classes: tuple[str, ...]) -> dict[str, float]:
     """Per-class ROC AUC (NaN for a class with one label value) and accuracy at 0.5.
 
     ``score`` is the mean AUC over the classes where it is defined; the mean accuracy when none is.
@@ -171,7 +171,7 @@ def cls_metrics(truth: np.ndarray, probs: np.ndarray) -> dict[str, float]:
 
     out: dict[str, float] = {}
     aucs, accs = [], []
-    for c, name in enumerate(CLASSES):
+    for c, name in enumerate(classes):
         t, p = truth[:, c].astype(bool), probs[:, c]
         auc = float(roc_auc_score(t, p)) if 0 < t.sum() < len(t) else math.nan
         acc = float(((p > THRESHOLD) == t).mean()) if len(t) else math.nan
@@ -184,27 +184,26 @@ def cls_metrics(truth: np.ndarray, probs: np.ndarray) -> dict[str, float]:
 
 
 def cls_predictions(model: nn.Module, cfg: ClsConfig, data: FoldData, device: torch.device) -> pd.DataFrame:
-    """OOF table of the validation days: id, case_day, one probability column per class, truth."""
-    from pipeline.data.datasets import presence
-
+    """OOF table of the validation volumes: id, volume_id, one probability column per class, truth."""
+    classes = data.store.spec.classes
     batch_size = cfg.train.val_batch_size or cfg.train.batch_size
     frames = []
-    for case_day in data.val_days:
-        volume = data.store[case_day]
+    for volume_id in data.val_days:
+        volume = data.store[volume_id]
         probs = predict_day_cls(
             model,
             cfg,
             volume.image,
-            data.boxes[case_day],
+            data.boxes[volume_id],
             device=device,
             batch_size=batch_size,
             amp=cfg.train.amp,
         )
-        frame = pd.DataFrame(probs, columns=list(CLASSES))
-        frame.insert(0, "case_day", case_day)
+        frame = pd.DataFrame(probs, columns=list(classes))
+        frame.insert(0, "volume_id", volume_id)
         frame.insert(0, "id", volume.ids)
-        truth = presence(data.store.catalog, volume.ids)
-        for c, name in enumerate(CLASSES):
+        truth = data.store.spec.presence_of(data.store.catalog, volume.ids)
+        for c, name in enumerate(classes):
             frame[f"truth_{name}"] = truth[:, c]
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
@@ -213,10 +212,12 @@ def cls_predictions(model: nn.Module, cfg: ClsConfig, data: FoldData, device: to
 def cls_validator(
     cfg: ClsConfig, data: FoldData, device: torch.device, progress: bool = True
 ) -> Callable[[nn.Module, int], dict]:
+    classes = data.store.spec.classes
+
     def validate(model: nn.Module, epoch: int) -> dict[str, float]:
         frame = cls_predictions(model, cfg, data, device)
-        truth = frame[[f"truth_{c}" for c in CLASSES]].to_numpy()
-        return cls_metrics(truth, frame[list(CLASSES)].to_numpy())
+        truth = frame[[f"truth_{c}" for c in classes]].to_numpy()
+        return cls_metrics(truth, frame[list(classes)].to_numpy(), classes)
 
     return validate
 
@@ -236,22 +237,22 @@ def write_seg_oof(
     device: torch.device,
     progress: bool = True,
 ) -> Path:
-    """``oof/<case_day>.npz`` (probs uint8 (S, 3, H, W), ids) for every validation day."""
+    """``oof/<volume_id>.npz`` (probs uint8 (S, classes, H, W), ids) for every validation volume."""
     folder = out_dir / "oof"
     batch_size = cfg.train.val_batch_size or cfg.train.batch_size
-    for case_day in tqdm(data.val_days, desc="oof", unit="day", disable=not progress):
-        volume = data.store[case_day]
+    for volume_id in tqdm(data.val_days, desc="oof", unit="day", disable=not progress):
+        volume = data.store[volume_id]
         probs = predict_day(
             model,
             cfg,
             volume.image,
-            data.boxes[case_day],
+            data.boxes[volume_id],
             device=device,
             batch_size=batch_size,
             amp=cfg.train.amp,
         )
         probs_u8 = np.rint(np.clip(probs, 0.0, 1.0) * 255).astype(np.uint8)
-        _save_npz(folder / f"{case_day}.npz", probs=probs_u8, ids=np.asarray(volume.ids))
+        _save_npz(folder / f"{volume_id}.npz", probs=probs_u8, ids=np.asarray(volume.ids))
     return folder
 
 
@@ -264,19 +265,37 @@ def write_cls_oof(
     progress: bool = True,
 ) -> Path:
     frame = cls_predictions(model, cfg, data, device)
-    return write_csv(out_dir / "oof.csv", frame[["id", "case_day", *CLASSES]])
+    return write_csv(out_dir / "oof.csv", frame[["id", "volume_id", *data.store.spec.classes]])
 
 
 # --------------------------------------------------------------------------- tasks
 
 
-def _oof_written(out_dir: Path, task: str, data: FoldData) -> bool:
-    if task == "cls":
-        return (out_dir / "oof.csv").is_file()
-    return all((out_dir / "oof" / f"{d}.npz").is_file() for d in data.val_days)
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What makes a segmenter or the slice classifier out of the one engine."""
+
+    stage: str  # run folder: runs/<stage>/<config>/fold_<k>/
+    loss_mode: str  # build_loss mode
+    with_masks: bool  # dataset items carry masks (else per-slice presence) as targets
+    validator: Callable[..., Callable[[nn.Module, int], dict]]
+    write_oof: Callable[..., Path]
+    oof_files: Callable[[Path, FoldData], list[Path]]
 
 
-def _train(cfg: SegConfig | ClsConfig, fold: Fold, task: str, progress: bool) -> Path:
+SEG = Task(
+    "seg",
+    "multilabel",
+    True,
+    seg_validator,
+    write_seg_oof,
+    lambda out, data: [out / "oof" / f"{d}.npz" for d in data.val_days],
+)
+CLS = Task("cls", "binary", False, cls_validator, write_cls_oof, lambda out, data: [out / "oof.csv"])
+TASKS = {task.stage: task for task in (SEG, CLS)}
+
+
+def _train(cfg: SegConfig | ClsConfig, fold: Fold, task: Task, progress: bool) -> Path:
     seed = fold_seed(cfg, fold)
     device = resolve_device(cfg.train.device)
     data = load_fold(cfg, fold, progress)
@@ -285,17 +304,15 @@ def _train(cfg: SegConfig | ClsConfig, fold: Fold, task: str, progress: bool) ->
         data.train_days,
         data.boxes,
         cfg.data,
-        task=task,
+        with_masks=task.with_masks,
         augment=build_augment(cfg.augment),
         seed=seed,
     )
     seed_everything(seed)  # the initial weights depend on the fold's seed alone, not on what ran before
     model = build_model(cfg)
-    loss_fn = build_loss(cfg.loss, "multilabel" if task == "seg" else "binary")
-    validate = None
-    if data.val_days:
-        validate = (seg_validator if task == "seg" else cls_validator)(cfg, data, device, progress)
-    out_dir = run_dir(task, cfg.name, fold)
+    loss_fn = build_loss(cfg.loss, task.loss_mode)
+    validate = task.validator(cfg, data, device, progress) if data.val_days else None
+    out_dir = run_dir(task.stage, cfg.name, fold)
     result = fit(
         model,
         make_loader(dataset, cfg, seed, device),
@@ -308,11 +325,13 @@ def _train(cfg: SegConfig | ClsConfig, fold: Fold, task: str, progress: bool) ->
         progress=progress,
     )
     log.info("%s: best epoch %d, score %s", out_dir, result.best_epoch, result.best_score)
-    if data.val_days and not (result.epochs_run == 0 and _oof_written(out_dir, task, data)):
+    written = all(p.is_file() for p in task.oof_files(out_dir, data))
+    if data.val_days and not (result.epochs_run == 0 and written):
         load_weights(out_dir / "best.pt", model, map_location=device)
         model.to(device).eval()
-        writer = write_seg_oof if task == "seg" else write_cls_oof
-        log.info("wrote out-of-fold predictions %s", writer(model, cfg, data, out_dir, device, progress))
+        log.info(
+            "wrote out-of-fold predictions %s", task.write_oof(model, cfg, data, out_dir, device, progress)
+        )
     return out_dir
 
 
@@ -320,21 +339,21 @@ def train_segmenter(cfg: SegConfig, fold: Fold, progress: bool = True) -> Path:
     """Train one fold (or ``"all"``) of a segmenter; returns its run folder."""
     if cfg.stage != "seg":
         raise ValueError(f"train_segmenter needs a seg config, got a '{cfg.stage}' config ({cfg.name})")
-    return _train(cfg, fold, "seg", progress)
+    return _train(cfg, fold, SEG, progress)
 
 
 def train_classifier(cfg: ClsConfig, fold: Fold, progress: bool = True) -> Path:
     """Train one fold (or ``"all"``) of the slice classifier; returns its run folder."""
     if cfg.stage != "cls":
         raise ValueError(f"train_classifier needs a cls config, got a '{cfg.stage}' config ({cfg.name})")
-    return _train(cfg, fold, "cls", progress)
+    return _train(cfg, fold, CLS, progress)
 
 
 def describe(cfg: Any) -> str:
     """One line for the logs: what is being trained."""
     d = cfg.data
     return (
-        f"{cfg.stage} '{cfg.name}': {cfg.model.arch}/{cfg.model.encoder}, {2 * d.k + 1}-slice input "
+        f"{cfg.stage} '{cfg.name}' ({cfg.dataset}): {cfg.model.arch}/{cfg.model.encoder}, {2 * d.k + 1}-slice input "
         f"(stride {d.stride}), {d.img_size[0]}x{d.img_size[1]} {d.resize}, crop={d.crop}, "
         f"{cfg.train.epochs} epochs x batch {cfg.train.batch_size}"
     )

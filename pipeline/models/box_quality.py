@@ -1,9 +1,4 @@
-"""Crop boxes of day-volumes: the boxes file, how good the boxes are, a figure.
-
-``runs/det/<det_cfg>/boxes_<split>.csv`` holds one box per day-volume (``case_day, y0, x0, y1,
-x1, source``; source is ``detector``, ``threshold`` or ``full``), written by `make train-det`.
-The crop/paste-back geometry itself lives in :mod:`pipeline.data.geometry`.
-"""
+"""How good a detector's crop boxes are, and a figure of them (the boxes file: :mod:`pipeline.data.boxes`)."""
 
 from __future__ import annotations
 
@@ -11,50 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from tqdm.auto import tqdm
 
 from pipeline.config import DetParams
-from pipeline.data.catalog import DataError
+from pipeline.data.boxes import SOURCES
 from pipeline.data.geometry import Box, box_iou, day_threshold_box, normalize
 from pipeline.data.volumes import VolumeStore
-from pipeline.io import write_csv, write_with
-from pipeline.paths import run_dir
-
-SOURCES = ("detector", "threshold", "full")
-BOX_COLUMNS = ["case_day", "y0", "x0", "y1", "x1", "source"]
-
-
-def boxes_path(det_config_name: str, split: str = "train") -> Path:
-    name = Path(det_config_name).stem if str(det_config_name).endswith((".yaml", ".yml")) else det_config_name
-    return run_dir("det", name) / f"boxes_{split}.csv"
-
-
-def write_boxes(path: Path, boxes: dict[str, tuple[Box, str]]) -> Path:
-    rows = [{"case_day": day, **box.as_dict(), "source": source} for day, (box, source) in boxes.items()]
-    return write_csv(path, pd.DataFrame(rows, columns=BOX_COLUMNS))
-
-
-def load_boxes(det_config_name: str, split: str = "train") -> dict[str, Box]:
-    """``runs/det/<name>/boxes_<split>.csv`` as {case_day: Box}."""
-    path = boxes_path(det_config_name, split)
-    if not path.is_file():
-        name = path.parent.name
-        raise DataError(
-            f"crop boxes not found: {path}; run `make train-det CONFIG_DET=configs/{name}.yaml` first "
-            "(or set data.crop: false)"
-        )
-    frame = pd.read_csv(path)
-    missing = set(BOX_COLUMNS) - set(frame.columns)
-    if missing:
-        raise DataError(f"{path}: missing columns {sorted(missing)} (expected {','.join(BOX_COLUMNS)})")
-    boxes = {}
-    for i, row in enumerate(frame.itertuples(index=False)):
-        try:
-            boxes[str(row.case_day)] = Box(int(row.y0), int(row.x0), int(row.y1), int(row.x1))
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"{path} row {i + 2} ({row.case_day}): {exc}; rerun `make train-det`") from None
-    return boxes
+from pipeline.io import write_with
 
 
 @dataclass
@@ -92,7 +50,7 @@ def evaluate_boxes(
         volume = store[day]
         box, _ = boxes[day]
         thr = day_threshold_box(
-            volume.image, params.margin, quantile=params.threshold_quantile, scale=params.threshold_scale
+            volume.gray(), params.margin, quantile=params.threshold_quantile, scale=params.threshold_scale
         )
         if thr is not None:
             ious.append(box_iou(box, thr))
@@ -114,7 +72,7 @@ def evaluate_boxes(
             panels.append(
                 Panel(
                     f"{day} s{s}: {boxes[day][1]}",
-                    np.asarray(volume.image[s]),
+                    np.asarray(volume.gray()[s]),
                     None if organ is None else organ[s],
                     box,
                     thr,

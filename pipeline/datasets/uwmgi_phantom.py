@@ -1,4 +1,4 @@
-"""The embedded default dataset: a synthetic abdominal MRI phantom in the exact Kaggle layout.
+"""The UW-Madison phantom: a synthetic abdominal MRI set in the exact Kaggle layout.
 
 ``generate_dataset(out, "demo")`` writes ``train.csv``, ``train/caseN/caseN_dayD/scans/*.png``
 (16-bit), a ``test/`` tree of other cases, ``sample_submission.csv``, the hidden answers
@@ -14,8 +14,6 @@ import dataclasses
 import json
 import logging
 import multiprocessing
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +22,18 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from pipeline.config import CLASSES
 from pipeline.data import phantom
-from pipeline.data.catalog import make_id, read_labels, scan_split, slice_filename
 from pipeline.data.phantom_render import render_day
+from pipeline.data.synthetic_io import SyntheticDataError, init_worker, write_dataset_folder
+from pipeline.datasets.uwmgi_files import (
+    CLASSES,
+    decode_masks,
+    load_split,
+    make_id,
+    read_labels,
+    scan_split,
+    slice_filename,
+)
 from pipeline.io import write_csv, write_json, write_with
 from pipeline.rle import rle_encode_numpy  # the NumPy twin: no JIT start-up in every worker
 
@@ -41,10 +47,6 @@ BODY_FRACTION = {0: (0.62, 0.86), 1: (0.58, 0.78), 2: (0.60, 0.86), 3: (0.74, 0.
 MIN_LABEL_PX = 30  # annotators leave slivers unlabelled (real masks start around 40 px)
 SHORT_SIZE = 2  # 276x276 scans have the shorter volumes (80 slices instead of 144)
 BOWEL = (CLASSES.index("large_bowel"), CLASSES.index("small_bowel"))
-
-
-class SyntheticDataError(ValueError):
-    """The output folder holds something this generator must not overwrite."""
 
 
 @dataclass(frozen=True)
@@ -146,10 +148,6 @@ def render_volume(job: VolumeJob) -> tuple[np.ndarray, np.ndarray, bool]:
     return image, labels, truncated
 
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core already
-
-
 def write_volume(job: VolumeJob) -> tuple[list[tuple[str, str, str]], str | None]:
     """Render one day-volume, write its PNGs; return its label rows and its name if truncated."""
     image, labels, truncated = render_volume(job)
@@ -240,20 +238,17 @@ def save_preview(root: Path, path: Path, n_panels: int = 8) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from pipeline.data.catalog import load_split
-    from pipeline.data.volumes import decode_masks
-
     catalog = load_split(root, "train")
-    firsts = catalog.groupby("case", sort=True)["case_day"].first().tolist()
-    rest = [d for d in dict.fromkeys(catalog["case_day"]) if d not in firsts]
+    firsts = catalog.groupby("group", sort=True)["volume_id"].first().tolist()
+    rest = [d for d in dict.fromkeys(catalog["volume_id"]) if d not in firsts]
     chosen = ((firsts + rest) * n_panels)[:n_panels]
     depths = np.linspace(0.22, 0.72, n_panels)
     colors = ("tab:red", "lime", "cyan")
     cols = min(4, n_panels)
     fig = Figure(figsize=(4 * cols, 4.2 * -(-n_panels // cols)))
     axes = fig.subplots(-(-n_panels // cols), cols, squeeze=False).ravel()
-    for ax, case_day, depth in zip(axes, chosen, depths):
-        rows = catalog[catalog["case_day"] == case_day].sort_values("slice")
+    for ax, volume_id, depth in zip(axes, chosen, depths):
+        rows = catalog[catalog["volume_id"] == volume_id].sort_values("slice")
         row = rows.iloc[[int(depth * (len(rows) - 1))]]
         image = cv2.imread(row["path"].iloc[0], cv2.IMREAD_UNCHANGED).astype(np.float32)
         masks = decode_masks(row)[0]
@@ -283,7 +278,7 @@ def _write_all(tmp: Path, preset: Preset, seed: int, workers: int) -> dict:
     rows: dict[str, list] = {"train": [], "test": []}
     truncated = []
     spawn = multiprocessing.get_context("spawn")
-    with spawn.Pool(workers, initializer=_init_worker) if workers > 1 else contextlib.nullcontext() as pool:
+    with spawn.Pool(workers, initializer=init_worker) if workers > 1 else contextlib.nullcontext() as pool:
         results = pool.imap(write_volume, jobs) if pool else map(write_volume, jobs)
         for job, (volume_rows, cut) in zip(jobs, tqdm(results, total=len(jobs), desc="volumes", unit="vol")):
             rows[job.split] += volume_rows
@@ -310,7 +305,7 @@ def _write_all(tmp: Path, preset: Preset, seed: int, workers: int) -> dict:
 def generate_dataset(
     out_dir: Path | str, preset: str | Preset, seed: int = 0, workers: int = 1, force: bool = False
 ) -> dict:
-    """Write the synthetic dataset under ``out_dir`` and return its statistics.
+    """Write the synthetic GI-tract dataset under ``out_dir`` and return its statistics.
 
     An ``out_dir`` already holding the same preset and seed is kept as is. One made otherwise is
     replaced only with ``force``; a non-empty folder that is not a synthetic dataset never is.
@@ -319,36 +314,6 @@ def generate_dataset(
         if preset not in PRESETS:
             raise SyntheticDataError(f"unknown preset '{preset}'; valid presets: {', '.join(PRESETS)}")
         preset = PRESETS[preset]
-    out = Path(out_dir)
-    meta_path = out / "dataset.json"
-    if out.is_dir() and any(out.iterdir()):
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-        if meta is None:
-            raise SyntheticDataError(
-                f"{out} is not empty and holds no dataset.json, so it is not a synthetic dataset; "
-                "refusing to replace it (even with --force). Pick another --out or remove it yourself."
-            )
-        if meta.get("spec") == _spec(preset, seed):
-            log.info("%s already holds the '%s' preset with seed %d: nothing to do", out, preset.name, seed)
-            return meta["stats"]
-        if not force:
-            old = meta.get("spec", {})
-            raise SyntheticDataError(
-                f"{out} holds a synthetic dataset made with preset '{old.get('name')}' seed {old.get('seed')} "
-                f"(generator {old.get('generator')}), not '{preset.name}' seed {seed}; pass --force to replace it"
-            )
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        stats = _write_all(tmp, preset, seed, workers)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return stats
+    return write_dataset_folder(
+        out_dir, _spec(preset, seed), lambda tmp: _write_all(tmp, preset, seed, workers), force
+    )

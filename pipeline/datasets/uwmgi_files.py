@@ -1,8 +1,8 @@
-"""The Kaggle layout: ids, slice files, shapes and labels.
+"""UW-Madison GI Tract files: ids, slice images, ``train.csv`` labels.
 
 ``train/case{N}/case{N}_day{D}/scans/slice_{NNNN}_{W}_{H}_{PX}_{PY}.png`` holds one 16-bit slice;
 its id is ``case{N}_day{D}_slice_{NNNN}``. ``train.csv`` has three rows per slice
-(``id,class,segmentation``), the segmentation an RLE string or blank.
+(``id,class,segmentation``, row-major RLE or blank).
 """
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.config import CLASSES
+from pipeline.datasets.base import sort_catalog
+from pipeline.errors import DataError
+from pipeline.rle import rle_decode
 
+CLASSES = ("large_bowel", "small_bowel", "stomach")
 ID_RE = re.compile(r"^case(?P<case>\d+)_day(?P<day>\d+)_slice_(?P<slice>\d{4})$")
 FILE_RE = re.compile(
     r"^slice_(?P<slice>\d{4})_(?P<width>\d+)_(?P<height>\d+)_(?P<px>\d+(?:\.\d+)?)_(?P<py>\d+(?:\.\d+)?)\.png$"
 )
-CATALOG_COLUMNS = ["id", "case", "day", "case_day", "slice", "path", "width", "height", "px", "py"]
-
-
-class DataError(ValueError):
-    """The dataset on disk does not match the Kaggle layout; the message names the file or row."""
+COLUMNS = ["id", "group", "volume_id", "slice", "path", "height", "width", "px", "py", "day"]
+ORDER = ["group", "day", "slice"]  # numeric: case2 before case10, day3 before day10
 
 
 def parse_id(slice_id: str) -> tuple[int, int, int]:
@@ -51,8 +51,7 @@ def slice_filename(slice_idx: int, width: int, height: int, px: float, py: float
 def scan_split(root: Path, split: str = "train") -> pd.DataFrame:
     """Every slice image under ``root/split`` as a catalog, sorted by case, day, slice.
 
-    Columns: id, case, day, case_day, slice, path, width, height, px, py. An empty or
-    missing split gives an empty catalog (the public Kaggle test folder is empty).
+    An empty or missing split gives an empty catalog (the public Kaggle test folder is empty).
     """
     base = Path(root) / split
     rows = []
@@ -71,23 +70,17 @@ def scan_split(root: Path, split: str = "train") -> pd.DataFrame:
             (
                 make_id(case, day, slice_idx),
                 case,
-                day,
                 case_day,
                 slice_idx,
                 str(png),
-                int(match["width"]),
                 int(match["height"]),
+                int(match["width"]),
                 float(match["px"]),
                 float(match["py"]),
+                day,
             )
         )
-    frame = pd.DataFrame(rows, columns=CATALOG_COLUMNS)
-    if frame.empty:
-        return frame
-    dup = frame[frame["id"].duplicated(keep=False)]
-    if not dup.empty:
-        raise DataError(f"two image files for slice {dup['id'].iloc[0]}: {', '.join(dup['path'])}")
-    return frame.sort_values(["case", "day", "slice"], kind="stable").reset_index(drop=True)
+    return sort_catalog(pd.DataFrame(rows, columns=COLUMNS), base, ORDER)
 
 
 def read_slice(path: str | Path, width: int | None = None, height: int | None = None) -> np.ndarray:
@@ -133,11 +126,15 @@ def read_labels(csv_path: Path) -> pd.DataFrame:
     bad_id = ~frame["id"].str.match(ID_RE.pattern)
     if bad_id.any():
         row = int(np.flatnonzero(bad_id)[0])
-        raise DataError(f"{csv_path} row {row + 2}: id '{frame['id'].iloc[row]}' is not case{{N}}_day{{D}}_slice_{{NNNN}}")
+        raise DataError(
+            f"{csv_path} row {row + 2}: id '{frame['id'].iloc[row]}' is not case{{N}}_day{{D}}_slice_{{NNNN}}"
+        )
     dup = frame.duplicated(["id", "class"], keep=False)
     if dup.any():
         row = int(np.flatnonzero(dup)[0])
-        raise DataError(f"{csv_path} row {row + 2}: ({frame['id'].iloc[row]}, {frame['class'].iloc[row]}) appears twice")
+        raise DataError(
+            f"{csv_path} row {row + 2}: ({frame['id'].iloc[row]}, {frame['class'].iloc[row]}) appears twice"
+        )
     frame["segmentation"] = frame["segmentation"].str.strip()
     return frame[["id", "class", "segmentation"]]
 
@@ -150,7 +147,9 @@ def labels_wide(labels: pd.DataFrame) -> pd.DataFrame:
     return wide
 
 
-def attach_labels(catalog: pd.DataFrame, labels: pd.DataFrame, csv_path: Path | str = "train.csv") -> pd.DataFrame:
+def attach_labels(
+    catalog: pd.DataFrame, labels: pd.DataFrame, csv_path: Path | str = "train.csv"
+) -> pd.DataFrame:
     """Join per-class RLE columns onto the catalog; every labelled id must have an image and back."""
     wide = labels_wide(labels)
     no_image = wide.index.difference(catalog["id"])
@@ -180,6 +179,13 @@ def load_split(root: Path, split: str = "train", labels_csv: str | None = "train
     return attach_labels(catalog, read_labels(csv_path), csv_path)
 
 
-def days(catalog: pd.DataFrame) -> list[str]:
-    """Day-volume keys (``case{N}_day{D}``) in catalog order."""
-    return list(dict.fromkeys(catalog["case_day"]))
+def decode_masks(rows: pd.DataFrame, source: str = "train.csv") -> np.ndarray:
+    """(S, 3, H, W) uint8 masks of one day from the per-class RLE columns of the catalog."""
+    height, width = int(rows["height"].iloc[0]), int(rows["width"].iloc[0])
+    masks = np.zeros((len(rows), len(CLASSES), height, width), dtype=np.uint8)
+    for s, row in enumerate(rows.itertuples(index=False)):
+        for c, name in enumerate(CLASSES):
+            rle = getattr(row, name)
+            if rle:
+                masks[s, c] = rle_decode(rle, (height, width), where=f"{source} ({row.id}, {name})")
+    return masks

@@ -1,0 +1,36 @@
+"""Reading TIFF images and their sizes (LGG and Ultrasound Nerve store their slices as TIFF)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import DataError
+
+
+def tiff_shape(path: Path) -> tuple[int, ...]:
+    """The array shape of a TIFF from its header (no pixel data read)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return tuple(tif.pages[0].shape)
+    except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
+        raise DataError(
+            f"{path}: not a readable TIFF ({exc}); replace the file or remove the slice"
+        ) from None
+
+
+def read_tiff(path: str | Path) -> np.ndarray:
+    import tifffile
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image is missing: {path}")
+    try:
+        return tifffile.imread(path)
+    except (OSError, ValueError, tifffile.TiffFileError) as exc:
+        raise DataError(
+            f"{path}: not a readable TIFF ({exc}); replace the file or remove the slice"
+        ) from None

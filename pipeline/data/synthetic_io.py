@@ -1,0 +1,78 @@
+"""Writing a synthetic dataset folder: atomically, and never over real data.
+
+Every embedded phantom (:mod:`pipeline.datasets.uwmgi_phantom`, :mod:`pipeline.data.phantom_lgg`,
+:mod:`pipeline.data.phantom_nerve`) writes through :func:`write_dataset_folder`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+
+log = logging.getLogger(__name__)
+
+
+class SyntheticDataError(ValueError):
+    """The output folder holds something this generator must not overwrite."""
+
+
+def init_worker() -> None:
+    """Pool initializer of phantom writers: one OpenCV thread per worker process."""
+    cv2.setNumThreads(1)  # one process per core already
+
+
+def write_dataset_folder(
+    out_dir: Path | str,
+    spec: dict,
+    write: Callable[[Path], dict],
+    force: bool = False,
+    what: str = "synthetic dataset",
+) -> dict:
+    """Write a generated dataset folder atomically and return its statistics.
+
+    ``write(tmp)`` fills a temporary sibling folder and returns the statistics; it must write
+    ``dataset.json`` holding ``{"spec": spec, "stats": ...}``. The folder is renamed into place
+    only when ``write`` succeeded. An ``out_dir`` already holding the same ``spec`` is kept as is;
+    one made with another spec is replaced only with ``force``; a non-empty folder without
+    ``dataset.json`` (real data, say) never is.
+    """
+    out = Path(out_dir)
+    meta_path = out / "dataset.json"
+    if out.is_dir() and any(out.iterdir()):
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+        if meta is None:
+            raise SyntheticDataError(
+                f"{out} is not empty and holds no dataset.json, so it is not a {what}; "
+                "refusing to replace it (even with --force). Pick another --out or remove it yourself."
+            )
+        if meta.get("spec") == spec:
+            log.info("%s already holds this %s (%s): nothing to do", out, what, spec.get("name"))
+            return meta["stats"]
+        if not force:
+            old = meta.get("spec", {})
+            raise SyntheticDataError(
+                f"{out} holds a {what} made with preset '{old.get('name')}' seed {old.get('seed')} "
+                f"(generator {old.get('generator')}), not '{spec.get('name')}' seed {spec.get('seed')}; "
+                "pass --force to replace it"
+            )
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        stats = write(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stats

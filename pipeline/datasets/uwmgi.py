@@ -1,0 +1,104 @@
+"""UW-Madison GI Tract Image Segmentation: 16-bit abdominal MRI, three overlapping organ masks.
+
+Layout: ``train/case{N}/case{N}_day{D}/scans/slice_{NNNN}_{W}_{H}_{PX}_{PY}.png`` (one 16-bit slice;
+its id is ``case{N}_day{D}_slice_{NNNN}``), ``train.csv`` with three rows per slice
+(``id,class,segmentation``, row-major RLE or blank), ``test/`` in the same shape (empty on the
+public page), ``sample_submission.csv`` (``id,class,predicted``).
+
+Group = case (one patient's days never span two folds); volume = day (``case{N}_day{D}``, the
+unit of 2.5D stacks, 3D components and the 3D Hausdorff). Metric: ``0.4 * Dice + 0.6 * (1 -
+3D Hausdorff)`` (:mod:`pipeline.metric`). Submissions: :mod:`pipeline.datasets.uwmgi_submission`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+
+from pipeline import metric
+from pipeline.datasets import uwmgi_submission
+from pipeline.datasets.base import DatasetSpec, Encoder, Phantom, SubmissionWriter
+from pipeline.datasets.uwmgi_files import CLASSES, decode_masks, load_split, read_slice, scan_split
+from pipeline.errors import DataError
+
+
+class UWMadison(DatasetSpec):
+    name: ClassVar[str] = "uwmgi"
+    title: ClassVar[str] = "UW-Madison GI Tract"
+    classes: ClassVar[tuple[str, ...]] = CLASSES
+    channels: ClassVar[int] = 1
+    volumetric: ClassVar[bool] = True
+    rle_order: ClassVar[str] = "C"
+    labels_file: ClassVar[str | None] = "train.csv"
+    kaggle_source: ClassVar[tuple[str, str]] = ("competition", "uw-madison-gi-tract-image-segmentation")
+    metric_keys: ClassVar[tuple[str, ...]] = ("score", "dice", "hausdorff")
+    # the schema's defaults were written for this dataset; its real labels are faulty in two days
+    config_defaults: ClassVar[dict[str, Any]] = {"folds": {"exclude_volumes": ["case7_day0", "case81_day30"]}}
+
+    def scan(self, root: Path, split: str = "train") -> pd.DataFrame:
+        return scan_split(root, split)
+
+    def load_split(self, root: Path, split: str = "train") -> pd.DataFrame:
+        return load_split(root, split)
+
+    def has_labels(self, catalog: pd.DataFrame) -> bool:
+        return all(name in catalog.columns for name in CLASSES)
+
+    def presence(self, catalog: pd.DataFrame) -> pd.DataFrame:
+        missing = [c for c in CLASSES if c not in catalog.columns]
+        if missing:
+            raise DataError(f"the catalog has no label columns {missing}: training needs train.csv labels")
+        rles = catalog.set_index("id")[list(CLASSES)].astype(str)
+        return rles.apply(lambda col: col.str.len() > 0)
+
+    def read_image(self, path: str | Path, height: int, width: int) -> np.ndarray:
+        return read_slice(path, width, height)
+
+    def read_masks(self, rows: pd.DataFrame) -> np.ndarray:
+        return decode_masks(rows)
+
+    def volume_stats(self, pred: np.ndarray, truth: np.ndarray) -> metric.VolumeStats:
+        return metric.volume_stats(pred, truth, per_class=True)
+
+    def fast_stats(self, pred: np.ndarray, truth: np.ndarray) -> metric.VolumeStats:
+        """The stats without the per-class distances (validation during training)."""
+        return metric.volume_stats(pred, truth, per_class=False)
+
+    def aggregate(self, stats: Any) -> dict:
+        return metric.aggregate(stats, CLASSES)
+
+    def format_score(self, result: dict) -> str:
+        def cell(value: float | None) -> str:
+            return "      -" if value is None else f"{value:7.4f}"
+
+        lines = [f"{'':12s} {'dice':>7s} {'hausd.':>7s} {'score':>7s}"]
+        for name in CLASSES:
+            row = result["per_class"][name]
+            lines.append(f"{name:12s} {cell(row['dice'])} {cell(row['hausdorff'])} {cell(row['score'])}")
+        lines.append(
+            f"{'all':12s} {cell(result['dice'])} {cell(result['hausdorff'])} {cell(result['score'])}"
+        )
+        lines.append(f"({result['n_rows']} Dice rows, {result['n_volumes']} volumes in the Hausdorff mean)")
+        return "\n".join(lines)
+
+    def prediction_catalog(self, root: Path, debug_volumes: int = 0) -> pd.DataFrame:
+        return uwmgi_submission.prediction_catalog(root, debug_volumes)
+
+    def submission_writer(
+        self, root: Path, out: Path, catalog: pd.DataFrame, encode: Encoder, force: bool = False
+    ) -> SubmissionWriter:
+        return uwmgi_submission.UWSubmissionWriter(root, out, catalog, encode)
+
+    def score_files(self, submission: Path, truth: Path, root: Path) -> dict:
+        return uwmgi_submission.score_files(submission, truth, root)
+
+    def phantom(self) -> Phantom:
+        from pipeline.datasets import uwmgi_phantom
+
+        return Phantom(uwmgi_phantom.PRESETS, uwmgi_phantom.generate_dataset, uwmgi_phantom.format_stats)
+
+
+DATASET = UWMadison()

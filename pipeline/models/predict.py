@@ -1,0 +1,160 @@
+"""A network on one volume: prepared input, batched forward, TTA, paste-back.
+
+Used by the per-epoch validation of training, by the out-of-fold writer and by submit, so
+that a member is always evaluated the way it will be applied. Each TTA view (a flip
+combination and a scale) is inverted (flipped back, resized back to the network size) before
+the sigmoid probabilities are averaged; the mean goes back to the original slice geometry
+with :meth:`Geometry.inverse`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import TTACfg
+from pipeline.data.geometry import Box
+from pipeline.data.prepare import prepare_day
+from pipeline.datasets import get_dataset
+from pipeline.device import amp_autocast
+from pipeline.models.classifier import build_classifier
+from pipeline.models.segmenter import build_segmenter
+
+log = logging.getLogger(__name__)
+
+SIZE_MULTIPLE = 32  # encoders downsample 5 times: scaled inputs are rounded to this
+View = tuple[tuple[int, ...], float]  # (flipped tensor dims, scale)
+
+
+def channels_last(cfg: Any) -> bool:
+    """Whether a member runs in the NHWC layout (``train.channels_last``; faster on CUDA and oneDNN CPUs)."""
+    return bool(getattr(getattr(cfg, "train", None), "channels_last", False))
+
+
+def input_channels(cfg: Any) -> int:
+    """Network input channels of a member: ``2k+1`` neighbouring slices x the dataset's channels."""
+    return (2 * cfg.data.k + 1) * get_dataset(cfg.dataset).channels
+
+
+def build_model(cfg: Any) -> nn.Module:
+    """The (untrained) network a seg or cls config describes, one output per class of its dataset."""
+    n_classes = len(get_dataset(cfg.dataset).classes)
+    if cfg.stage == "seg":
+        return build_segmenter(cfg.model, in_channels=input_channels(cfg), classes=n_classes)
+    if cfg.stage == "cls":
+        return build_classifier(cfg.model, in_channels=input_channels(cfg), classes=n_classes)
+    raise ValueError(f"config '{cfg.name}' is a '{cfg.stage}' config, not a seg or cls member")
+
+
+def tta_views(tta: TTACfg | None) -> list[View]:
+    """Every (flip combination, scale) view; the identity first. None: the identity only."""
+    if tta is None:
+        return [((), 1.0)]
+    axes = [d for d, on in ((-1, tta.hflip), (-2, tta.vflip)) if on]
+    flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(sorted(axes), r)]
+    scales = list(dict.fromkeys(float(s) for s in tta.scales)) or [1.0]
+    for scale in scales:
+        if scale <= 0:
+            raise ValueError(f"tta.scales must be positive, got {scale}")
+    return [(flip, scale) for scale in scales for flip in flips]
+
+
+def scaled_size(size: tuple[int, int], scale: float, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
+    return tuple(max(multiple, round(s * scale / multiple) * multiple) for s in size)
+
+
+def forward_views(model: nn.Module, x: torch.Tensor, views: list[View], amp: bool = True) -> torch.Tensor:
+    """Mean sigmoid probabilities over ``views`` of a batch, each inverted to ``x``'s grid.
+
+    Segmentation outputs (B, C, H, W) are flipped / resized back; classifier outputs (B, C)
+    need no inversion.
+    """
+    size = tuple(x.shape[-2:])
+    total = None
+    for flips, scale in views:
+        view = x
+        if scale != 1.0:
+            view = F.interpolate(view, size=scaled_size(size, scale), mode="bilinear", align_corners=False)
+        if flips:
+            view = torch.flip(view, flips)
+        with amp_autocast(x.device, amp):
+            out = model(view)
+        prob = out.float().sigmoid()
+        if prob.ndim == 4:
+            if flips:
+                prob = torch.flip(prob, flips)
+            if tuple(prob.shape[-2:]) != size:
+                prob = F.interpolate(prob, size=size, mode="bilinear", align_corners=False)
+        total = prob if total is None else total + prob
+    return total / len(views)
+
+
+def _batches(
+    model: nn.Module,
+    x: np.ndarray,
+    device: torch.device,
+    batch_size: int,
+    views: list[View],
+    amp: bool,
+    nhwc: bool = False,
+):
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size]))
+            batch = batch.to(device, non_blocking=True)
+            if nhwc:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            yield start, forward_views(model, batch, views, amp).cpu().numpy()
+
+
+def predict_day(
+    model: nn.Module,
+    cfg: Any,
+    image: np.ndarray,
+    box: Box,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+    tta: TTACfg | None = None,
+    amp: bool = True,
+) -> np.ndarray:
+    """float32 (S, classes, H, W) probabilities of a segmenter on a volume (S, [C,] H, W), in its own geometry."""
+    device = torch.device(device)
+    x, geometry = prepare_day(image, box, cfg.data)
+    n_classes = len(get_dataset(cfg.dataset).classes)
+    probs = np.empty((len(x), n_classes, *geometry.size), dtype=np.float32)
+    for start, p in _batches(model, x, device, batch_size, tta_views(tta), amp, channels_last(cfg)):
+        probs[start : start + len(p)] = p
+    return geometry.inverse(probs)
+
+
+def predict_day_cls(
+    model: nn.Module,
+    cfg: Any,
+    image: np.ndarray,
+    box: Box,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    tta: TTACfg | None = None,
+    amp: bool = True,
+) -> np.ndarray:
+    """float32 (S, classes) presence probabilities of a classifier on a volume (S, [C,] H, W).
+
+    TTA averages the flip views (scales are a segmentation option and are not used here).
+    """
+    device = torch.device(device)
+    if tta is not None:
+        tta = TTACfg(hflip=tta.hflip, vflip=tta.vflip, scales=(1.0,))
+    x, _ = prepare_day(image, box, cfg.data)
+    probs = np.empty((len(x), len(get_dataset(cfg.dataset).classes)), dtype=np.float32)
+    for start, p in _batches(model, x, device, batch_size, tta_views(tta), amp, channels_last(cfg)):
+        probs[start : start + len(p)] = p
+    return probs
