@@ -21,8 +21,10 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import PipelineError
 
-class ConfigError(ValueError):
+
+class ConfigError(PipelineError, ValueError):
     """A config key is unknown, of the wrong type, or out of range."""
 
 
@@ -208,6 +210,152 @@ class EnsembleConfig:
     report_slices: int = 6  # overlay figures drawn by `make cv`
 
 
+# --------------------------------------------------------------------------- value checks
+# Every range and enumeration is checked here, when the config is loaded, before any data is read.
+# A check returns None when the value is fine, else what is allowed.
+
+Check = Callable[[Any], str | None]
+
+
+def at_least(low: float) -> Check:
+    return lambda v: None if v >= low else f"must be >= {low:g}"
+
+
+def above(low: float) -> Check:
+    return lambda v: None if v > low else f"must be > {low:g}"
+
+
+def within(low: float, high: float, high_open: bool = False) -> Check:
+    closing = ")" if high_open else "]"
+    ok = (lambda v: low <= v < high) if high_open else (lambda v: low <= v <= high)
+    return lambda v: None if ok(v) else f"must be in [{low:g}, {high:g}{closing}"
+
+
+def one_of(*choices: str) -> Check:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def optional(check: Check) -> Check:
+    return lambda v: None if v is None else check(v)
+
+
+def each(check: Check) -> Check:
+    def run(values: Any) -> str | None:
+        for i, v in enumerate(values):
+            problem = check(v)
+            if problem:
+                return f"item {i} ({v!r}) {problem}"
+        return None
+
+    return run
+
+
+def multiple_of(n: int) -> Check:
+    return lambda v: None if v % n == 0 else f"must be a multiple of {n}"
+
+
+def device_name(v: str) -> str | None:
+    ok = v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())
+    return None if ok else "must be auto, cpu, cuda or cuda:<index>"
+
+
+def _both(*checks: Check) -> Check:
+    return lambda v: next((p for p in (c(v) for c in checks) if p), None)
+
+
+CHECKS: dict[type, dict[str, Check]] = {
+    DataCfg: {
+        "k": at_least(0),
+        "stride": at_least(1),
+        "img_size": each(at_least(16)),  # divisibility by the encoder's stride: _cross_checks
+        "resize": one_of("resize", "pad"),
+        "normalize": one_of("image", "volume"),
+        "train_on": one_of("labelled", "all"),
+        "max_days": optional(at_least(1)),
+    },
+    ModelCfg: {"dropout": within(0, 1, high_open=True), "freeze_encoder": at_least(0)},
+    TrainCfg: {
+        "epochs": at_least(1),
+        "batch_size": at_least(1),
+        "lr": above(0),
+        "weight_decay": at_least(0),
+        "warmup_epochs": at_least(0),
+        "min_lr_ratio": within(0, 1),
+        "accum_steps": at_least(1),
+        "clip_grad": optional(above(0)),
+        "ema_decay": within(0, 1, high_open=True),
+        "num_workers": at_least(0),
+        "val_every": at_least(1),
+        "device": device_name,
+        "max_steps_per_epoch": optional(at_least(1)),
+        "val_batch_size": optional(at_least(1)),
+    },
+    LossCfg: {
+        **{k: at_least(0) for k in ("bce", "dice", "tversky", "lovasz", "focal", "focal_gamma")},
+        "tversky_alpha": within(0, 1),
+        "tversky_beta": within(0, 1),
+        "pos_weight": optional(above(0)),
+    },
+    DetParams: {
+        "imgsz": _both(at_least(32), multiple_of(32)),
+        "epochs": at_least(1),
+        "batch": at_least(1),
+        "slices_per_day": at_least(1),
+        "val_fraction": within(0, 1, high_open=True),
+        "conf": within(0, 1),
+        "margin": within(0, 0.5, high_open=True),
+        "threshold_quantile": within(0, 1),
+        "threshold_scale": above(0),
+        "workers": at_least(0),
+        "device": device_name,
+        "predict_step": at_least(1),
+    },
+    TTACfg: {"scales": _both(lambda v: None if len(v) else "must list at least one scale", each(above(0)))},
+    MemberCfg: {"weight": at_least(0), "folds": optional(each(at_least(0)))},
+    TuneCfg: {
+        "pixel_thresholds": each(within(0, 1)),
+        "gate_thresholds": each(within(0, 1)),
+        "min_component_sizes": each(at_least(0)),
+        "blend_steps": at_least(1),
+        "sweeps": at_least(1),
+    },
+    FoldsConfig: {"n_folds": at_least(2)},
+    EnsembleConfig: {
+        "batch_size": at_least(1),
+        "device": device_name,
+        "debug_train_days": at_least(0),
+        "report_slices": at_least(0),
+    },
+}
+
+
+def _cross_checks(cfg: Any) -> list[tuple[str, str]]:
+    """(key, problem) of checks that involve several keys."""
+    out = []
+    loss = getattr(cfg, "loss", None)
+    if isinstance(loss, LossCfg) and not any(
+        getattr(loss, k) > 0 for k in ("bce", "dice", "tversky", "lovasz", "focal")
+    ):
+        out.append(("loss", "every loss weight (bce, dice, tversky, lovasz, focal) is 0: set one > 0"))
+    if isinstance(cfg, ClsConfig) and cfg.loss.lovasz > 0:
+        out.append(("loss.lovasz", "applies to segmentation only: set it to 0 for a classifier"))
+    smp_model = isinstance(cfg, SegConfig) or (
+        isinstance(cfg, ClsConfig) and cfg.model.arch.lower() != "timm"
+    )
+    if smp_model:  # an smp encoder halves the input encoder_depth times (5 by default)
+        stride = 2 ** int(cfg.model.kwargs.get("encoder_depth", 5))
+        bad = [v for v in cfg.data.img_size if v % stride]
+        if bad:
+            out.append(
+                (
+                    "data.img_size",
+                    f"= {list(cfg.data.img_size)} must be multiples of {stride}, the stride of "
+                    f"{cfg.model.arch}/{cfg.model.encoder} (encoder_depth {stride.bit_length() - 1})",
+                )
+            )
+    return out
+
+
 SCHEMAS: dict[str, type] = {
     "folds": FoldsConfig,
     "det": DetConfig,
@@ -296,7 +444,16 @@ def _build(schema: type, values: dict[str, Any], prefix: str = "") -> Any:
         if key not in fields:
             raise ConfigError(f"unknown config key '{prefix}{key}'{_suggest(key, list(fields))}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
-    return schema(**kwargs)
+    built = schema(**kwargs)
+    for key, check in CHECKS.get(schema, {}).items():
+        value = getattr(built, key)
+        problem = check(value)
+        if problem:
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ConfigError(f"config key '{prefix}{key}' = {shown!r} {problem}")
+    for key, problem in _cross_checks(built):
+        raise ConfigError(f"config key '{prefix}{key}' {problem}")
+    return built
 
 
 def _merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:

@@ -1,14 +1,21 @@
-"""Atomic writes: a file is either absent or complete, never half written."""
+"""Atomic writes (a file is either absent or complete, never half written) and run-folder locks."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from pipeline.errors import RunLockedError
+
+LOCK_FILE = ".lock"
 
 
 def _umask() -> int:
@@ -58,3 +65,35 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
     with atomic_path(path) as tmp:
         writer(tmp)
     return Path(path)
+
+
+@contextmanager
+def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on a run folder while a process writes it.
+
+    A second process asking for the same folder (``make train-seg`` started twice) stops at once
+    with :class:`~pipeline.errors.RunLockedError` naming the folder and the process holding it.
+    The lock is the kernel's (``flock``): a killed process releases it, no stale lock is left.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunLockedError(
+            f"{folder} is being written by another process ({owner}); wait for it to finish or stop it "
+            "(two runs writing one folder would mix their checkpoints)"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(
+            fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode()
+        )
+        yield folder
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 
+from pipeline.errors import PipelineError
 from pipeline.rle_format import as_uint8, check_order, runs_to_strings
 from pipeline.rle_numba import encode_one, find_runs, paint_runs
 
@@ -33,7 +34,7 @@ _TOKENS = re.compile(r"-?[0-9]+(?:\s+-?[0-9]+)*")
 _TOKEN = re.compile(r"-?[0-9]+")
 
 
-class RLEError(ValueError):
+class RLEError(PipelineError, ValueError):
     """A run-length string that cannot be decoded onto the given mask shape."""
 
 

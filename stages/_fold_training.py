@@ -7,7 +7,9 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.config import ConfigError
 from pipeline.datasets import load_config
+from pipeline.models.registry import check_model
 from pipeline.runtime import configure_runtime
 from pipeline.train.parallel import resolve_jobs, run_folds
 from pipeline.train.tasks import describe, every_fold, parse_folds, train_store
@@ -37,6 +39,10 @@ def run_stage(
     )
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set, stage=stage)
+    try:
+        check_model(cfg.model, stage)  # names of architecture and encoder, before any data is read
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: {exc}") from None
     folds = parse_folds(args.folds) if args.folds else every_fold(cfg)
     configure_runtime(seed=cfg.train.seed)
     log.info("%s; folds %s", describe(cfg), " ".join(map(str, folds)))

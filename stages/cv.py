@@ -10,6 +10,7 @@ from pipeline.datasets import load_config
 from pipeline.infer.report import run_report
 from pipeline.paths import data_dir
 from pipeline.runtime import configure_runtime
+from stages._cli import run_cli
 
 log = logging.getLogger("stages.cv")
 
@@ -31,4 +32,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli("cv", main))

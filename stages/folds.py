@@ -11,6 +11,7 @@ from pipeline.datasets import get_dataset, load_config
 from pipeline.io import write_csv
 from pipeline.paths import data_dir, folds_path
 from pipeline.runtime import configure_runtime
+from stages._cli import run_cli
 
 log = logging.getLogger("stages.folds")
 
@@ -57,4 +58,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli("folds", main))

@@ -15,6 +15,7 @@ from pipeline.kaggle.bundle import DEFAULT_OUT, DEFAULT_PREFIX, BundleError, bui
 from pipeline.kaggle.push import PushError, push_bundle
 from pipeline.kaggle.wheels import DEFAULT_CACHE, WheelError
 from pipeline.runtime import configure_runtime
+from stages._cli import run_cli
 
 log = logging.getLogger("stages.kernel")
 
@@ -72,4 +73,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli("kernel", main))

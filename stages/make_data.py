@@ -11,6 +11,7 @@ from pipeline.data.synthetic_io import SyntheticDataError
 from pipeline.datasets import get_dataset
 from pipeline.paths import data_dir
 from pipeline.runtime import configure_runtime
+from stages._cli import run_cli
 
 log = logging.getLogger("stages.make_data")
 
@@ -48,4 +49,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli("make_data", main))

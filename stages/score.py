@@ -17,9 +17,9 @@ import logging
 from pathlib import Path
 
 from pipeline.datasets import get_dataset
-from pipeline.errors import DataError, SubmissionError
 from pipeline.paths import data_dir
 from pipeline.runtime import configure_runtime
+from stages._cli import run_cli
 
 log = logging.getLogger("stages.score")
 
@@ -36,11 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     configure_runtime()
-    try:
-        spec = get_dataset(args.dataset)
-        result = spec.score_files(args.submission, args.truth, data_dir(args.data_dir, spec.name))
-    except (SubmissionError, DataError) as err:
-        parser.exit(2, f"score: error: {err}\n")
+    spec = get_dataset(args.dataset)
+    result = spec.score_files(args.submission, args.truth, data_dir(args.data_dir, spec.name))
     log.info("scored %s against %s (%s)", args.submission, args.truth, spec.title)
     print(spec.format_score(result))
     print(json.dumps({"dataset": spec.name, **result}))
@@ -48,4 +45,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli("score", main))

@@ -10,6 +10,7 @@ from pipeline.datasets import load_config
 from pipeline.infer.submit import run_submit
 from pipeline.paths import data_dir
 from pipeline.runtime import configure_runtime
+from stages._cli import run_cli
 
 log = logging.getLogger("stages.submit")
 
@@ -47,4 +48,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli("submit", main))

@@ -9,6 +9,7 @@ from pathlib import Path
 from pipeline.datasets import load_config
 from pipeline.models.detector import train_detector
 from pipeline.runtime import configure_runtime
+from stages._cli import run_cli
 
 log = logging.getLogger("stages.train_det")
 
@@ -26,4 +27,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli("train_det", main))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.train.tasks import train_segmenter
+from stages._cli import run_cli
 from stages._fold_training import run_stage
 
 
@@ -20,4 +21,4 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli("train_seg", main))

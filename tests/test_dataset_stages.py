@@ -14,6 +14,7 @@ import pytest
 from test_kernel import fake_wheels
 
 from stages import cv, folds, kernel, make_data, score, submit, train_cls, train_det, train_seg, tune
+from stages._cli import run_cli
 
 FAST = [
     "train.epochs=1",
@@ -103,19 +104,20 @@ def test_score_cli_refuses_a_bad_submission_in_one_line(
     truth = pd.read_csv(root / "test_labels.csv", dtype=str, keep_default_na=False)
     truth[["img", "pixels"]].iloc[1:].to_csv(sub, index=False)
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        score.main(
-            [
-                "--dataset",
-                "nerve",
-                "--submission",
-                str(sub),
-                "--truth",
-                str(root / "test_labels.csv"),
-                "--data-dir",
-                str(root),
-            ]
-        )
-    assert exit_info.value.code == 2
+    status = run_cli(
+        "score",
+        score.main,
+        [
+            "--dataset",
+            "nerve",
+            "--submission",
+            str(sub),
+            "--truth",
+            str(root / "test_labels.csv"),
+            "--data-dir",
+            str(root),
+        ],
+    )
+    assert status == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("score: error: ") and "truth images have no row" in err[0]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.config import ConfigError, LossCfg
+from pipeline.config import ConfigError, LossCfg, load_config
 from pipeline.train.losses import build_loss
 
 LN3 = math.log(3.0)
@@ -132,15 +132,19 @@ def test_every_term_has_gradients_and_loss_is_fp32() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cfg", "mode", "needle"),
+    ("config", "overrides", "needle"),
     [
-        (LossCfg(**OFF), "multilabel", "every loss weight"),
-        (LossCfg(bce=-1.0), "multilabel", "loss.bce"),
-        (LossCfg(lovasz=1.0), "binary", "loss.lovasz"),
-        (LossCfg(), "multiclass", "loss mode"),
-        (LossCfg(pos_weight=0.0), "binary", "loss.pos_weight"),
+        ("demo_seg", ["loss.bce=0", "loss.dice=0"], "every loss weight"),
+        ("demo_seg", ["loss.bce=-1"], r"'loss.bce' = -1.0 must be >= 0"),
+        ("demo_cls", ["loss.lovasz=1"], "'loss.lovasz' applies to segmentation only"),
+        ("demo_cls", ["loss.pos_weight=0"], r"'loss.pos_weight' = 0.0 must be > 0"),
     ],
 )
-def test_bad_configs_fail_loudly(cfg: LossCfg, mode: str, needle: str) -> None:
+def test_bad_loss_configs_fail_at_load(config: str, overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
-        build_loss(cfg, mode)
+        load_config(config, overrides)
+
+
+def test_unknown_loss_mode_fails() -> None:
+    with pytest.raises(ConfigError, match="loss mode"):
+        build_loss(LossCfg(), "multiclass")

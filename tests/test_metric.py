@@ -29,6 +29,7 @@ from pipeline.metric import (
 from pipeline.metric_kernels import class_runs, row_any, union_runs
 from pipeline.rle import rle_encode
 from stages import score as score_stage
+from stages._cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -356,9 +357,7 @@ def test_slice_shapes_from_columns_or_images(tmp_path: Path) -> None:
 def _score_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
     """Run the score stage on bad input: exit status 2 and one stderr line "score: error: ..."."""
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        score_stage.main(argv)
-    assert exit_info.value.code == 2
+    assert run_cli("score", score_stage.main, argv) == 2  # what `python -m stages.score` returns
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("score: error: ")
     return err[0]

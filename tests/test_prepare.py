@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import DataCfg
+from pipeline.config import ConfigError, DataCfg, load_config
 from pipeline.data.geometry import Box, Geometry, full_box
 from pipeline.data.prepare import (
     boxes_for,
@@ -81,9 +81,9 @@ def test_training_item_equals_row_of_prepared_day(tiny_data: Path, normalize: st
     assert x.min() >= 0.0 and x.max() <= 1.5
 
 
-def test_unknown_normalize_mode_fails() -> None:
-    with pytest.raises(ValueError, match=r"data\.normalize"):
-        prepare_day(ramp_volume(), full_box((20, 30)), DataCfg(normalize="zscore", img_size=(16, 16)))
+def test_unknown_normalize_mode_fails_at_config_load() -> None:
+    with pytest.raises(ConfigError, match=r"'data\.normalize' = 'zscore' must be one of image, volume"):
+        load_config("configs/demo_seg.yaml", ["data.normalize=zscore"])
 
 
 def blobs(shape: tuple[int, int], n: int = 4, seed: int = 0) -> np.ndarray:

@@ -79,8 +79,8 @@ def test_select_slices() -> None:
     assert select_slices(has, "all", False).tolist() == [0, 1, 2, 3, 4, 5]
     assert select_slices(has, "all", True).tolist() == [0, 1, 2, 3]
     assert select_slices(np.zeros(3, bool), "all", True).tolist() == []
-    with pytest.raises(ValueError, match="train_on"):
-        select_slices(has, "some", False)
+    with pytest.raises(ConfigError, match=r"'data.train_on' = 'some' must be one of labelled, all"):
+        load_config("demo_seg", ["data.train_on=some"])  # refused when the config is loaded
 
 
 def test_slice_dataset_items(store: VolumeStore) -> None:
@@ -123,7 +123,7 @@ def test_order_and_augmentation_reproducible_from_seed_and_epoch(store: VolumeSt
     assert list(a) == list(b) and sorted(i for _, i in a) == list(range(50))
     b.set_epoch(3)
     assert [i for _, i in a] != [i for _, i in b] and {e for e, _ in b} == {3}
-    cfg = load_config("demo_seg", ["data.crop=false", "data.img_size=[48,48]"])
+    cfg = load_config("demo_seg", ["data.crop=false", "data.img_size=[64,64]"])
     data = SliceDataset(
         store, store.days, boxes_for(cfg.data, store), cfg.data, augment=build_augment(cfg.augment)
     )

@@ -22,12 +22,13 @@ import albumentations as A
 import numpy as np
 
 from pipeline.config import AugSpec
+from pipeline.errors import PipelineError
 
 COMPOSITES = ("OneOf", "SomeOf", "Sequential")
 RESERVED = ("strict", "always_apply")  # set by us / removed in albumentations 2.x
 
 
-class AugmentError(ValueError):
+class AugmentError(PipelineError, ValueError):
     """An augmentation spec names an unknown transform or an argument it does not accept."""
 
 

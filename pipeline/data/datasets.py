@@ -30,13 +30,10 @@ from pipeline.data.volumes import Volume, VolumeStore
 
 log = logging.getLogger(__name__)
 
-TRAIN_ON = ("labelled", "all")
 
 
 def select_slices(has_label: np.ndarray, train_on: str, drop_truncated_tail: bool) -> np.ndarray:
     """Positions of the slices of one day to train on (``has_label`` (S,) bool)."""
-    if train_on not in TRAIN_ON:
-        raise ValueError(f"data.train_on must be one of {TRAIN_ON}, got '{train_on}'")
     keep = has_label.copy() if train_on == "labelled" else np.ones_like(has_label)
     if drop_truncated_tail:
         labelled = np.flatnonzero(has_label)

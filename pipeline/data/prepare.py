@@ -32,7 +32,6 @@ from pipeline.data.stack import neighbour_indices
 
 log = logging.getLogger(__name__)
 
-NORMALIZE_MODES = ("image", "volume")
 
 
 def geometry_for(shape: tuple[int, int], box: Box, data_cfg: DataCfg) -> Geometry:
@@ -45,14 +44,8 @@ def prepare_planes(image: np.ndarray, geometry: Geometry) -> np.ndarray:
     return geometry.forward(np.asarray(image, dtype=np.float32))
 
 
-def _check_normalize(mode: str) -> None:
-    if mode not in NORMALIZE_MODES:
-        raise ValueError(f"data.normalize must be one of {NORMALIZE_MODES}, got '{mode}'")
-
-
 def normalise_stacks(stacks: np.ndarray, mode: str, volume_scale: float | None = None) -> np.ndarray:
     """(n, C, Hn, Wn) raw stacks -> scaled and clipped float32 (in place when possible)."""
-    _check_normalize(mode)
     n = stacks.shape[0]
     if mode == "volume":
         if volume_scale is None:
@@ -73,7 +66,6 @@ def prepare_day(image: np.ndarray, box: Box, data_cfg: DataCfg) -> tuple[np.ndar
     image = np.asarray(image)
     if image.ndim not in (3, 4):
         raise ValueError(f"prepare_day expects a (S, H, W) or (S, C, H, W) volume, got shape {image.shape}")
-    _check_normalize(data_cfg.normalize)
     geometry = geometry_for(image.shape[-2:], box, data_cfg)
     planes = prepare_planes(image, geometry)
     index = neighbour_indices(len(planes), data_cfg.k, data_cfg.stride)

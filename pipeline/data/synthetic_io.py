@@ -14,11 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import cv2
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
 
-class SyntheticDataError(ValueError):
+class SyntheticDataError(PipelineError, ValueError):
     """The output folder holds something this generator must not overwrite."""
 
 

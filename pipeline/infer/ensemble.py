@@ -71,9 +71,6 @@ def check_members(cfg: EnsembleConfig) -> list[MemberCfg]:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"ensemble config '{cfg.name}': member(s) {dup} listed twice")
-    for m in cfg.members:
-        if m.weight < 0:
-            raise ConfigError(f"ensemble config '{cfg.name}': member {m.config} has a negative weight")
     return list(cfg.members)
 
 

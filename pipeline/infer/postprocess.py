@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from pipeline.errors import PipelineError
 from pipeline.io import write_json
 from pipeline.paths import run_dir
 
@@ -32,7 +33,7 @@ _STRUCTURE_2D = np.zeros((3, 3, 3), bool)
 _STRUCTURE_2D[1] = True  # 8-connected in-plane, never across slices
 
 
-class DecisionsError(ValueError):
+class DecisionsError(PipelineError, ValueError):
     """postprocess.json is missing or does not fit the ensemble config; the message says what to run."""
 
 

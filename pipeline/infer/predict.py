@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from pipeline.config import config_from_text
+from pipeline.errors import PipelineError
 from pipeline.models.predict import build_model, channels_last
 from pipeline.train.checkpoint import load_weights
 
 
-class MemberError(FileNotFoundError):
+class MemberError(PipelineError, FileNotFoundError):
     """A run folder does not hold a trained member."""
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from pipeline.config import EnsembleConfig, dump_config, load_config
 from pipeline.datasets import get_dataset
+from pipeline.errors import PipelineError
 from pipeline.infer.ensemble import config_name
 from pipeline.infer.postprocess import DecisionsError, read_decisions
 from pipeline.infer.submit import crop_key
@@ -53,7 +54,7 @@ DET_FILES = ("weights.pt", "config.yaml", "model.yaml")
 DET_OPTIONAL = ("boxes_train.csv",)
 
 
-class BundleError(ValueError):
+class BundleError(PipelineError, ValueError):
     """Something the kernel needs is missing; the message names the file and the make target."""
 
 

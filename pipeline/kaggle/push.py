@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.errors import PipelineError
 from pipeline.kaggle.bundle import PLACEHOLDER_USER, kaggle_config_dir
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ TOKEN_HELP = (
 )
 
 
-class PushError(RuntimeError):
+class PushError(PipelineError, RuntimeError):
     """Pushing cannot start or a kaggle command failed; the message says what to do."""
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from packaging.tags import sys_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
+from pipeline.errors import PipelineError
 from pipeline.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ SUPPORT_PACKAGES = (
 )
 
 
-class WheelError(RuntimeError):
+class WheelError(PipelineError, RuntimeError):
     """A wheel could not be found or downloaded; the message names it and the way out."""
 
 

@@ -36,7 +36,7 @@ from pipeline.data.geometry import Box, day_threshold_box, full_box, pad_box, un
 from pipeline.data.volumes import VolumeStore, gray
 from pipeline.datasets import get_dataset
 from pipeline.errors import DataError
-from pipeline.io import write_csv, write_json, write_text, write_with
+from pipeline.io import run_lock, write_csv, write_json, write_text, write_with
 from pipeline.models.box_quality import evaluate_boxes, plot_day_boxes
 from pipeline.models.yolo_data import CLASS_NAME, slice_to_uint8, write_yolo_dataset
 from pipeline.paths import data_dir, run_dir
@@ -326,7 +326,12 @@ def train_detector(cfg: DetConfig) -> Path:
     model_source(params.model)
     check_train_args(params.train_args)
     out = run_dir("det", cfg.name).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):  # make train-det started twice must not write one folder twice
+        return _train_detector(cfg, out)
+
+
+def _train_detector(cfg: DetConfig, out: Path) -> Path:
+    params = cfg.det
     for name in (WEIGHTS_FILE, ARCH_FILE, "boxes_train.csv", "metrics.json", "metrics.csv", "boxes.png"):
         (out / name).unlink(missing_ok=True)  # a failed rerun must not look finished
     shutil.rmtree(out / "train", ignore_errors=True)  # ultralytics appends to an old results.csv

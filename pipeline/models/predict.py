@@ -58,10 +58,7 @@ def tta_views(tta: TTACfg | None) -> list[View]:
         return [((), 1.0)]
     axes = [d for d, on in ((-1, tta.hflip), (-2, tta.vflip)) if on]
     flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(sorted(axes), r)]
-    scales = list(dict.fromkeys(float(s) for s in tta.scales)) or [1.0]
-    for scale in scales:
-        if scale <= 0:
-            raise ValueError(f"tta.scales must be positive, got {scale}")
+    scales = list(dict.fromkeys(float(s) for s in tta.scales)) or [1.0]  # > 0: checked at config load
     return [(flip, scale) for scale in scales for flip in flips]
 
 

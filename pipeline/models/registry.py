@@ -6,15 +6,18 @@ Both factories go through here: an unknown name fails with the list of valid one
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline.config import ConfigError
+from pipeline.errors import PipelineError
 from pipeline.runtime import OFFLINE_ENV
 
 log = logging.getLogger(__name__)
@@ -23,7 +26,7 @@ TIMM_ARCH = "timm"  # classifier: a plain timm model with its own head
 WRAPPER_KEYS = ("model", "state_dict", "ema")  # checkpoint dicts that hold the state dict under a key
 
 
-class PretrainedError(ValueError):
+class PretrainedError(PipelineError, ValueError):
     """A local weights file is missing or does not fit the model."""
 
 
@@ -66,6 +69,35 @@ def cls_arch(name: str) -> str:
         raise ConfigError(
             f"model.arch '{name}' is not a known classifier; valid: {TIMM_ARCH}, {', '.join(seg_archs())}"
         ) from None
+
+
+def check_model(model_cfg: Any, stage: str) -> None:
+    """Refuse an unknown architecture or encoder by name, before any data is read or model built.
+
+    Names come from the libraries themselves: smp's architectures and encoders, timm's models (for
+    ``arch: timm`` classifiers and ``tu-`` encoders). The error lists close matches.
+    """
+    import segmentation_models_pytorch as smp
+    import timm
+
+    arch = seg_arch(model_cfg.arch) if stage == "seg" else cls_arch(model_cfg.arch)
+    encoder = model_cfg.encoder
+    if arch == TIMM_ARCH or encoder.startswith("tu-"):
+        name = encoder.removeprefix("tu-")
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+            raise ConfigError(
+                f"model.encoder '{encoder}' is not a timm model"
+                + (f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()")
+            )
+        return
+    names = smp.encoders.get_encoder_names()
+    if encoder not in names:
+        close = difflib.get_close_matches(encoder, names, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"model.encoder '{encoder}' is not an smp encoder{hint} (timm models need the 'tu-' prefix)"
+        )
 
 
 # --------------------------------------------------------------------------- local weights

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.errors import CheckpointError
 from pipeline.io import write_with
 
 BEST = "best.pt"
@@ -26,21 +27,74 @@ def save(path: Path, obj: dict[str, Any]) -> Path:
     return write_with(path, lambda tmp: torch.save(obj, tmp))
 
 
+def retrain_hint(path: Path) -> str:
+    """``run runs/seg/demo_seg/fold_0; retrain it: make train-seg CONFIG=configs/demo_seg.yaml FOLDS=0``."""
+    path = Path(path)
+    run = path.parent
+    fold = run.name.removeprefix("fold_") if run.name.startswith("fold_") else None
+    config_dir = run.parent if fold is not None else run
+    stage = config_dir.parent.name
+    variable = {"seg": "CONFIG", "cls": "CONFIG_CLS", "det": "CONFIG_DET"}.get(stage, "CONFIG")
+    command = f"make train-{stage} {variable}=configs/{config_dir.name}.yaml" + (
+        f" FOLDS={fold}" if fold else ""
+    )
+    return f"run {run}; retrain it: {command}"
+
+
 def read(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (train this run first)")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """A checkpoint dict loaded with ``weights_only=True``; a :class:`CheckpointError` naming the run otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} ({retrain_hint(path)})")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises pickle, zip and runtime errors for damaged files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} does not load ({reason[:160]}); {retrain_hint(path)}") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(
+            f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict; {retrain_hint(path)}"
+        )
+    return ckpt
+
+
+def describe_mismatch(expected: dict[str, torch.Tensor], found: dict[str, Any]) -> str:
+    """Which keys are missing, unexpected or of another shape between a model and a state dict."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [
+        f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and isinstance(found[k], torch.Tensor) and tuple(found[k].shape) != tuple(v.shape)
+    ]
+    parts = []
+    for label, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("other shape (file vs model)", shapes),
+    ):
+        if items:
+            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:3])}{more}")
+    return "; ".join(parts) or "no key difference"
 
 
 def load_weights(path: Path, model: nn.Module, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load the ``"model"`` state dict of ``best.pt`` / ``last.pt`` into ``model``; return the checkpoint."""
+    """Load the ``"model"`` state dict of ``best.pt`` / ``last.pt`` into ``model``; return the checkpoint.
+
+    A checkpoint of another architecture fails naming the keys and shapes that differ.
+    """
     ckpt = read(path, map_location)
-    if "model" not in ckpt:
-        raise ValueError(f"{path}: no 'model' entry (keys: {sorted(ckpt)}); is this a best.pt / last.pt?")
+    if "model" not in ckpt or not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path}: no 'model' state dict (keys: {sorted(ckpt)}); {retrain_hint(path)}")
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: weights do not fit the model built from config.yaml: {exc}") from exc
+    except RuntimeError:
+        diff = describe_mismatch(model.state_dict(), ckpt["model"])
+        raise CheckpointError(
+            f"{path} is a checkpoint of another architecture than its config.yaml builds ({diff}); "
+            f"{retrain_hint(path)}"
+        ) from None
     return ckpt
 
 

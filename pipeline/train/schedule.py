@@ -40,10 +40,7 @@ class StepPlan:
 
 def plan_steps(cfg: TrainCfg, loader_len: int | None) -> StepPlan:
     """The step plan for ``cfg`` over a loader of ``loader_len`` batches (None: unsized)."""
-    if cfg.epochs < 1 or cfg.accum_steps < 1 or cfg.val_every < 1:
-        raise ConfigError("train.epochs, train.accum_steps and train.val_every must be >= 1")
-    if cfg.warmup_epochs < 0 or not 0 <= cfg.min_lr_ratio <= 1:
-        raise ConfigError("train.warmup_epochs must be >= 0 and train.min_lr_ratio in [0, 1]")
+    # train.* ranges are checked when the config is loaded (pipeline.config.CHECKS)
     if loader_len is None and cfg.max_steps_per_epoch is None:
         raise ConfigError("the train loader has no len(); set train.max_steps_per_epoch")
     batches = loader_len if loader_len is not None else cfg.max_steps_per_epoch

@@ -40,7 +40,7 @@ from pipeline.data.prepare import boxes_for
 from pipeline.data.volumes import VolumeStore
 from pipeline.datasets import get_dataset
 from pipeline.device import resolve_device
-from pipeline.io import write_csv, write_with
+from pipeline.io import run_lock, write_csv, write_with
 from pipeline.models.predict import build_model, predict_day, predict_day_cls
 from pipeline.paths import data_dir, run_dir
 from pipeline.runtime import seed_everything
@@ -313,25 +313,27 @@ def _train(cfg: SegConfig | ClsConfig, fold: Fold, task: Task, progress: bool) -
     loss_fn = build_loss(cfg.loss, task.loss_mode)
     validate = task.validator(cfg, data, device, progress) if data.val_days else None
     out_dir = run_dir(task.stage, cfg.name, fold)
-    result = fit(
-        model,
-        make_loader(dataset, cfg, seed, device),
-        loss_fn,
-        dataclasses.replace(cfg.train, seed=seed),
-        out_dir,
-        validate=validate,
-        config_text=dump_config(cfg),
-        device=device,
-        progress=progress,
-    )
-    log.info("%s: best epoch %d, score %s", out_dir, result.best_epoch, result.best_score)
-    written = all(p.is_file() for p in task.oof_files(out_dir, data))
-    if data.val_days and not (result.epochs_run == 0 and written):
-        load_weights(out_dir / "best.pt", model, map_location=device)
-        model.to(device).eval()
-        log.info(
-            "wrote out-of-fold predictions %s", task.write_oof(model, cfg, data, out_dir, device, progress)
+    with run_lock(out_dir):  # make train-seg started twice must not write one folder twice
+        result = fit(
+            model,
+            make_loader(dataset, cfg, seed, device),
+            loss_fn,
+            dataclasses.replace(cfg.train, seed=seed),
+            out_dir,
+            validate=validate,
+            config_text=dump_config(cfg),
+            device=device,
+            progress=progress,
         )
+        log.info("%s: best epoch %d, score %s", out_dir, result.best_epoch, result.best_score)
+        written = all(p.is_file() for p in task.oof_files(out_dir, data))
+        if data.val_days and not (result.epochs_run == 0 and written):
+            load_weights(out_dir / "best.pt", model, map_location=device)
+            model.to(device).eval()
+            log.info(
+                "wrote out-of-fold predictions %s",
+                task.write_oof(model, cfg, data, out_dir, device, progress),
+            )
     return out_dir
 
 
