@@ -20,7 +20,6 @@ Every figure is the median of ``--repeats`` timed runs after one warm-up run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -115,33 +114,42 @@ def end_to_end(
     groups = [g for _, g in catalog.groupby("volume_id", sort=False)][: max(1, n_days)]
     volumes = [spec.read_volume(g, False) for g in groups]
     n = sum(len(v.ids) for v in volumes)
-    out = {}
-    for label, tta in (("no_tta", NO_TTA), ("tta", cfg.tta)):
-        p = EnsemblePredictor(dataclasses.replace(cfg, tta=tta), decisions, device)
+    # One predictor, the two variants interleaved (no TTA, TTA, no TTA, ...): a second predictor
+    # loaded after the first ran 1.5-2x slower here whatever its TTA (allocator and cache state),
+    # which once made TTA look 3x as costly as no TTA end to end.
+    p = EnsemblePredictor(cfg, decisions, device)
+    variants = {"no_tta": NO_TTA, "tta": cfg.tta}
 
-        def run(p=p) -> dict[str, float]:
-            spent = dict.fromkeys(PHASES, 0.0)
-            for volume in volumes:
-                marks = [time.perf_counter()]
-                boxes = p.boxes(volume.image)
-                marks.append(time.perf_counter())
-                gate = p.gate_probs(volume.image, boxes)
-                marks.append(time.perf_counter())
-                probs = to_uint8(p.seg_probs(volume.image, boxes))
-                marks.append(time.perf_counter())
-                masks = apply_postprocess(probs, gate, p.decisions.classes, spec.volumetric)
-                marks.append(time.perf_counter())
-                p.encode(masks.reshape(-1, *masks.shape[2:]), spec.rle_order)
-                _sync()
-                marks.append(time.perf_counter())
-                for phase, a, b in zip(PHASES, marks, marks[1:]):
-                    spent[phase] += b - a
-            return spent
+    def run() -> dict[str, float]:
+        spent = dict.fromkeys(PHASES, 0.0)
+        for volume in volumes:
+            marks = [time.perf_counter()]
+            boxes = p.boxes(volume.image)
+            marks.append(time.perf_counter())
+            gate = p.gate_probs(volume.image, boxes)
+            marks.append(time.perf_counter())
+            probs = to_uint8(p.seg_probs(volume.image, boxes))
+            marks.append(time.perf_counter())
+            masks = apply_postprocess(probs, gate, p.decisions.classes, spec.volumetric)
+            marks.append(time.perf_counter())
+            p.encode(masks.reshape(-1, *masks.shape[2:]), spec.rle_order)
+            _sync()
+            marks.append(time.perf_counter())
+            for phase, a, b in zip(PHASES, marks, marks[1:]):
+                spent[phase] += b - a
+        return spent
 
-        run()  # warm-up
-        runs = [run() for _ in range(max(1, repeats))]
-        totals = {phase: statistics.median(r[phase] for r in runs) / n for phase in PHASES}
-        totals["total"] = statistics.median(sum(r.values()) for r in runs) / n
+    runs: dict[str, list[dict[str, float]]] = {label: [] for label in variants}
+    for i in range(max(1, repeats) + 1):  # the first round warms up (JIT, allocator)
+        for label, tta in variants.items():
+            p.tta = tta
+            spent = run()
+            if i:
+                runs[label].append(spent)
+    out: dict[str, dict[str, float]] = {}
+    for label in variants:
+        totals = {phase: statistics.median(r[phase] for r in runs[label]) / n for phase in PHASES}
+        totals["total"] = statistics.median(sum(r.values()) for r in runs[label]) / n
         totals["model_folds"] = len(p.segmenters) + len(p.classifiers)
         out[label] = totals
     print(
@@ -151,6 +159,7 @@ def end_to_end(
     for label, row in out.items():
         cells = "".join(f"{row[ph] * 1000:12.1f}" for ph in (*PHASES, "total"))
         print(f"  {label:8s}{cells}{1.0 / row['total']:12.1f}")
+    print(f"  TTA / no TTA end to end: {out['tta']['total'] / out['no_tta']['total']:.2f}x")
     out["slices"] = n
     return out
 
