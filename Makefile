@@ -28,6 +28,10 @@ JOBS        ?= auto
 FORCE       ?=
 KAGGLE_USER ?=
 SET         ?=
+# SEED=n: train.seed / det.seed of every trained stage (the demo's spread over seeds); use its own RUNS_DIR
+SEED        ?=
+DET_SET     := $(strip $(SET) $(if $(SEED),det.seed=$(SEED)))
+TRAIN_SET   := $(strip $(SET) $(if $(SEED),train.seed=$(SEED)))
 
 export DATA_DIR
 export DATASET
@@ -44,7 +48,7 @@ help:
 	@echo "make test     - the test suite (CPU, a few minutes)"
 	@echo "make install | data | folds | train-det | train-cls | train-seg | tune | cv | submit | score"
 	@echo "make baseline | kernel | kernel-push | bench | lint | clean"
-	@echo "variables: DATASET (uwmgi|lgg|nerve) DATA_DIR CONFIG CONFIG_CLS CONFIG_DET ENSEMBLE FOLDS FOLDS_CONFIG JOBS SET"
+	@echo "variables: DATASET (uwmgi|lgg|nerve) DATA_DIR CONFIG CONFIG_CLS CONFIG_DET ENSEMBLE FOLDS FOLDS_CONFIG JOBS SET SEED DEBUG"
 
 install: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt
@@ -59,13 +63,13 @@ folds: $(STAMP)
 	$(PY) -m stages.folds --config $(FOLDS_CONFIG) --set dataset=$(DATASET) $(if $(FORCE),--force)
 
 train-det: $(STAMP)
-	$(PY) -m stages.train_det --config $(CONFIG_DET) $(if $(SET),--set $(SET))
+	$(PY) -m stages.train_det --config $(CONFIG_DET) $(if $(DET_SET),--set $(DET_SET))
 
 train-cls: $(STAMP)
-	$(PY) -m stages.train_cls --config $(CONFIG_CLS) $(if $(FOLDS),--folds $(FOLDS)) --jobs $(JOBS) $(if $(SET),--set $(SET))
+	$(PY) -m stages.train_cls --config $(CONFIG_CLS) $(if $(FOLDS),--folds $(FOLDS)) --jobs $(JOBS) $(if $(TRAIN_SET),--set $(TRAIN_SET))
 
 train-seg: $(STAMP)
-	$(PY) -m stages.train_seg --config $(CONFIG) $(if $(FOLDS),--folds $(FOLDS)) --jobs $(JOBS) $(if $(SET),--set $(SET))
+	$(PY) -m stages.train_seg --config $(CONFIG) $(if $(FOLDS),--folds $(FOLDS)) --jobs $(JOBS) $(if $(TRAIN_SET),--set $(TRAIN_SET))
 
 tune: $(STAMP)
 	$(PY) -m stages.tune --config $(ENSEMBLE)

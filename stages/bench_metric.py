@@ -21,7 +21,9 @@ from scipy.spatial.distance import directed_hausdorff
 from pipeline.datasets.uwmgi_files import CLASSES
 from pipeline.datasets.uwmgi_submission import score_submission
 from pipeline.metric import hausdorff_volume, hausdorff_volume_edt, score_volumes
+from pipeline.metric_kernels import class_runs, hausdorff_runs, row_any
 from pipeline.rle import rle_encode_batch
+from pipeline.rle_format import as_uint8
 from pipeline.runtime import configure_runtime
 
 
@@ -105,11 +107,26 @@ def _timed(fn, *args):
     return out, time.perf_counter() - start
 
 
+def split_times(p: np.ndarray, t: np.ndarray) -> dict[str, float]:
+    """Seconds of one plain pass over both masks, of the run extraction, and of the distance search."""
+    start = time.perf_counter()
+    np.count_nonzero(p), np.count_nonzero(t)
+    one_pass = time.perf_counter() - start
+    start = time.perf_counter()
+    pu, tu = as_uint8(p)[:, None], as_uint8(t)[:, None]
+    ptr_p, *runs_p = class_runs(pu, row_any(pu))
+    ptr_t, *runs_t = class_runs(tu, row_any(tu))
+    runs = time.perf_counter() - start
+    start = time.perf_counter()
+    hausdorff_runs((ptr_p[0], *runs_p), (ptr_t[0], *runs_t), p.shape)
+    return {"pass": one_pass, "runs": runs, "search": time.perf_counter() - start}
+
+
 def bench_brute(n_volumes: int, shape: tuple[int, int, int], close: bool, seed: int = 0) -> None:
     """Merged-class Hausdorff of ``n_volumes`` synthetic pairs by the three methods; they must agree."""
     rng = np.random.default_rng(seed)
     hausdorff_volume(np.ones((2, 2, 2), bool), np.ones((2, 2, 2), bool))  # compile outside the timings
-    times: dict[str, list[float]] = {"fast": [], "edt": [], "brute": []}
+    times: dict[str, list[float]] = {"fast": [], "edt": [], "brute": [], "pass": [], "runs": [], "search": []}
     sizes = []
     for _ in range(n_volumes):
         pred, truth = synthetic_pair(rng, shape, close=close)
@@ -117,6 +134,8 @@ def bench_brute(n_volumes: int, shape: tuple[int, int, int], close: bool, seed: 
         sizes.append(int(p.sum() + t.sum()) // 2)
         fast, dt = _timed(hausdorff_volume, p, t)
         times["fast"].append(dt)
+        for name, seconds in split_times(p, t).items():
+            times[name].append(seconds)
         edt, dt = _timed(hausdorff_volume_edt, p, t)
         times["edt"].append(dt)
         brute, dt = _timed(brute_hausdorff, p, t)
@@ -133,6 +152,11 @@ def bench_brute(n_volumes: int, shape: tuple[int, int, int], close: bool, seed: 
         f"  median: brute force {med['brute'] * 1e3:8.1f} ms | EDT twin {med['edt'] * 1e3:6.1f} ms | "
         f"fast {med['fast'] * 1e3:5.2f} ms -> x{med['brute'] / med['fast']:.0f} over brute force, "
         f"x{med['edt'] / med['fast']:.0f} over the EDT twin"
+    )
+    print(
+        f"  where the fast path's time goes: one NumPy pass over both masks (count_nonzero) "
+        f"{med['pass'] * 1e3:.2f} ms | row scan + run extraction (numba) {med['runs'] * 1e3:.2f} ms | "
+        f"distance search on the runs {med['search'] * 1e3:.2f} ms"
     )
 
 

@@ -170,3 +170,21 @@ def test_boxes_from_the_detector_csv(tiny_data: Path, isolated_dirs: Path) -> No
     pd.DataFrame(rows[1:]).to_csv(path, index=False)
     with pytest.raises(ValueError, match=days[0]):
         boxes_for(cfg, catalog, "train")
+
+
+def test_multichannel_volume_keeps_each_slices_channels_together() -> None:
+    """(S, C, H, W) input (LGG's three contrasts): the stack is [slice i-s (all C), i, i+s], as brute force."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, size=(6, 3, 32, 32)).astype(np.uint8)
+    cfg = DataCfg(k=1, stride=2, img_size=(32, 32), crop=False, normalize="volume")
+    x, _ = prepare_day(image, full_box((32, 32)), cfg)
+    assert x.shape == (6, 9, 32, 32)
+    scale = np.percentile(image.astype(np.float32), 99.5)
+    for i in range(6):
+        rows = [min(max(i + o, 0), 5) for o in (-2, 0, 2)]
+        expect = np.clip(np.concatenate([image[r] for r in rows]).astype(np.float32) / scale, 0, 1.5)
+        np.testing.assert_allclose(x[i], expect, rtol=1e-5, atol=1e-5)
+    geometry = geometry_for((32, 32), full_box((32, 32)), cfg)
+    vscale = volume_scale_of(image, geometry)
+    for i in (0, 3, 5):  # the training item is the same computation for one slice
+        np.testing.assert_array_equal(prepare_slice(image, i, geometry, cfg, vscale), x[i])

@@ -32,7 +32,7 @@ import tifffile
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from pipeline.data.synthetic_io import SyntheticDataError, init_worker, write_dataset_folder
+from pipeline.data.synthetic_io import SyntheticDataError, init_worker, write_dataset_folder, resolve_preset
 from pipeline.io import write_csv, write_json, write_with
 from pipeline.rle import rle_encode_numpy
 
@@ -404,10 +404,7 @@ def generate_lgg(
     An ``out_dir`` already holding the same preset and seed is kept as is; one made otherwise is
     replaced only with ``force``; a non-empty folder without ``dataset.json`` never is.
     """
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise SyntheticDataError(f"unknown preset '{preset}'; valid presets: {', '.join(PRESETS)}")
-        preset = PRESETS[preset]
+    preset = resolve_preset(preset, PRESETS)
     spec = _spec(preset, seed)
     return write_dataset_folder(
         out_dir, spec, lambda tmp: _write_all(tmp, preset, seed, workers), force, what="synthetic LGG dataset"

@@ -31,7 +31,7 @@ from scipy.ndimage import gaussian_filter1d
 from scipy.special import expit
 from tqdm.auto import tqdm
 
-from pipeline.data.synthetic_io import SyntheticDataError, write_dataset_folder
+from pipeline.data.synthetic_io import SyntheticDataError, write_dataset_folder, resolve_preset
 from pipeline.io import write_csv, write_json, write_with
 from pipeline.rle import rle_encode_numpy
 
@@ -360,10 +360,7 @@ def generate_nerve(
     An ``out_dir`` already holding the same preset and seed is kept as is; one made otherwise is
     replaced only with ``force``; a non-empty folder that is not a phantom never is.
     """
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise SyntheticDataError(f"unknown preset '{preset}'; valid presets: {', '.join(PRESETS)}")
-        preset = PRESETS[preset]
+    preset = resolve_preset(preset, PRESETS)
     return write_dataset_folder(
         out_dir,
         _spec(preset, seed),

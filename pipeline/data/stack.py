@@ -15,14 +15,3 @@ def neighbour_indices(n: int, k: int, stride: int) -> np.ndarray:
         raise ValueError(f"need n >= 1, k >= 0, stride >= 1; got n={n}, k={k}, stride={stride}")
     offsets = np.arange(-k, k + 1) * stride
     return np.clip(np.arange(n)[:, None] + offsets[None, :], 0, n - 1)
-
-
-def stack_slices(volume: np.ndarray, index: int, k: int, stride: int) -> np.ndarray:
-    """(2k+1, H, W) stack around slice ``index`` of a (S, H, W) volume."""
-    rows = neighbour_indices(volume.shape[0], k, stride)[index]
-    return np.asarray(volume[rows])
-
-
-def stack_volume(volume: np.ndarray, k: int, stride: int) -> np.ndarray:
-    """(S, 2k+1, H, W): the 2.5D stack of every slice."""
-    return np.asarray(volume)[neighbour_indices(volume.shape[0], k, stride)]

@@ -12,6 +12,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 from pipeline.errors import PipelineError
@@ -77,3 +78,12 @@ def write_dataset_folder(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return stats
+
+
+def resolve_preset(preset: Any, presets: dict[str, Any]) -> Any:
+    """A preset given by name (from ``presets``) or as itself; an unknown name lists the valid ones."""
+    if isinstance(preset, str):
+        if preset not in presets:
+            raise SyntheticDataError(f"unknown preset '{preset}'; valid presets: {', '.join(presets)}")
+        return presets[preset]
+    return preset

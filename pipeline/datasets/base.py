@@ -30,6 +30,7 @@ import pandas as pd
 
 from pipeline.data.volumes import Volume
 from pipeline.errors import DataError
+from pipeline.rle import RLEError, rle_decode
 
 CATALOG_COLUMNS = ["id", "group", "volume_id", "slice", "path", "height", "width", "px", "py"]
 Encoder = Callable[[np.ndarray, str], list[str]]  # (N, H, W) masks, RLE order -> strings
@@ -210,6 +211,16 @@ def slice_iou(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     inter = np.count_nonzero(p & t, axis=(2, 3))
     union = np.count_nonzero(p | t, axis=(2, 3))
     return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+
+
+def decode_rle(
+    rle: str, shape: tuple[int, int], order: str, where: str, error: type[ValueError]
+) -> np.ndarray:
+    """An RLE string decoded, its problem raised as ``error`` (DataError for truth, SubmissionError for a submission)."""
+    try:
+        return rle_decode(rle, shape, order, where=where)
+    except RLEError as err:
+        raise error(str(err)) from None
 
 
 def read_csv_strings(path: Path, columns: Sequence[str], what: str) -> pd.DataFrame:

@@ -32,6 +32,7 @@ from pipeline.datasets.base import (
     Encoder,
     Phantom,
     SubmissionWriter,
+    decode_rle,
     read_csv_strings,
     slice_dice,
     slice_iou,
@@ -39,7 +40,6 @@ from pipeline.datasets.base import (
 )
 from pipeline.errors import DataError, SubmissionError
 from pipeline.io import atomic_path
-from pipeline.rle import RLEError, rle_decode
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,7 @@ def lgg_aggregate(stats: list[LGGStats]) -> dict:
 
 
 def _decode(rle: str, shape: tuple[int, int], where: str, error: type[ValueError]) -> np.ndarray:
-    try:
-        return rle_decode(rle, shape, "C", where=where)
-    except RLEError as err:
-        raise error(str(err)) from None
+    return decode_rle(rle, shape, "C", where, error)
 
 
 class LGGSubmissionWriter(SubmissionWriter):

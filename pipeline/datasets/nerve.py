@@ -31,13 +31,13 @@ from pipeline.datasets.base import (
     Encoder,
     Phantom,
     SubmissionWriter,
+    decode_rle,
     read_csv_strings,
     slice_dice,
     sort_catalog,
 )
 from pipeline.errors import DataError, SubmissionError
 from pipeline.io import atomic_path
-from pipeline.rle import RLEError, rle_decode
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,7 @@ def read_train_masks(root: Path) -> pd.DataFrame:
 
 
 def _decode(rle: str, shape: tuple[int, int], where: str, error: type[ValueError]) -> np.ndarray:
-    try:
-        return rle_decode(rle, shape, "F", where=where)
-    except RLEError as err:
-        raise error(str(err)) from None
+    return decode_rle(rle, shape, "F", where, error)
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,6 @@ def parse_id(slice_id: str) -> tuple[int, int, int]:
     return int(match["case"]), int(match["day"]), int(match["slice"])
 
 
-def case_day_of(slice_id: str) -> str:
-    case, day, _ = parse_id(slice_id)
-    return f"case{case}_day{day}"
-
-
 def make_id(case: int, day: int, slice_idx: int) -> str:
     return f"case{case}_day{day}_slice_{slice_idx:04d}"
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pipeline.data import phantom
 from pipeline.data.phantom_render import render_day
-from pipeline.data.synthetic_io import SyntheticDataError, init_worker, write_dataset_folder
+from pipeline.data.synthetic_io import init_worker, resolve_preset, write_dataset_folder
 from pipeline.datasets.uwmgi_files import (
     CLASSES,
     decode_masks,
@@ -310,10 +310,7 @@ def generate_dataset(
     An ``out_dir`` already holding the same preset and seed is kept as is. One made otherwise is
     replaced only with ``force``; a non-empty folder that is not a synthetic dataset never is.
     """
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise SyntheticDataError(f"unknown preset '{preset}'; valid presets: {', '.join(PRESETS)}")
-        preset = PRESETS[preset]
+    preset = resolve_preset(preset, PRESETS)
     return write_dataset_folder(
         out_dir, _spec(preset, seed), lambda tmp: _write_all(tmp, preset, seed, workers), force
     )
