@@ -1,7 +1,8 @@
 """Kaggle script kernel: the same inference as `make submit`, offline.
 
 Built by `make kernel` (pipeline/kaggle/bundle.py), which fills in the SETTINGS block below.
-The kernel's inputs are three datasets made by the same build and the competition data:
+The kernel's inputs are three datasets made by the same build and the real data (a competition, or
+LGG's Kaggle dataset; SETTINGS names the dataset plug-in and its input folder):
 
 - <code>:    the pipeline and stages packages and the resolved configs;
 - <weights>: runs/... (trained members, classifier, detector, tuned post-processing);

@@ -41,11 +41,11 @@ class DataCfg:
     img_size: tuple[int, int] = (384, 384)  # network input (H, W)
     resize: str = "resize"  # "resize" (stretch the crop) or "pad" (letterbox, keep aspect)
     normalize: str = "image"  # "image" (per slice) or "volume" (per day) percentile scaling
-    crop: bool = True  # crop every day-volume to the detector's body box
+    crop: bool = True  # crop every volume to the detector's body box
     det_config: str = "demo_det"  # the detector run whose boxes are used when crop is on
     train_on: str = "labelled"  # "labelled" slices only, or "all"
     drop_truncated_tail: bool = False  # drop slices after the last labelled one of each day
-    max_days: int | None = None  # cap on training day-volumes (tests and smoke runs)
+    max_days: int | None = None  # cap on training volumes (tests and smoke runs)
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class DetParams:
     imgsz: int = 256
     epochs: int = 10
     batch: int = 16
-    slices_per_day: int = 12  # slices sampled per day-volume for the YOLO dataset
+    slices_per_day: int = 12  # slices sampled per volume for the YOLO dataset
     val_fraction: float = 0.2
     conf: float = 0.25
     margin: float = 0.05  # padding of the day box, fraction of the image side

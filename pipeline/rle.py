@@ -6,16 +6,19 @@ flattens them column-major (``order="F"``). Any non-zero mask value counts as fo
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.rle_format import as_uint8, check_order, runs_to_strings
-from pipeline.rle_numba import encode_one, find_runs, paint_runs
+from pipeline.rle_format import as_uint8, check_order, runs_to_strings, split_text
+from pipeline.rle_numba import encode_batch, encode_one, paint_runs
+from pipeline.runtime import available_cores
 
 __all__ = [
     "RLEError",
@@ -61,12 +64,12 @@ def rle_encode_numpy(mask: np.ndarray, order: str = "C") -> str:
 
 
 # ---------------------------------------------------------------- numba kernels
-# Kernels see masks as uint8 (bool viewed as uint8, other dtypes as ``!= 0``). A scan returns the
-# number of runs of one mask and stores the first ``limit`` of them (1-indexed start, length) at
-# ``base``; a batch scans once into ``cap`` slots per mask and rescans only the rare mask with
-# more runs. Row-major scans read the batch buffer 8 bytes at a time (``words``) and skip whole
-# words that cannot hold a boundary; column-major scans walk occupied columns in the occupied
-# row span only.
+# Kernels (pipeline.rle_numba) see masks as uint8 (bool viewed as uint8, other dtypes as ``!= 0``).
+# Row-major scans read 64 bytes at a time and skip zero spans at memory speed; column-major scans
+# transpose only the bounding box of the row-major runs. Runs are formatted into one uint8 text
+# buffer per call, decoded once and sliced per mask. Batches over ``_PARALLEL_BYTES`` are cut
+# into one slice per core, encoded on threads (the kernels release the GIL, and numba's own
+# threading layer slows down badly once torch is imported).
 
 # ---------------------------------------------------------------- encoding API
 
@@ -92,7 +95,35 @@ def rle_encode_batch(masks: np.ndarray, order: str = "C") -> list[str]:
     count = math.prod(masks.shape[:-2])
     if count == 0 or h * w == 0:
         return [""] * count
-    return runs_to_strings(*find_runs(as_uint8(masks).reshape(count, h, w), order == "F"))
+    masks = as_uint8(masks).reshape(count, h, w)
+    fortran = order == "F"
+    parts = _chunks(masks)
+    if len(parts) == 1:
+        return split_text(*encode_batch(masks, fortran))
+    futures = [_pool().submit(encode_batch, part, fortran) for part in parts[1:]]
+    out = split_text(*encode_batch(parts[0], fortran))  # this thread takes the first slice
+    for future in futures:
+        out += split_text(*future.result())
+    return out
+
+
+_PARALLEL_BYTES = 8 << 20  # batches this large are split across threads (the kernels release the GIL)
+_executor: list[ThreadPoolExecutor] = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    if not _executor:
+        _executor.append(ThreadPoolExecutor(available_cores() - 1, thread_name_prefix="rle"))
+    return _executor[0]
+
+
+def _chunks(masks: np.ndarray) -> list[np.ndarray]:
+    """The batch cut into one contiguous slice per core, or whole when small or on one core."""
+    cores = min(available_cores(), len(masks))
+    if cores < 2 or masks.nbytes < _PARALLEL_BYTES:
+        return [masks]
+    bounds = np.linspace(0, len(masks), cores + 1).astype(int)
+    return [masks[a:b] for a, b in itertools.pairwise(bounds.tolist())]
 
 
 def encode_masks(masks: object, order: str = "C") -> list[str]:

@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.rle_numba import format_runs
 
-__all__ = ["ORDERS", "as_uint8", "check_order", "runs_to_strings"]
+__all__ = ["ORDERS", "as_uint8", "check_order", "runs_to_strings", "split_text"]
 
 ORDERS = ("C", "F")
 
@@ -42,6 +42,10 @@ def runs_to_strings(starts: np.ndarray, lengths: np.ndarray, run_offsets: np.nda
         np.ascontiguousarray(lengths, np.int64),
         np.ascontiguousarray(run_offsets, np.int64),
     )
+    return split_text(buf, byte_off)
+
+
+def split_text(buf: np.ndarray, byte_off: np.ndarray) -> list[str]:
+    """The strings of a uint8 text buffer: string ``i`` is ``buf[byte_off[i]:byte_off[i+1]]``."""
     text = buf.tobytes().decode("ascii")
-    offs = byte_off.tolist()
-    return [text[a:b] for a, b in itertools.pairwise(offs)]
+    return [text[a:b] for a, b in itertools.pairwise(byte_off.tolist())]

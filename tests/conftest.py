@@ -16,6 +16,9 @@ for key, value in OFFLINE_ENV.items():
     os.environ.setdefault(key, value)
 os.environ.setdefault("YOLO_CONFIG_DIR", str(ROOT / ".yolo"))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# `make test` exports the Makefile's DATASET and DATA_DIR: a test names its dataset and data itself
+for key in ("DATASET", "DATA_DIR", "DEBUG"):
+    os.environ.pop(key, None)
 
 
 @pytest.fixture(scope="session")

@@ -121,14 +121,48 @@ def test_batch_dtypes_layouts_and_leading_axes(dtype: type) -> None:
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_masks_with_many_runs(order: str) -> None:
-    """More runs than the batch's per-mask slots: those masks are rescanned into exact storage."""
+    """More runs than the kernels' initial run storage: it grows (batch) or is rescanned (single)."""
     rng = np.random.default_rng(11)
     masks = rng.random((5, 64, 48)) < 0.5
     masks[1] = False
     ref = [rle_encode_numpy(m, order) for m in masks]
-    assert min(len(r.split()) // 2 for i, r in enumerate(ref) if i != 1) > 256
+    assert min(len(r.split()) // 2 for i, r in enumerate(ref) if i != 1) > 512
     assert rle_encode_batch(masks, order) == ref
     assert [rle_encode(m, order) for m in masks] == ref
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_runs_at_word_and_block_edges(order: str) -> None:
+    """Runs starting/ending on every byte around 8-byte words and 64-byte blocks, at every address."""
+    rng = np.random.default_rng(13)
+    masks = np.zeros((40, 9, 29), bool)  # 261 pixels: masks straddle words and blocks unevenly
+    for i, m in enumerate(masks):
+        a = int(rng.integers(0, m.size))
+        m.flat[a : a + int(rng.integers(1, 140))] = True
+        m.flat[(i * 7) % m.size] = True
+    masks[3] = True  # full: one run crossing every column end in F order
+    masks[4, :, ::2] = True  # F: whole columns, adjacent ones merge
+    masks[5, ::2] = True  # C: whole rows
+    ref = [rle_encode_numpy(m, order) for m in masks]
+    for shift in range(9):
+        buf = np.zeros(masks.nbytes + shift, np.uint8)
+        moved = buf[shift:].reshape(masks.shape)
+        moved[:] = masks
+        assert rle_encode_batch(moved, order) == ref
+        assert [rle_encode(m, order) for m in moved] == ref
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_large_batch_split_across_threads(order: str) -> None:
+    """A batch over the threading threshold gives the same strings, in order."""
+    rng = np.random.default_rng(17)
+    masks = np.zeros((300, 200, 160), bool)  # 9.6 MB
+    for m in masks[rng.random(300) < 0.5]:
+        y, x = rng.integers(0, 150, 2)
+        m[y : y + 40, x : x + int(rng.integers(1, 40))] = True
+    masks[7] = rng.random((200, 160)) < 0.5  # many runs: storage grows mid-batch
+    ref = [rle_encode_numpy(m, order) for m in masks]
+    assert rle_encode_batch(masks, order) == ref
 
 
 def test_encode_masks_takes_cpu_tensors() -> None:

@@ -1,6 +1,6 @@
 """Torch datasets of prepared slices for the segmenters and the slice classifier.
 
-An item is one slice of a day-volume, prepared by :func:`pipeline.data.prepare.prepare_slice`
+An item is one slice of a volume, prepared by :func:`pipeline.data.prepare.prepare_slice`
 (the same computation inference runs on the whole day) from the memory-mapped cache:
 
 - ``with_masks=True`` (segmenters): ``image`` (C, Hn, Wn) float32, ``target`` (classes, Hn, Wn)
@@ -75,7 +75,7 @@ class _Day:
 
 
 class SliceDataset(Dataset):
-    """Prepared 2.5D slices of some day-volumes of a :class:`VolumeStore` (see module doc)."""
+    """Prepared 2.5D slices of some volumes of a :class:`VolumeStore` (see module doc)."""
 
     def __init__(
         self,
@@ -94,7 +94,7 @@ class SliceDataset(Dataset):
         days = list(days)[: data_cfg.max_days] if data_cfg.max_days is not None else list(days)
         missing = [d for d in days if d not in boxes]
         if missing:
-            raise ValueError(f"no crop box for day-volume {missing[0]} ({len(missing)} missing)")
+            raise ValueError(f"no crop box for volume {missing[0]} ({len(missing)} missing)")
         train_on = train_on or data_cfg.train_on
         self.days: list[_Day] = []
         table = store.spec.presence(store.catalog)
@@ -115,7 +115,7 @@ class SliceDataset(Dataset):
         self.ids = ids
         self.presence = np.concatenate(targets) if targets else np.zeros((0, n_classes), bool)
         log.info(
-            "%s dataset: %d slices of %d day-volumes (train_on=%s, drop_truncated_tail=%s), %.0f%% labelled",
+            "%s dataset: %d slices of %d volumes (train_on=%s, drop_truncated_tail=%s), %.0f%% labelled",
             "mask" if with_masks else "presence",
             len(self.ids),
             len(self.days),

@@ -1,6 +1,6 @@
-"""One preprocessing path for training and inference: day-volume -> network input and back.
+"""One preprocessing path for training and inference: volume -> network input and back.
 
-For a day-volume ``image (S, H, W)`` and its crop ``box``:
+For a volume ``image (S, H, W)`` and its crop ``box``:
 
 1. every slice is cropped to the box and resized (or letterboxed) to ``data.img_size``
    (:class:`~pipeline.data.geometry.Geometry`), on raw intensities;
@@ -121,7 +121,7 @@ def boxes_for(data_cfg: DataCfg, store_or_catalog: Any, split: str = "train") ->
     missing = [d for d in shapes if d not in boxes]
     if missing:
         raise ValueError(
-            f"detector run '{data_cfg.det_config}' has no {split} box for {len(missing)} day-volumes "
+            f"detector run '{data_cfg.det_config}' has no {split} box for {len(missing)} volumes "
             f"(first {missing[0]}); run `make train-det` again on this dataset, or set data.crop=false"
         )
     out = {}

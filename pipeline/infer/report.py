@@ -183,7 +183,7 @@ def plot_steps(path: Path, steps: pd.DataFrame) -> Path:
 
 
 def pick_slices(slices: pd.DataFrame, n: int) -> pd.DataFrame:
-    """``n`` slices with an organ in truth or prediction, spread from the worst Dice to the best."""
+    """``n`` slices with a class in truth or prediction, spread from the worst Dice to the best."""
     if slices.empty or n <= 0:
         return slices.iloc[:0]
     ranked = slices.sort_values(["dice", "volume_id", "slice_index"], kind="stable").reset_index(drop=True)

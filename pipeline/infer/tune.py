@@ -1,7 +1,8 @@
 """Decide the ensemble's post-processing and blend on out-of-fold predictions (``make tune``).
 
-The objective is the competition score itself (:mod:`pipeline.metric`: 0.4 Dice + 0.6 (1 - 3D
-Hausdorff)) over every OOF day-volume. The search is coordinate-wise, each step starting from
+The objective is the dataset's own metric (``DatasetSpec.volume_stats`` / ``aggregate``: for
+UW-Madison 0.4 Dice + 0.6 (1 - 3D Hausdorff), for LGG the mean per-patient Dice, for the nerve
+images the mean Dice with empty vs empty = 1) over every OOF volume. The search is coordinate-wise, each step starting from
 the previous one's choice and keeping it unless a candidate scores strictly better:
 
 1. raw: the members blended with the config's weights, cut at 0.5, nothing else;
@@ -9,7 +10,7 @@ the previous one's choice and keeping it unless a candidate scores strictly bett
    of ``1 / tune.blend_steps`` (skipped with one member);
 3. pixel threshold, class by class (the other classes held);
 4. classifier gate threshold, class by class (skipped without a classifier);
-5. minimum 3D component size, class by class;
+5. minimum component size (3D in a volume, 2D per image for 2D datasets), class by class;
 6. up to ``tune.sweeps - 1`` more sweeps over 3-5 (``refine``), stopping when nothing moves: the
    first sweep picks the pixel threshold before any gate exists, so it tends to be too high
    (it does the gate's work), and the next sweep corrects it;
@@ -18,7 +19,7 @@ the previous one's choice and keeping it unless a candidate scores strictly bett
 A pass evaluates every candidate of one (class, field) on a day while that day is in memory
 (uint8 probabilities, memory-mapped), so each step reads the OOF once per class; days run on a
 thread pool (the metric kernels release the GIL). Per-day results are
-:class:`pipeline.metric.VolumeStats`, summed into the score by :func:`pipeline.metric.aggregate`.
+the dataset's per-volume stats, summed into the score by its ``aggregate``.
 """
 
 from __future__ import annotations

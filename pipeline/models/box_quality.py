@@ -21,7 +21,7 @@ class Panel:
 
     title: str
     image: np.ndarray  # (H, W) uint16
-    mask: np.ndarray | None  # (H, W) bool, any organ
+    mask: np.ndarray | None  # (H, W) bool, any class
     box: Box
     threshold: Box | None
 
@@ -37,7 +37,7 @@ def evaluate_boxes(
 ) -> tuple[dict[str, float], list[Panel]]:
     """Box quality over every day of ``store``, and figure panels of up to ``n_panels`` days.
 
-    ``mask_inside_fraction`` is the share of organ-mask pixels inside the day boxes: cropping
+    ``mask_inside_fraction`` is the share of mask pixels inside the day boxes: cropping
     must lose nothing, so it should be 1.0. ``iou_vs_threshold_*`` compares each day box with
     the day's threshold box; ``box_area_fraction`` is the share of the frame a crop keeps.
     """

@@ -1,4 +1,4 @@
-"""Slice classifiers (which organs are present): a timm model, or an smp encoder with a head."""
+"""Slice classifiers (which classes are present): a timm model, or an smp encoder with a head."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _head_keys(model: nn.Module) -> set[str]:
 
 
 def build_classifier(model_cfg: ModelCfg, in_channels: int, classes: int = 3) -> nn.Module:
-    """A model returning logits (B, classes), one independent (sigmoid) output per organ.
+    """A model returning logits (B, classes), one independent (sigmoid) output per class.
 
     ``arch: timm`` builds ``timm.create_model(encoder, num_classes=classes, drop_rate=dropout)``;
     an smp architecture name builds that architecture's encoder + classification head

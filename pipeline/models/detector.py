@@ -4,7 +4,7 @@ A single-class ("body") YOLO is trained from a model YAML (never a downloaded ``
 online feature off, on slices labelled by their own threshold boxes (:mod:`pipeline.models.yolo_data`).
 The best weights are exported as a plain state dict (``weights.pt``, loaded with
 ``weights_only=True``) next to the architecture (``model.yaml``); :meth:`BodyDetector.load`
-rebuilds the net with ``YOLO(model.yaml)`` and loads that state dict. At inference a day-volume
+rebuilds the net with ``YOLO(model.yaml)`` and loads that state dict. At inference a volume
 gets one box, the union of its per-slice detections padded by ``det.margin``, so the 2.5D
 neighbours of every slice stay aligned; when nothing is detected the day's threshold box is
 used, and when that fails too, the full frame.
@@ -246,7 +246,7 @@ def choose_day_box(image: np.ndarray, detections: list[Box], params: DetParams) 
 
 
 class BodyDetector:
-    """A trained single-class YOLO that boxes the body on every slice of a day-volume."""
+    """A trained single-class YOLO that boxes the body on every slice of a volume."""
 
     def __init__(self, yolo: Any, params: DetParams, device: str = "cpu"):
         self.yolo = yolo  # an ultralytics YOLO (None in tests that override detect)
@@ -307,7 +307,7 @@ class BodyDetector:
         """
         image = gray(image)
         if image.ndim != 3 or not len(image):
-            raise ValueError(f"day_box expects a (S, H, W) day-volume with S >= 1, got shape {image.shape}")
+            raise ValueError(f"day_box expects a (S, H, W) volume with S >= 1, got shape {image.shape}")
         picked = np.unique(np.r_[np.arange(0, len(image), max(1, self.params.predict_step)), len(image) - 1])
         detections = [box for found in self.detect(image[picked], batch) for box, _ in found]
         return choose_day_box(image, detections, self.params)
@@ -317,7 +317,7 @@ class BodyDetector:
 
 
 def train_detector(cfg: DetConfig) -> Path:
-    """Train the body detector, export ``weights.pt``, and box every train day-volume.
+    """Train the body detector, export ``weights.pt``, and box every train volume.
 
     Writes ``runs/det/<cfg>/{config.yaml, yolo/, train/, weights.pt, model.yaml, boxes_train.csv,
     metrics.json, metrics.csv, boxes.png}``.
@@ -384,7 +384,7 @@ def _train_detector(cfg: DetConfig, out: Path) -> Path:
     )
     if metrics["mask_inside_fraction"] < 0.999:
         log.warning(
-            "%.3f%% of organ-mask pixels fall outside the day boxes: raise det.margin",
+            "%.3f%% of mask pixels fall outside the day boxes: raise det.margin",
             100 * (1 - metrics["mask_inside_fraction"]),
         )
     return out
