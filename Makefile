@@ -99,7 +99,7 @@ demo: $(STAMP)
 	$(MAKE) --no-print-directory data folds $(DEMO_DET_$(DATASET)) train-cls train-seg tune cv submit FOLDS_CONFIG=configs/demo_folds.yaml; \
 	$(MAKE) --no-print-directory baseline; \
 	echo "== demo wall time: $$(( $$(date +%s) - t0 )) s (install excluded)"; \
-	echo "== full pipeline (crop + gate + 2.5D fold ensemble + TTA + tuned post-processing):"; \
+	echo "== full pipeline ($(ENSEMBLE): fold ensemble + TTA + tuned post-processing, with crop, gate and 2.5D where its configs use them):"; \
 	$(MAKE) --no-print-directory score
 
 kernel: $(STAMP)

@@ -127,7 +127,8 @@ def test_missing_folds_and_dataset_are_one_line(
 
 
 @pytest.mark.parametrize(
-    "damage", ["corrupt_png", "missing_png", "wrong_size", "rle_out_of_bounds", "unknown_class"]
+    "damage",
+    ["corrupt_png", "missing_png", "wrong_size", "rle_out_of_bounds", "rle_overlapping", "unknown_class"],
 )
 def test_damaged_inputs_are_one_line_naming_the_file(
     tiny_uw: Path, damage: str, capsys: pytest.CaptureFixture
@@ -147,6 +148,10 @@ def test_damaged_inputs_are_one_line_naming_the_file(
         labels.loc[0, "segmentation"] = "760 20"
         labels.to_csv(tiny_uw / "train.csv", index=False)
         needle = r"train.csv \(case1_day0_slice_0001, large_bowel\).*760"
+    elif damage == "rle_overlapping":
+        labels.loc[0, "segmentation"] = "10 5 12 3"
+        labels.to_csv(tiny_uw / "train.csv", index=False)
+        needle = r"train.csv \(case1_day0_slice_0001, large_bowel\).*(overlap|order)"
     else:
         labels.loc[3, "class"] = "liver"
         labels.to_csv(tiny_uw / "train.csv", index=False)
