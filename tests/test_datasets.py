@@ -305,3 +305,25 @@ def test_phantoms_are_deterministic(tmp_path: Path) -> None:
         assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files), name
         shutil.rmtree(a)
         shutil.rmtree(b)
+
+
+@pytest.mark.parametrize("name", ["lgg", "nerve"])
+def test_debug_catalog_is_train_volumes_and_writers_use_its_ids(
+    name: str, lgg_root: Path, nerve_root: Path, tmp_path: Path
+) -> None:
+    spec = get_dataset(name)
+    root = lgg_root if name == "lgg" else nerve_root
+    catalog = spec.prediction_catalog(root, debug_volumes=1)
+    assert catalog["debug"].all() and catalog["volume_id"].nunique() == 1
+    assert set(catalog["id"]) <= set(spec.scan(root, "train")["id"])
+    writer = spec.submission_writer(
+        root, tmp_path / "debug.csv", catalog, lambda m, o: [""] * len(m), force=True
+    )
+    h, w = int(catalog["height"].iloc[0]), int(catalog["width"].iloc[0])
+    image = np.zeros((len(catalog), *((3,) if name == "lgg" else ()), h, w))
+    writer.add(
+        Volume(catalog["volume_id"].iloc[0], list(catalog["id"]), image, None, (1, 1)),
+        np.zeros((len(catalog), 1, h, w), bool),
+    )
+    written = pd.read_csv(writer.finish(), dtype=str, keep_default_na=False)
+    assert written.iloc[:, 0].tolist() == list(catalog["id"])  # the train ids, not sample_submission's

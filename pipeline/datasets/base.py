@@ -21,6 +21,7 @@ an instance ``DATASET``. The rest of the pipeline asks the spec and never names 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -31,6 +32,8 @@ import pandas as pd
 from pipeline.data.volumes import Volume
 from pipeline.errors import DataError
 from pipeline.rle import RLEError, rle_decode
+
+log = logging.getLogger(__name__)
 
 CATALOG_COLUMNS = ["id", "group", "volume_id", "slice", "path", "height", "width", "px", "py"]
 Encoder = Callable[[np.ndarray, str], list[str]]  # (N, H, W) masks, RLE order -> strings
@@ -152,14 +155,25 @@ class DatasetSpec:
     # ------------------------------------------------------------------ submission
 
     def prediction_catalog(self, root: Path, debug_volumes: int = 0) -> pd.DataFrame:
-        """The images ``make submit`` predicts: the test split, or the first train volumes when debugging."""
+        """The images ``make submit`` predicts: the test split, or the first train volumes when debugging.
+
+        A debug catalog carries a ``debug`` column, so writers use its own ids, not sample_submission's.
+        """
         root = Path(root)
         if debug_volumes > 0:
             train = self.scan(root, "train")
             if train.empty:
-                raise DataError(f"debug_train_days={debug_volumes} but {root} has no train images")
+                raise DataError(
+                    f"debug_train_days={debug_volumes} but {root / self.train_folder} has no images"
+                )
             keep = list(dict.fromkeys(train["volume_id"]))[:debug_volumes]
-            return train[train["volume_id"].isin(keep)].reset_index(drop=True)
+            catalog = train[train["volume_id"].isin(keep)].reset_index(drop=True)
+            log.info(
+                "debug: predicting %d train volumes (%d images) instead of the test set",
+                len(keep),
+                len(catalog),
+            )
+            return catalog.assign(debug=True)
         return self.scan(root, "test")
 
     def submission_writer(

@@ -85,7 +85,9 @@ class UWMadison(DatasetSpec):
         return "\n".join(lines)
 
     def prediction_catalog(self, root: Path, debug_volumes: int = 0) -> pd.DataFrame:
-        return uwmgi_submission.prediction_catalog(root, debug_volumes)
+        if debug_volumes > 0:
+            return super().prediction_catalog(root, debug_volumes)
+        return uwmgi_submission.test_catalog(root)
 
     def submission_writer(
         self, root: Path, out: Path, catalog: pd.DataFrame, encode: Encoder, force: bool = False

@@ -250,21 +250,9 @@ def expected_rows(root: Path, catalog: pd.DataFrame, debug: bool = False) -> pd.
     return sample[["id", "class"]].reset_index(drop=True)
 
 
-def prediction_catalog(root: Path, debug_volumes: int = 0) -> pd.DataFrame:
-    """The test slices that sample_submission.csv asks for (or the first train days when debugging)."""
+def test_catalog(root: Path) -> pd.DataFrame:
+    """The test slices that sample_submission.csv asks for."""
     root = Path(root)
-    if debug_volumes > 0:
-        train = scan_split(root, "train")
-        if train.empty:
-            raise DataError(f"debug_train_days={debug_volumes} but {root / 'train'} has no slice images")
-        keep = list(dict.fromkeys(train["volume_id"]))[:debug_volumes]
-        catalog = train[train["volume_id"].isin(keep)].reset_index(drop=True)
-        log.info(
-            "debug: predicting %d train day-volumes (%d slices) instead of the test set",
-            len(keep),
-            len(catalog),
-        )
-        return catalog.assign(debug=True)
     catalog = scan_split(root, "test")
     if catalog.empty:
         return catalog
