@@ -44,7 +44,14 @@ class DataCfg:
     crop: bool = True  # crop every volume to the detector's body box
     det_config: str = "demo_det"  # the detector run whose boxes are used when crop is on
     train_on: str = "labelled"  # "labelled" slices only, or "all"
-    drop_truncated_tail: bool = False  # drop slices after the last labelled one of each day
+    # labels that are missing, not empty (UW-Madison's truncated annotation): slices after the last
+    # labelled slice of a volume (and, with missing_gaps, unlabelled slices between labelled ones)
+    # are "empty" (trained as empty, the default), "drop" (left out of training: the 1st place's notail)
+    # or "ignore" (kept, but missing_classes contribute no loss there, nnU-Net's ignore label)
+    missing_labels: str = "empty"
+    missing_classes: tuple[str, ...] = ()  # classes the ignore applies to; () = every class
+    missing_gaps: bool = False  # also unlabelled slices between the first and last labelled one
+    missing_tail: int | None = None  # slices after the last labelled one that count; None = to the end
     max_days: int | None = None  # cap on training volumes (tests and smoke runs)
 
 
@@ -55,6 +62,7 @@ class ModelCfg:
     pretrained_path: str | None = None  # local weights file; nothing is ever downloaded
     dropout: float = 0.0  # classifier head dropout
     freeze_encoder: int = 0  # freeze the first N encoder stages (0: fine-tune everything)
+    spatial_dims: int = 2  # 2: smp 2.5D segmenter; 3: a MONAI 3D network by name (arch), see Seg3DCfg
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
 
 
@@ -78,6 +86,7 @@ class TrainCfg:
     device: str = "auto"  # "auto", "cpu", "cuda"
     max_steps_per_epoch: int | None = None  # cap for smoke runs
     val_batch_size: int | None = None
+    sync_bn: bool = False  # SyncBatchNorm across processes when trained with torchrun (GPUS > 1)
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,24 @@ class LossCfg:
     tversky_beta: float = 0.5
     focal_gamma: float = 2.0
     pos_weight: float | None = None  # BCE positive weight (classifier)
+
+
+@dataclass(frozen=True)
+class Seg3DCfg:
+    """The 3D member's patches and sliding window (used when ``model.spatial_dims == 3``).
+
+    A volume is cropped to the detector's box and resampled in-plane to ``data.img_size``, its
+    slices kept; sizes are (slices, H, W).
+    """
+
+    patch_size: tuple[int, int, int] = (32, 96, 96)  # training patch
+    samples_per_volume: int = 4  # patches drawn from a volume each time it is visited
+    pos: float = 2.0  # MONAI positive / negative patch-centre ratio (centres on labelled voxels)
+    neg: float = 1.0
+    roi_size: tuple[int, int, int] = (32, 128, 128)  # sliding-window ROI at inference
+    overlap: float = 0.5  # sliding-window overlap
+    blend: str = "gaussian"  # sliding-window blending of overlapping windows: gaussian or constant
+    sw_batch_size: int = 2  # windows per forward pass
 
 
 @dataclass(frozen=True)
@@ -143,6 +170,16 @@ class TuneCfg:
     min_component_sizes: tuple[int, ...] = (0, 10, 25, 50, 100, 200)
     blend_steps: int = 5  # grid resolution of member weights
     sweeps: int = 2  # per-class coordinate sweeps (pixel, gate, size); later ones stop when nothing moves
+    # per-slice gate on the blended probability (1st place: keep a class on a slice only if more than
+    # N pixels have p > t, N = 12, t = 0.6): candidates of N (0 = off) and of t
+    prob_gate_pixels: tuple[int, ...] = (0,)
+    prob_gate_levels: tuple[float, ...] = (0.6,)
+    # z-continuity (3rd place): an organ's first and last slice set by k consecutive positive slices;
+    # candidates of k (0 = off); volumetric datasets only
+    z_runs: tuple[int, ...] = (0,)
+    per_class_blend: bool = True  # blend weights chosen per class (else one set for every class)
+    holdout: float = 0.3  # fraction of OOF volume groups held apart to report an honest tuned score (0: off)
+    holdout_seed: int = 0
 
 
 # --------------------------------------------------------------------------- stage configs
@@ -190,6 +227,7 @@ class SegConfig:
     train: TrainCfg = field(default_factory=TrainCfg)
     loss: LossCfg = field(default_factory=LossCfg)
     augment: tuple[AugSpec, ...] = ()
+    seg3d: Seg3DCfg = field(default_factory=Seg3DCfg)  # the 3D member (model.spatial_dims: 3)
 
 
 @dataclass(frozen=True)
@@ -272,8 +310,24 @@ CHECKS: dict[type, dict[str, Check]] = {
         "normalize": one_of("image", "volume"),
         "train_on": one_of("labelled", "all"),
         "max_days": optional(at_least(1)),
+        "missing_labels": one_of("empty", "drop", "ignore"),
+        "missing_tail": optional(at_least(1)),
     },
-    ModelCfg: {"dropout": within(0, 1, high_open=True), "freeze_encoder": at_least(0)},
+    ModelCfg: {
+        "dropout": within(0, 1, high_open=True),
+        "freeze_encoder": at_least(0),
+        "spatial_dims": lambda v: None if v in (2, 3) else "must be 2 (2.5D smp) or 3 (MONAI 3D)",
+    },
+    Seg3DCfg: {
+        "patch_size": each(at_least(1)),
+        "samples_per_volume": at_least(1),
+        "pos": at_least(0),
+        "neg": at_least(0),
+        "roi_size": each(at_least(1)),
+        "overlap": within(0, 1, high_open=True),
+        "blend": one_of("gaussian", "constant"),
+        "sw_batch_size": at_least(1),
+    },
     TrainCfg: {
         "epochs": at_least(1),
         "batch_size": at_least(1),
@@ -318,6 +372,14 @@ CHECKS: dict[type, dict[str, Check]] = {
         "min_component_sizes": each(at_least(0)),
         "blend_steps": at_least(1),
         "sweeps": at_least(1),
+        "prob_gate_pixels": _both(
+            lambda v: None if len(v) else "must list at least one value", each(at_least(0))
+        ),
+        "prob_gate_levels": _both(
+            lambda v: None if len(v) else "must list at least one value", each(within(0, 1))
+        ),
+        "z_runs": _both(lambda v: None if len(v) else "must list at least one value", each(at_least(0))),
+        "holdout": within(0, 1, high_open=True),
     },
     FoldsConfig: {"n_folds": at_least(2)},
     EnsembleConfig: {
@@ -339,7 +401,14 @@ def _cross_checks(cfg: Any) -> list[tuple[str, str]]:
         out.append(("loss", "every loss weight (bce, dice, tversky, lovasz, focal) is 0: set one > 0"))
     if isinstance(cfg, ClsConfig) and cfg.loss.lovasz > 0:
         out.append(("loss.lovasz", "applies to segmentation only: set it to 0 for a classifier"))
-    smp_model = isinstance(cfg, SegConfig) or (
+    three_d = isinstance(getattr(cfg, "model", None), ModelCfg) and cfg.model.spatial_dims == 3
+    if three_d and not isinstance(cfg, SegConfig):
+        out.append(("model.spatial_dims", "= 3 is for segmenters only (a seg config)"))
+    if three_d and cfg.data.k != 0:
+        out.append(
+            ("data.k", f"= {cfg.data.k} must be 0 for a 3D member: its depth axis holds the neighbours")
+        )
+    smp_model = (isinstance(cfg, SegConfig) and not three_d) or (
         isinstance(cfg, ClsConfig) and cfg.model.arch.lower() != "timm"
     )
     if smp_model:  # an smp encoder halves the input encoder_depth times (5 by default)

@@ -108,7 +108,7 @@ def test_slice_dataset_items(store: VolumeStore) -> None:
 
 
 def test_truncated_tail_is_dropped(store: VolumeStore) -> None:
-    cfg = DataCfg(img_size=(32, 32), crop=False, train_on="all", drop_truncated_tail=True)
+    cfg = DataCfg(img_size=(32, 32), crop=False, train_on="all", missing_labels="drop")
     data = SliceDataset(store, store.days, boxes_for(cfg, store), cfg, with_masks=False)
     for volume_id in store.days:
         volume = store[volume_id]

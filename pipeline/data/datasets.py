@@ -103,7 +103,7 @@ class SliceDataset(Dataset):
         for volume_id in days:
             volume = store[volume_id]
             present = table.loc[volume.ids].to_numpy(dtype=bool)
-            keep = select_slices(present.any(axis=1), train_on, data_cfg.drop_truncated_tail)
+            keep = select_slices(present.any(axis=1), train_on, data_cfg.missing_labels == "drop")
             if keep.size == 0:
                 continue
             day_index = len(self.days)
@@ -115,12 +115,12 @@ class SliceDataset(Dataset):
         self.ids = ids
         self.presence = np.concatenate(targets) if targets else np.zeros((0, n_classes), bool)
         log.info(
-            "%s dataset: %d slices of %d volumes (train_on=%s, drop_truncated_tail=%s), %.0f%% labelled",
+            "%s dataset: %d slices of %d volumes (train_on=%s, missing_labels=%s), %.0f%% labelled",
             "mask" if with_masks else "presence",
             len(self.ids),
             len(self.days),
             train_on,
-            data_cfg.drop_truncated_tail,
+            data_cfg.missing_labels,
             100 * float(self.presence.any(axis=1).mean()) if len(self.ids) else 0.0,
         )
 
