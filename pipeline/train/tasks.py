@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pipeline.config import ClsConfig, SegConfig, dump_config
@@ -37,6 +37,7 @@ from pipeline.data.datasets import EpochSampler, SliceDataset
 from pipeline.data.folds import fold_days, fold_numbers, read_folds
 from pipeline.data.geometry import Box
 from pipeline.data.prepare import boxes_for
+from pipeline.data.volume3d import PatchDataset
 from pipeline.data.volumes import VolumeStore
 from pipeline.datasets import get_dataset
 from pipeline.device import resolve_device
@@ -108,9 +109,7 @@ def fold_seed(cfg: SegConfig | ClsConfig, fold: Fold) -> int:
     return cfg.train.seed + (0 if str(fold) == "all" else int(fold))
 
 
-def make_loader(
-    dataset: SliceDataset, cfg: SegConfig | ClsConfig, seed: int, device: torch.device
-) -> DataLoader:
+def make_loader(dataset: Dataset, cfg: SegConfig | ClsConfig, seed: int, device: torch.device) -> DataLoader:
     """Shuffled batches in an order drawn from (seed, epoch); full batches only when there are enough."""
     if len(dataset) == 0:
         raise ValueError(
@@ -128,6 +127,7 @@ def make_loader(
         drop_last=len(dataset) >= batch_size,  # a last batch of one breaks batch norm
         persistent_workers=False,  # workers see each epoch's set_epoch
         prefetch_factor=4 if workers > 0 else None,
+        collate_fn=getattr(dataset, "collate_fn", None),  # a 3D item holds several patches
     )
 
 
@@ -271,13 +271,35 @@ def write_cls_oof(
 # --------------------------------------------------------------------------- tasks
 
 
+def slice_dataset(with_masks: bool) -> Callable[[SegConfig | ClsConfig, FoldData, int], Dataset]:
+    """The 2.5D training set of a fold: prepared slices with masks (segmenters) or presence (classifier)."""
+
+    def make(cfg: SegConfig | ClsConfig, data: FoldData, seed: int) -> Dataset:
+        return SliceDataset(
+            data.store,
+            data.train_days,
+            data.boxes,
+            cfg.data,
+            with_masks=with_masks,
+            augment=build_augment(cfg.augment),
+            seed=seed,
+        )
+
+    return make
+
+
+def patch_dataset(cfg: SegConfig, data: FoldData, seed: int) -> Dataset:
+    """The 3D training set of a fold: patches of the cropped, resampled volumes (MONAI sampling)."""
+    return PatchDataset(data.store, data.train_days, data.boxes, cfg, seed=seed)
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """What makes a segmenter or the slice classifier out of the one engine."""
 
     stage: str  # run folder: runs/<stage>/<config>/fold_<k>/
     loss_mode: str  # build_loss mode
-    with_masks: bool  # dataset items carry masks (else per-slice presence) as targets
+    make_dataset: Callable[[Any, FoldData, int], Dataset]  # (cfg, fold data, seed) -> training items
     validator: Callable[..., Callable[[nn.Module, int], dict]]
     write_oof: Callable[..., Path]
     oof_files: Callable[[Path, FoldData], list[Path]]
@@ -286,28 +308,28 @@ class Task:
 SEG = Task(
     "seg",
     "multilabel",
-    True,
-    seg_validator,
+    slice_dataset(with_masks=True),
+    seg_validator,  # predict_day runs a 3D member by sliding window: one validator, one OOF writer
     write_seg_oof,
     lambda out, data: [out / "oof" / f"{d}.npz" for d in data.val_days],
 )
-CLS = Task("cls", "binary", False, cls_validator, write_cls_oof, lambda out, data: [out / "oof.csv"])
-TASKS = {task.stage: task for task in (SEG, CLS)}
+SEG3D = dataclasses.replace(SEG, make_dataset=patch_dataset)
+CLS = Task(
+    "cls",
+    "binary",
+    slice_dataset(with_masks=False),
+    cls_validator,
+    write_cls_oof,
+    lambda out, data: [out / "oof.csv"],
+)
+TASKS = {"seg": SEG, "seg3d": SEG3D, "cls": CLS}
 
 
 def _train(cfg: SegConfig | ClsConfig, fold: Fold, task: Task, progress: bool) -> Path:
     seed = fold_seed(cfg, fold)
     device = resolve_device(cfg.train.device)
     data = load_fold(cfg, fold, progress)
-    dataset = SliceDataset(
-        data.store,
-        data.train_days,
-        data.boxes,
-        cfg.data,
-        with_masks=task.with_masks,
-        augment=build_augment(cfg.augment),
-        seed=seed,
-    )
+    dataset = task.make_dataset(cfg, data, seed)
     seed_everything(seed)  # the initial weights depend on the fold's seed alone, not on what ran before
     model = build_model(cfg)
     loss_fn = build_loss(cfg.loss, task.loss_mode)
@@ -341,7 +363,7 @@ def train_segmenter(cfg: SegConfig, fold: Fold, progress: bool = True) -> Path:
     """Train one fold (or ``"all"``) of a segmenter; returns its run folder."""
     if cfg.stage != "seg":
         raise ValueError(f"train_segmenter needs a seg config, got a '{cfg.stage}' config ({cfg.name})")
-    return _train(cfg, fold, SEG, progress)
+    return _train(cfg, fold, SEG3D if cfg.model.spatial_dims == 3 else SEG, progress)
 
 
 def train_classifier(cfg: ClsConfig, fold: Fold, progress: bool = True) -> Path:
