@@ -25,6 +25,9 @@ DEMO_DET_nerve :=
 FOLDS       ?=
 FOLDS_CONFIG ?= configs/folds.yaml
 JOBS        ?= auto
+# GPUS=n (n > 1): train-cls / train-seg run under torchrun, each fold on n GPUs with DDP (rank 0 writes)
+GPUS        ?= 1
+TRAIN_RUN   := $(if $(filter-out 0 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS),$(PY))
 FORCE       ?=
 KAGGLE_USER ?=
 SET         ?=
@@ -48,7 +51,7 @@ help:
 	@echo "make test     - the test suite (CPU, a few minutes)"
 	@echo "make install | data | folds | train-det | train-cls | train-seg | tune | cv | submit | score"
 	@echo "make baseline | kernel | kernel-push | bench | lint | clean"
-	@echo "variables: DATASET (uwmgi|lgg|nerve) DATA_DIR CONFIG CONFIG_CLS CONFIG_DET ENSEMBLE FOLDS FOLDS_CONFIG JOBS SET SEED DEBUG"
+	@echo "variables: DATASET (uwmgi|lgg|nerve) DATA_DIR CONFIG CONFIG_CLS CONFIG_DET ENSEMBLE FOLDS FOLDS_CONFIG JOBS GPUS SET SEED DEBUG"
 
 install: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt
@@ -66,10 +69,10 @@ train-det: $(STAMP)
 	$(PY) -m stages.train_det --config $(CONFIG_DET) $(if $(DET_SET),--set $(DET_SET))
 
 train-cls: $(STAMP)
-	$(PY) -m stages.train_cls --config $(CONFIG_CLS) $(if $(FOLDS),--folds $(FOLDS)) --jobs $(JOBS) $(if $(TRAIN_SET),--set $(TRAIN_SET))
+	$(TRAIN_RUN) -m stages.train_cls --config $(CONFIG_CLS) $(if $(FOLDS),--folds $(FOLDS)) --jobs $(JOBS) $(if $(TRAIN_SET),--set $(TRAIN_SET))
 
 train-seg: $(STAMP)
-	$(PY) -m stages.train_seg --config $(CONFIG) $(if $(FOLDS),--folds $(FOLDS)) --jobs $(JOBS) $(if $(TRAIN_SET),--set $(TRAIN_SET))
+	$(TRAIN_RUN) -m stages.train_seg --config $(CONFIG) $(if $(FOLDS),--folds $(FOLDS)) --jobs $(JOBS) $(if $(TRAIN_SET),--set $(TRAIN_SET))
 
 tune: $(STAMP)
 	$(PY) -m stages.tune --config $(ENSEMBLE)

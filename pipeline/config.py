@@ -404,6 +404,10 @@ def _cross_checks(cfg: Any) -> list[tuple[str, str]]:
     three_d = isinstance(getattr(cfg, "model", None), ModelCfg) and cfg.model.spatial_dims == 3
     if three_d and not isinstance(cfg, SegConfig):
         out.append(("model.spatial_dims", "= 3 is for segmenters only (a seg config)"))
+    if three_d and cfg.train.channels_last:
+        out.append(("train.channels_last", "must be false for a 3D member (the NHWC layout is 2D)"))
+    if three_d and cfg.model.freeze_encoder:
+        out.append(("model.freeze_encoder", "applies to smp encoders only: set it to 0 for a 3D member"))
     if three_d and cfg.data.k != 0:
         out.append(
             ("data.k", f"= {cfg.data.k} must be 0 for a 3D member: its depth axis holds the neighbours")

@@ -18,10 +18,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
-    """bf16 on CUDA GPUs that support it, else fp16 on CUDA; None (fp32) on CPU or when disabled."""
+    """bf16 on CUDA GPUs that support it, else fp16 on CUDA; None (fp32) on CPU or when disabled.
+
+    Native bf16 only: torch reports bf16 "supported" on a T4 (compute 7.5) through slow emulation;
+    there fp16 with a GradScaler is the right choice.
+    """
     if not enabled or device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def amp_autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline.metric_kernels import class_runs, dice_counts, hausdorff_runs, row_any, union_runs
+from pipeline.metric_kernels import class_runs, dice_counts, hausdorff_runs, line_runs, row_any, union_runs
 from pipeline.rle_format import as_uint8
 
 DICE_WEIGHT = 0.4
@@ -48,10 +48,8 @@ def hausdorff_volume(pred: np.ndarray, truth: np.ndarray) -> float | None:
     """Normalised Hausdorff distance of two (S, H, W) masks; None when both are empty, 1 when one is."""
     p, t = as_uint8(pred), as_uint8(truth)
     _check_pair(p, t, 3, "hausdorff_volume")
-    p, t = p[:, None], t[:, None]  # one class
-    ptr_p, *runs_p = class_runs(p, row_any(p))
-    ptr_t, *runs_t = class_runs(t, row_any(t))
-    return hausdorff_runs((ptr_p[0], *runs_p), (ptr_t[0], *runs_t), pred.shape)
+    n_w = p.shape[2]
+    return hausdorff_runs(line_runs(p.reshape(-1), n_w), line_runs(t.reshape(-1), n_w), p.shape)
 
 
 def hausdorff_volume_edt(pred: np.ndarray, truth: np.ndarray) -> float | None:

@@ -70,12 +70,15 @@ def dice_counts(p, t, fp, ft):  # pragma: no cover - compiled
 
 
 _BLOCK = 16
-_SAMPLE = 256  # points searched first, in spread order, to set the running maximum
+_SAMPLE = 32  # points searched first, in spread order, to set the running maximum
 _MARGIN = 4.0  # searches aim this many voxel steps below the maximum
 
 
 _ONES = np.uint64(0x0101010101010101)
 _HIGHS = np.uint64(0x8080808080808080)
+_LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
+_GATHER = np.uint64(0x0002040810204081)  # moves bit 8i + 7 to bit 56 + i
+_CTZ8 = np.array([8] + [(i & -i).bit_length() - 1 for i in range(1, 256)], np.int64)  # trailing zeros
 
 
 @njit(cache=True, nogil=True)
@@ -171,8 +174,115 @@ def union_runs(ptr, starts, ends):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _outside_points(ptr_a, sa, ea, ptr_b, sb, eb, n_w, pts, write):  # pragma: no cover - compiled
-    """Voxels of A not in B, row by row (interval difference of the runs); returns their count."""
+def _skip_words(words, w, inside):  # pragma: no cover - compiled
+    """The first word from w on that may hold a run edge: outside a run a non-zero word (aligned
+    blocks of zero words are skipped at once), inside one a word with a zero byte."""
+    n_words = words.size
+    if inside:
+        while w < n_words and ((words[w] - _ONES) & ~words[w] & _HIGHS) == 0:
+            w += 1
+        return w
+    while w < n_words:
+        if w % _BLOCK == 0 and w + _BLOCK <= n_words:
+            acc = np.uint64(0)
+            for j in range(w, w + _BLOCK):  # vectorised
+                acc |= words[j]
+            if acc == 0:
+                w += _BLOCK
+                continue
+        if words[w] != 0:
+            return w
+        w += 1
+    return w
+
+
+@njit(cache=True, nogil=True)
+def _cut(begin, end, n_w, starts, ends, counts, k):  # pragma: no cover - compiled
+    """Store the flat run [begin, end) cut at row ends from index k on; the next k, -1 when full."""
+    r = begin // n_w
+    while begin < end:
+        if k == starts.size:
+            return -1
+        stop = min(end, (r + 1) * n_w)
+        starts[k] = begin - r * n_w
+        ends[k] = stop - r * n_w
+        counts[r + 1] += 1
+        k += 1
+        begin = stop
+        r += 1
+    return k
+
+
+@njit(cache=True, nogil=True)
+def _byte_bits(word):  # pragma: no cover - compiled
+    """The 8-bit mask of the non-zero bytes of a (little-endian) word: bit i for byte i."""
+    high = (((word & _LOW7) + _LOW7) | word) & _HIGHS
+    return np.int64((high * _GATHER) >> np.uint64(56))
+
+
+@njit(cache=True, nogil=True)
+def _scan_flat(flat, words, n_w, starts, ends, counts):  # pragma: no cover - compiled
+    """Store the runs of ``flat`` and count them per row; returns their number, -1 when ``starts``
+    is too short. A word that may hold run edges gives them all at once as the bits that differ
+    from their neighbour in its byte mask."""
+    n, n_words = flat.size, words.size
+    k = 0
+    inside = 0
+    begin = 0
+    w = _skip_words(words, 0, False)
+    while w < n_words:
+        bits = _byte_bits(words[w])
+        edges = (bits ^ ((bits << 1) | inside)) & 0xFF
+        while edges:
+            i = 8 * w + _CTZ8[edges]
+            edges &= edges - 1
+            if inside:
+                k = _cut(begin, i, n_w, starts, ends, counts, k)
+                if k < 0:
+                    return -1
+            else:
+                begin = i
+            inside ^= 1
+        w = _skip_words(words, w + 1, inside != 0)
+    for i in range(8 * n_words, n):
+        if (flat[i] != 0) != inside:
+            if inside:
+                k = _cut(begin, i, n_w, starts, ends, counts, k)
+                if k < 0:
+                    return -1
+            else:
+                begin = i
+            inside ^= 1
+    if inside:
+        k = _cut(begin, n, n_w, starts, ends, counts, k)
+    return k
+
+
+@njit(cache=True, nogil=True)
+def line_runs(flat, n_w):  # pragma: no cover - compiled
+    """Runs of every row of a flat uint8 mask of rows of n_w pixels, in one pass over the bytes.
+
+    Returns a row pointer (n_rows + 1,) into int32 starts and ends. The mask is read as one stream
+    of 8-byte words (rows need not be word aligned); a run the stream carries over a row end is
+    cut there. The arrays start small and the pass is redone with longer ones when they fill up.
+    """
+    n = flat.size
+    words = flat[: 8 * (n // 8)].view(np.uint64)
+    most = (n // n_w) * ((n_w + 1) // 2)  # a row holds at most (W + 1) // 2 runs
+    cap = min(most, max(1024, n // 256))
+    while True:
+        starts = np.empty(cap, np.int32)
+        ends = np.empty(cap, np.int32)
+        counts = np.zeros(n // n_w + 1, np.int64)
+        k = _scan_flat(flat, words, n_w, starts, ends, counts)
+        if k >= 0:
+            return np.cumsum(counts), starts[:k].copy(), ends[:k].copy()
+        cap = min(most, 8 * cap)
+
+
+@njit(cache=True, nogil=True)
+def _outside_runs(ptr_a, sa, ea, ptr_b, sb, eb, out, write):  # pragma: no cover - compiled
+    """Runs of A outside B as (row, start, end), row by row (interval differences); returns their count."""
     n = 0
     for r in range(ptr_a.size - 1):
         kb = ptr_b[r]
@@ -186,132 +296,250 @@ def _outside_points(ptr_a, sa, ea, ptr_b, sb, eb, n_w, pts, write):  # pragma: n
                     continue
                 stop = ea[ka] if kb == ptr_b[r + 1] else min(ea[ka], sb[kb])
                 if write:
-                    for xx in range(x, stop):
-                        pts[n + xx - x, 0] = r
-                        pts[n + xx - x, 1] = xx
-                n += stop - x
+                    out[n, 0], out[n, 1], out[n, 2] = r, x, stop
+                n += 1
                 x = stop
     return n
 
 
 @njit(cache=True, nogil=True)
-def _x_gap(ptr, starts, ends, r, x):  # pragma: no cover - compiled
-    """Distance in x from x to the nearest run of row r (0 inside a run); -1 for an empty row."""
-    gap = -1
-    for k in range(ptr[r], ptr[r + 1]):
-        if x < starts[k]:
-            d = starts[k] - x
-            if gap < 0 or d < gap:
-                gap = d
-            break
-        if x < ends[k]:
-            return 0
-        gap = x - ends[k] + 1
-    return gap
+def _difference(ptr_a, sa, ea, ptr_b, sb, eb):  # pragma: no cover - compiled
+    """(runs (m, 3) of A outside B, first (m + 1,)): run i holds voxels first[i]:first[i + 1]."""
+    m = _outside_runs(ptr_a, sa, ea, ptr_b, sb, eb, np.empty((0, 3), np.int64), False)
+    runs = np.empty((m, 3), np.int64)
+    _outside_runs(ptr_a, sa, ea, ptr_b, sb, eb, runs, True)
+    first = np.zeros(m + 1, np.int64)
+    for i in range(m):
+        first[i + 1] = first[i] + runs[i, 2] - runs[i, 1]
+    return runs, first
 
 
 @njit(cache=True, nogil=True)
-def _nearest_sq(runs, n_h, z, y, x, box, w, bound, stop_at):  # pragma: no cover - compiled
-    """Squared distance from voxel (z, y, x) to the nearest run voxel among rows nearer than ``bound``.
+def _slice_boxes(ptr, starts, ends, n_h):  # pragma: no cover - compiled
+    """Per slice, the first and last row and column holding runs (lo > hi for an empty slice)."""
+    n_s = (ptr.size - 1) // n_h
+    box = np.empty((n_s, 4), np.int64)
+    box[:, 0] = n_h
+    box[:, 1] = -1
+    box[:, 2] = np.iinfo(np.int32).max
+    box[:, 3] = -1
+    for r in range(ptr.size - 1):
+        if ptr[r + 1] > ptr[r]:
+            z, y = r // n_h, r % n_h
+            box[z, 0] = min(box[z, 0], y)
+            box[z, 1] = max(box[z, 1], y)
+            box[z, 2] = min(box[z, 2], starts[ptr[r]])
+            box[z, 3] = max(box[z, 3], ends[ptr[r + 1] - 1] - 1)
+    return box
 
-    Rows are visited slice by slice outwards, then row by row outwards, and only while they can
-    hold a nearer voxel; the search ends early at a distance <= ``stop_at``. Returns ``bound``
-    when no row nearer than it holds a voxel.
+
+@njit(cache=True, nogil=True)
+def _x_near(ptr, starts, ends, r, x):  # pragma: no cover - compiled
+    """The x of the voxel of row r nearest to x (x itself inside a run); -1 for an empty row."""
+    near = -1
+    for k in range(ptr[r], ptr[r + 1]):
+        if x < starts[k]:
+            if near < 0 or starts[k] - x < x - near:
+                return starts[k]
+            return near
+        if x < ends[k]:
+            return x
+        near = ends[k] - 1
+    return near
+
+
+@njit(cache=True, nogil=True)
+def _nearest(ptr, starts, ends, box, n_h, w, z, y, x, best, stop_at):  # pragma: no cover - compiled
+    """(d2, bz, by, bx): the nearest run voxel to (z, y, x) among those nearer than ``best``.
+
+    Slices are visited outwards from z, rows outwards from y, and only while they (and the slice's
+    box) can hold a voxel nearer than the best so far; the search ends at a d2 <= ``stop_at``.
+    bz is -1 when no voxel is nearer than the ``best`` given.
     """
-    ptr, starts, ends = runs
-    zlo, zhi, ylo, yhi = box
     wz, wy, wx = w
-    best = bound
-    k = max(0, zlo - z, z - zhi)
-    while wz * k * k < best and (z - k >= zlo or z + k <= zhi):
+    n_s = box.shape[0]
+    bz = by = bx = -1
+    k = 0
+    while wz * k * k < best and (z - k >= 0 or z + k < n_s):
         dz2 = wz * k * k
         for side in range(2 if k else 1):
             zz = z + k if side else z - k
-            if zz < zlo or zz > zhi:
+            if zz < 0 or zz >= n_s:
                 continue
-            lo, hi = ylo[zz], yhi[zz]  # the rows of this slice that hold runs (none when lo > hi)
+            lo, hi = box[zz, 0], box[zz, 1]
+            if lo > hi:
+                continue
+            gx = max(0, box[zz, 2] - x, x - box[zz, 3])
+            floor = dz2 + wx * gx * gx
             j = max(0, lo - y, y - hi)
-            while dz2 + wy * j * j < best and (y - j >= lo or y + j <= hi):
+            while floor + wy * j * j < best and (y - j >= lo or y + j <= hi):
                 d2 = dz2 + wy * j * j
                 for side_y in range(2 if j else 1):
                     yy = y + j if side_y else y - j
                     if yy < lo or yy > hi:
                         continue
-                    gap = _x_gap(ptr, starts, ends, zz * n_h + yy, x)
-                    if gap >= 0 and d2 + wx * gap * gap < best:
-                        best = d2 + wx * gap * gap
+                    near = _x_near(ptr, starts, ends, zz * n_h + yy, x)
+                    if near >= 0:
+                        v = d2 + wx * (near - x) * (near - x)
+                        if v < best:
+                            best, bz, by, bx = v, zz, yy, near
                 if best <= stop_at:
-                    return best
+                    return best, bz, by, bx
                 j += 1
         k += 1
-    return best
+    return best, bz, by, bx
 
 
 @njit(cache=True, nogil=True)
-def _bound_sq(runs, n_h, z, y, x, box, w, cmax, aim_sq, upper_sq):  # pragma: no cover - compiled
-    """A squared distance bound for one voxel: some value <= cmax when the voxel cannot raise the
-    maximum (rows within cmax searched, stopping at the first value <= ``aim_sq``), else the exact
-    squared distance (knowing it is at most ``upper_sq``)."""
-    if cmax > 0.0:
-        d2 = _nearest_sq(runs, n_h, z, y, x, box, w, np.nextafter(cmax, np.inf), aim_sq)
-        if d2 <= cmax:
-            return d2
-    return _nearest_sq(runs, n_h, z, y, x, box, w, upper_sq, 0.0)
+def _sq(w, z, y, x, bz, by, bx):  # pragma: no cover - compiled
+    return w[0] * (z - bz) * (z - bz) + w[1] * (y - by) * (y - by) + w[2] * (x - bx) * (x - bx)
 
 
 @njit(cache=True, nogil=True)
-def _directed_sq(ptr_a, sa, ea, ptr_b, sb, eb, n_h, n_w, wz, wy, wx):  # pragma: no cover - compiled
-    """max over voxels of A of the squared weighted distance to the nearest voxel of B (B non-empty)."""
-    n_rows = ptr_b.size - 1
-    n_s = n_rows // n_h
-    zlo, zhi = n_s, -1
-    ylo = np.full(n_s, n_h, np.int64)  # per slice, the first and last row of B
-    yhi = np.full(n_s, -1, np.int64)
-    for r in range(n_rows):
-        if ptr_b[r + 1] > ptr_b[r]:
-            z, y = r // n_h, r % n_h
-            zlo, zhi = min(zlo, z), max(zhi, z)
-            ylo[z], yhi[z] = min(ylo[z], y), max(yhi[z], y)
-    runs, box, w = (ptr_b, sb, eb), (zlo, zhi, ylo, yhi), (wz, wy, wx)
-    none = np.empty((0, 2), np.int32)
-    n = _outside_points(ptr_a, sa, ea, ptr_b, sb, eb, n_w, none, False)
+def _probe(ptr_b, sb, eb, box, n_h, w, z, y, x, cmax, near):  # pragma: no cover - compiled
+    """(cmax raised to the voxel's squared distance, a voxel of B within cmax of it or its nearest)."""
+    lz, ly, lx = near
+    ub = np.inf if lz < 0 else _sq(w, z, y, x, lz, ly, lx)
+    if ub > cmax:
+        d2, bz, by, bx = _nearest(ptr_b, sb, eb, box, n_h, w, z, y, x, ub, cmax)
+        if bz >= 0:
+            near = (bz, by, bx)
+        cmax = max(cmax, d2)
+    return cmax, near
+
+
+@njit(cache=True, nogil=True)
+def _sample_sq(runs, first, ptr_b, sb, eb, box, n_h, w, cmax):  # pragma: no cover - compiled
+    """Raise cmax over a sample of the voxels of ``runs``: a spread one (golden-ratio stride) and
+    the middles of the longest runs (the insides of missed organs and of false positives).
+
+    Returns (cmax, done, a voxel of B): done when the sample held every voxel.
+    """
+    n, m = first[-1], runs.shape[0]
+    near = (-1, -1, -1)
     if n == 0:
-        return 0.0
-    pts = np.empty((n, 2), np.int32)  # (row, x) of every voxel of A outside B, in raster order
-    _outside_points(ptr_a, sa, ea, ptr_b, sb, eb, n_w, pts, True)
-    # 1) a spread sample (golden-ratio stride) sets a high running maximum early
+        return cmax, True, near
     step = max(1, int(n * 0.6180339887498949))
     while math.gcd(step, n) != 1:
         step += 1
-    cmax = 0.0
     i = 0
     for _ in range(min(n, _SAMPLE)):
         i = (i + step) % n
-        z, y, x = pts[i, 0] // n_h, pts[i, 0] % n_h, pts[i, 1]
-        cmax = max(cmax, _bound_sq(runs, n_h, z, y, x, box, w, cmax, cmax, np.inf))
-    if n <= _SAMPLE:  # the stride visited every voxel
-        return cmax
-    # 2) every voxel in raster order. The distance is 1-Lipschitz: the bound of the voxel before
-    #    it in x, y or z plus one step bounds it, which skips most searches; searches aim a margin
-    #    below cmax so that the bound they leave carries on to the next voxels
-    steps = (math.sqrt(wz), math.sqrt(wy), math.sqrt(wx))
-    margin = _MARGIN * min(steps)
-    upper = np.full((n_h, n_w), np.inf)
-    stamp = np.full((n_h, n_w), -1, np.int64)  # the slice that wrote upper[y, x]
-    for i in range(n):
-        z, y, x = pts[i, 0] // n_h, pts[i, 0] % n_h, pts[i, 1]
-        u = upper[y, x] + steps[0] if stamp[y, x] == z - 1 else np.inf
-        if y > 0 and stamp[y - 1, x] == z:
-            u = min(u, upper[y - 1, x] + steps[1])
-        if x > 0 and stamp[y, x - 1] == z:
-            u = min(u, upper[y, x - 1] + steps[2])
-        if u * u > cmax:
-            aim = max(0.0, math.sqrt(cmax) - margin)
-            d2 = _bound_sq(runs, n_h, z, y, x, box, w, cmax, aim * aim, u * u)
-            cmax = max(cmax, d2)
-            u = min(u, math.sqrt(d2))
-        upper[y, x] = u
-        stamp[y, x] = z
+        k = np.searchsorted(first, i, side="right") - 1
+        z, y, x = runs[k, 0] // n_h, runs[k, 0] % n_h, runs[k, 1] + i - first[k]
+        cmax, near = _probe(ptr_b, sb, eb, box, n_h, w, z, y, x, cmax, near)
+    if n <= _SAMPLE:
+        return cmax, True, near
+    longest = 0
+    for k in range(m):
+        longest = max(longest, runs[k, 2] - runs[k, 1])
+    n_long = 0
+    for k in range(m):
+        n_long += 2 * (runs[k, 2] - runs[k, 1]) >= longest
+    every, seen = (n_long + _SAMPLE - 1) // _SAMPLE, 0
+    for k in range(m):
+        if 2 * (runs[k, 2] - runs[k, 1]) >= longest:
+            if seen % every == 0:
+                z, y, x = runs[k, 0] // n_h, runs[k, 0] % n_h, (runs[k, 1] + runs[k, 2]) // 2
+                cmax, near = _probe(ptr_b, sb, eb, box, n_h, w, z, y, x, cmax, near)
+            seen += 1
+    return cmax, False, near
+
+
+@njit(cache=True, nogil=True)
+def _raster_sq(runs, ptr_b, sb, eb, box, n_h, w, cmax, seed):  # pragma: no cover - compiled
+    """max(cmax, the squared distance to B of every voxel of ``runs``), visited in raster order.
+
+    Each voxel keeps a *witness*, a voxel of B near it: the distance to a witness bounds the
+    distance to B from above, so a voxel (or a whole run: the bound is largest at its ends) within
+    cmax of the witness of the voxel before it, or of the voxel above it in the row or the slice
+    before, needs no search. Searches aim a margin below cmax so that the witness they leave
+    serves the next voxels too.
+    """
+    y0, y1, x0, x1 = n_h, -1, runs[0, 1], runs[0, 2]
+    for k in range(runs.shape[0]):
+        y = runs[k, 0] % n_h
+        y0, y1 = min(y0, y), max(y1, y)
+        x0, x1 = min(x0, runs[k, 1]), max(x1, runs[k, 2])
+    grid = np.full((y1 - y0 + 1, x1 - x0), -1, np.int64)  # per (y, x): the witness last used
+    wit = np.empty((1024, 3), np.int64)
+    wit[0, 0], wit[0, 1], wit[0, 2] = seed
+    k, n_wit, last = 0, 1, 0
+    while k < runs.shape[0]:  # the witness list fills up: grow it and go on
+        if n_wit + runs[k, 2] - runs[k, 1] > wit.shape[0]:
+            wit = np.concatenate((wit, np.empty((wit.shape[0] + runs[k, 2] - runs[k, 1], 3), np.int64)))
+        cmax, k, n_wit, last = _raster_part(
+            runs, k, ptr_b, sb, eb, box, n_h, w, cmax, grid, y0, x0, wit, n_wit, last
+        )
+    return cmax
+
+
+@njit(cache=True, nogil=True)
+def _raster_part(runs, k, ptr_b, sb, eb, box, n_h, w, cmax, grid, y0, x0, wit, n_wit, last):  # pragma: no cover - compiled
+    """:func:`_raster_sq` from run k on until the witness list may overflow; (cmax, k, n_wit, last)."""
+    margin = _MARGIN * math.sqrt(min(w[0], w[1], w[2]))
+    while k < runs.shape[0]:
+        z, y, xa, xb = runs[k, 0] // n_h, runs[k, 0] % n_h, runs[k, 1], runs[k, 2]
+        if n_wit + xb - xa > wit.shape[0]:
+            break
+        k += 1
+        row = grid[y - y0]
+        done = False
+        for e in range(3):
+            c = last if e == 0 else row[(xa if e == 1 else xb - 1) - x0]
+            if c >= 0 and _run_sq(w, z, y, xa, xb, wit[c]) <= cmax:
+                row[xa - x0 : xb - x0] = c
+                last = c
+                done = True
+                break
+        if done:
+            continue
+        above = grid[y - y0 - 1] if y > y0 else row
+        for x in range(xa, xb):
+            ub = _sq(w, z, y, x, wit[last, 0], wit[last, 1], wit[last, 2])
+            if ub > cmax:
+                for e in range(2):
+                    c = row[x - x0] if e == 0 else above[x - x0]
+                    if c >= 0:
+                        v = _sq(w, z, y, x, wit[c, 0], wit[c, 1], wit[c, 2])
+                        if v < ub:
+                            ub, last = v, c
+            if ub > cmax:
+                aim = max(0.0, math.sqrt(cmax) - margin)
+                d2, bz, by, bx = _nearest(ptr_b, sb, eb, box, n_h, w, z, y, x, ub, aim * aim)
+                if bz >= 0:
+                    wit[n_wit, 0], wit[n_wit, 1], wit[n_wit, 2] = bz, by, bx
+                    last = n_wit
+                    n_wit += 1
+                cmax = max(cmax, d2)
+            row[x - x0] = last
+    return cmax, k, n_wit, last
+
+
+@njit(cache=True, nogil=True)
+def _run_sq(w, z, y, xa, xb, b):  # pragma: no cover - compiled
+    """The squared distance from voxel b to the farther end of the run [xa, xb) of row (z, y)."""
+    return max(_sq(w, z, y, xa, b[0], b[1], b[2]), _sq(w, z, y, xb - 1, b[0], b[1], b[2]))
+
+
+@njit(cache=True, nogil=True)
+def _hausdorff_sq(ptr_a, sa, ea, ptr_b, sb, eb, n_h, w):  # pragma: no cover - compiled
+    """The squared symmetric Hausdorff distance of two non-empty run sets.
+
+    Both directions are sampled first and share one running maximum; the direction whose sample
+    reached it is scanned first, so that the other one mostly only confirms it.
+    """
+    box_a, box_b = _slice_boxes(ptr_a, sa, ea, n_h), _slice_boxes(ptr_b, sb, eb, n_h)
+    runs_ab, first_ab = _difference(ptr_a, sa, ea, ptr_b, sb, eb)
+    runs_ba, first_ba = _difference(ptr_b, sb, eb, ptr_a, sa, ea)
+    c_ab, done_ab, seed_ab = _sample_sq(runs_ab, first_ab, ptr_b, sb, eb, box_b, n_h, w, 0.0)
+    cmax, done_ba, seed_ba = _sample_sq(runs_ba, first_ba, ptr_a, sa, ea, box_a, n_h, w, c_ab)
+    for turn in range(2):
+        if (turn == 0) == (cmax > c_ab):
+            if not done_ba:
+                cmax = _raster_sq(runs_ba, ptr_a, sa, ea, box_a, n_h, w, cmax, seed_ba)
+        elif not done_ab:
+            cmax = _raster_sq(runs_ab, ptr_b, sb, eb, box_b, n_h, w, cmax, seed_ab)
     return cmax
 
 
@@ -324,8 +552,5 @@ def hausdorff_runs(runs_a: tuple, runs_b: tuple, shape: tuple[int, int, int]) ->
         return 1.0
     n_s, n_h, n_w = shape
     weights = (1.0 / n_s**2, 1.0 / n_h**2, 1.0 / n_w**2)
-    d2 = max(
-        _directed_sq(*runs_a, *runs_b, n_h, n_w, *weights),
-        _directed_sq(*runs_b, *runs_a, n_h, n_w, *weights),
-    )
+    d2 = _hausdorff_sq(*runs_a, *runs_b, n_h, weights)
     return math.sqrt(d2) / _SQRT3

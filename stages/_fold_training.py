@@ -1,4 +1,8 @@
-"""The command line shared by `make train-cls` and `make train-seg`: config, folds, jobs, overrides."""
+"""The command line shared by `make train-cls` and `make train-seg`: config, folds, jobs, overrides.
+
+Started by torchrun (`GPUS=n`), every process runs this: they join one process group for the
+whole stage and train each fold together (DDP), rank 0 writing the files.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pipeline.config import ConfigError
 from pipeline.datasets import load_config
 from pipeline.models.registry import check_model
 from pipeline.runtime import configure_runtime
+from pipeline.train import distributed
 from pipeline.train.parallel import resolve_jobs, run_folds
 from pipeline.train.tasks import describe, every_fold, parse_folds, train_store
 
@@ -35,7 +40,8 @@ def run_stage(
     parser.add_argument(
         "--jobs",
         default="auto",
-        help="folds trained at once (CPU: one process each); auto: 1 on a GPU, else one per core",
+        help="folds trained at once, one process each (pinned to its own GPU on a multi-GPU machine); "
+        "auto: one per GPU, else one per core; 1 under torchrun",
     )
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set, stage=stage)
@@ -45,11 +51,15 @@ def run_stage(
         raise ConfigError(f"{args.config}: {exc}") from None
     folds = parse_folds(args.folds) if args.folds else every_fold(cfg)
     configure_runtime(seed=cfg.train.seed)
-    log.info("%s; folds %s", describe(cfg), " ".join(map(str, folds)))
-    jobs = resolve_jobs(args.jobs, len(folds))
-    if jobs > 1:
-        train_store(cfg)  # decode the volumes once here, not in several workers at the same time
-    outs = run_folds(train, cfg, folds, jobs, desc=f"train-{stage} {cfg.name}")
+    with distributed.session(cfg.train.device):  # torchrun: one process group, rank 0 logs and writes
+        log.info("%s; folds %s", describe(cfg), " ".join(map(str, folds)))
+        jobs = resolve_jobs(args.jobs, len(folds), distributed.world_size())
+        if jobs > 1 or distributed.is_distributed():
+            # decode the volumes once, here (on rank 0), not in several processes at the same time
+            if distributed.is_main():
+                train_store(cfg)
+            distributed.barrier()
+        outs = run_folds(train, cfg, folds, jobs, desc=f"train-{stage} {cfg.name}")
     for out in outs:
         log.info("wrote %s (best.pt, last.pt, config.yaml, metrics.csv, %s)", out, outputs)
     return outs

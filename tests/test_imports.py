@@ -33,6 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.train",),
     ("pipeline.infer",),
     ("pipeline.kaggle",),
+    ("pipeline.bench",),
 )
 
 Edge = tuple[str, str, int]  # importer, imported, line

@@ -1,4 +1,5 @@
-"""Each loss term against values computed by hand on a 1x2x2x2 case, and their combination."""
+"""Each loss term against values computed by hand on a 1x2x2x2 case, their combination, and the
+missing-label mask (IGNORE) against brute-force twins on the valid elements."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, LossCfg, load_config
+from pipeline.data.labels import IGNORE
 from pipeline.train.losses import build_loss
 
 LN3 = math.log(3.0)
@@ -148,3 +150,146 @@ def test_bad_loss_configs_fail_at_load(config: str, overrides: list[str], needle
 def test_unknown_loss_mode_fails() -> None:
     with pytest.raises(ConfigError, match="loss mode"):
         build_loss(LossCfg(), "multiclass")
+
+
+# --------------------------------------------------------------------------- missing labels (IGNORE)
+# Twins computed from the definitions on the valid elements alone (the ignored ones removed), with
+# autograd through plain torch ops, so loss and gradient are both compared.
+
+
+def twin_bce(z: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, pos_weight: float | None) -> torch.Tensor:
+    zv, tv = z[valid], t[valid]
+    p = torch.sigmoid(zv)
+    w = 1.0 if pos_weight is None else pos_weight
+    return -(w * tv * torch.log(p) + (1 - tv) * torch.log(1 - p)).mean()
+
+
+def per_class(
+    z: torch.Tensor, t: torch.Tensor, valid: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, targets) of each class's valid elements, over the whole batch."""
+    return [(z[:, c][valid[:, c]], t[:, c][valid[:, c]]) for c in range(z.shape[1])]
+
+
+def twin_tversky(z: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    losses = []
+    for zc, tc in per_class(z, t, valid):
+        if tc.sum() == 0:  # no valid positive: 0 (smp rule), still counted in the mean
+            losses.append(zc.sum() * 0.0)
+            continue
+        p = torch.sigmoid(zc)
+        tp, fp, fn = (p * tc).sum(), (p * (1 - tc)).sum(), ((1 - p) * tc).sum()
+        losses.append(1 - tp / (tp + a * fp + b * fn))
+    return torch.stack(losses).mean()
+
+
+def twin_focal(z: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, gamma: float) -> torch.Tensor:
+    losses = []
+    for zc, tc in per_class(z, t, valid):
+        p = torch.sigmoid(zc)
+        pt = torch.where(tc > 0, p, 1 - p)
+        losses.append(((1 - pt) ** gamma * -torch.log(pt)).mean() if len(tc) else zc.sum() * 0.0)
+    return torch.stack(losses).mean()
+
+
+def lovasz_hinge(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Lovász hinge of one flat map (Berman et al., Alg. 1), 0 for a map without pixels."""
+    if len(t) == 0:
+        return z.sum() * 0.0
+    errors = 1 - z * (2 * t - 1)
+    order = torch.argsort(errors, descending=True)
+    errors, gt = errors[order], t[order]
+    jaccard = 1 - (gt.sum() - gt.cumsum(0)) / (gt.sum() + (1 - gt).cumsum(0))
+    grad = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+    return (torch.relu(errors) * grad).sum()
+
+
+def twin_lovasz(z: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    maps = [
+        (z[b, c][valid[b, c]], t[b, c][valid[b, c]]) for b in range(z.shape[0]) for c in range(z.shape[1])
+    ]
+    return torch.stack([lovasz_hinge(zm, tm) for zm, tm in maps]).mean()
+
+
+TWINS = {
+    "bce": lambda z, t, v: twin_bce(z, t, v, None),
+    "dice": lambda z, t, v: twin_tversky(z, t, v, 0.5, 0.5),
+    "tversky": lambda z, t, v: twin_tversky(z, t, v, 0.3, 0.7),
+    "lovasz": twin_lovasz,
+    "focal": lambda z, t, v: twin_focal(z, t, v, 2.0),
+}
+TERM_CFG = {"tversky": dict(tversky_alpha=0.3, tversky_beta=0.7), "focal": dict(focal_gamma=2.0)}
+
+
+def ignored_case(shape: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random logits and 0/1 targets with IGNORE at scattered elements, on a whole map (image 0,
+    class 0) and on every element of the last class (a class without any valid element)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 2 * torch.randn(shape, generator=g)
+    target = (torch.rand(shape, generator=g) > 0.6).float()
+    ignore = torch.rand(shape, generator=g) < 0.3
+    ignore[0, 0] = True
+    ignore[:, -1] = True
+    return logits, target.masked_fill(ignore, IGNORE), ~ignore
+
+
+SHAPES = [("multilabel", (3, 3, 5, 6)), ("multilabel", (2, 3, 3, 4, 5)), ("binary", (16, 3))]
+
+
+@pytest.mark.parametrize("term", list(TWINS))
+@pytest.mark.parametrize(("mode", "shape"), SHAPES, ids=["2d", "3d", "cls"])
+def test_ignored_elements_have_no_loss_and_no_gradient(term: str, mode: str, shape: tuple[int, ...]) -> None:
+    if term == "lovasz" and mode == "binary":
+        pytest.skip("lovasz is refused for classifiers at config load")
+    logits, target, valid = ignored_case(shape)
+    assert valid.any() and not valid.all()
+    z = logits.clone().requires_grad_(True)
+    got = build_loss(only(term, **TERM_CFG.get(term, {})), mode)(z, target)
+    got.backward()
+    z_twin = logits.clone().requires_grad_(True)
+    want = TWINS[term](z_twin, target, valid)
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+    assert torch.all(z.grad[~valid] == 0)  # exactly nothing flows into a missing label
+    torch.testing.assert_close(z.grad, z_twin.grad, rtol=1e-4, atol=1e-7)
+    assert z.grad[valid].abs().sum() > 0
+    # whatever the network says where the label is missing, the loss does not move
+    wild = logits.masked_fill(~valid, 1e4)
+    again = build_loss(only(term, **TERM_CFG.get(term, {})), mode)(wild, target)
+    assert again.item() == pytest.approx(got.item(), rel=1e-6, abs=1e-7)
+
+
+def test_bce_pos_weight_with_ignored_elements() -> None:
+    logits, target, valid = ignored_case((2, 3, 4, 4), seed=1)
+    got = build_loss(only("bce", pos_weight=3.0), "multilabel")(logits, target)
+    assert got.item() == pytest.approx(twin_bce(logits, target, valid, 3.0).item(), rel=1e-5)
+
+
+def test_ignore_by_hand() -> None:
+    """The hand case with class 0's two last pixels missing: each term on the two pixels left."""
+    logits, target = case()
+    target[0, 0, 1, :] = IGNORE  # left: p = [.5, .75], t = [1, 0]
+    bce = build_loss(only("bce"), "multilabel")(logits, target)
+    assert bce.item() == pytest.approx((-math.log(0.5) - math.log(0.25) + 4 * softplus(-2.0)) / 6, rel=1e-6)
+    dice = build_loss(only("dice"), "multilabel")(logits, target)  # TP .5, FP .75, FN .5
+    assert dice.item() == pytest.approx((1 - 0.5 / (0.5 + 0.375 + 0.25)) / 2, rel=1e-5)
+    focal = build_loss(only("focal", focal_gamma=2.0), "multilabel")(logits, target)
+    pt1 = 1 / (1 + math.exp(-2.0))
+    class0 = (0.5**2 * -math.log(0.5) + 0.75**2 * -math.log(0.25)) / 2
+    assert focal.item() == pytest.approx((class0 + (1 - pt1) ** 2 * -math.log(pt1)) / 2, rel=1e-5)
+
+
+def test_every_label_missing_gives_zero_loss_and_zero_gradient() -> None:
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    target = torch.full((2, 3, 4, 4), IGNORE)
+    loss = build_loss(LossCfg(bce=1, dice=1, tversky=1, lovasz=1, focal=1), "multilabel")(logits, target)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(logits.grad == 0)
+
+
+def test_focal_gradient_stays_finite_at_ignored_saturated_logits() -> None:
+    """γ < 1 has an infinite slope where p_t = 1: an ignored, saturated logit must not turn it into NaN."""
+    logits = torch.tensor([[[[-200.0, 0.0]]]], requires_grad=True)
+    target = torch.tensor([[[[IGNORE, 1.0]]]])
+    build_loss(only("focal", focal_gamma=0.5), "multilabel")(logits, target).backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[0, 0, 0, 0] == 0

@@ -118,6 +118,73 @@ def test_submission_equals_direct_prediction(toy, tmp_path: Path) -> None:
     assert got == expected and any(expected.values())
 
 
+def test_per_class_weights_and_unused_members(toy, tmp_path: Path) -> None:
+    """Each class blends the members with its own weights (float mean, then uint8, then the tuned
+    post-processing with the probability gate and z-continuity); a member with weight 0 in every
+    class is never loaded (its run folder does not even exist)."""
+    from pipeline.data.geometry import full_box
+    from pipeline.datasets.uwmgi_files import scan_split
+    from pipeline.infer.postprocess import apply_postprocess, to_uint8
+    from pipeline.infer.predict import load_member
+    from pipeline.models.predict import predict_day
+
+    cfg, root = toy
+    torch.manual_seed(1)
+    folder = run_dir("seg", "toy_seg_b", 0)
+    write_text(folder / "config.yaml", dump_config(replace(SEG, name="toy_seg_b")))
+    model_b = build_segmenter(SEG.model, in_channels=1)
+    torch.save({"model": model_b.state_dict(), "epoch": 1, "score": 0.0}, folder / "best.pt")
+    names = ("toy_seg", "toy_seg_b", "ghost")
+    cfg = replace(cfg, members=tuple(MemberCfg(config=n) for n in names))
+    weights = {
+        "large_bowel": {"toy_seg": 1.0, "toy_seg_b": 0.0, "ghost": 0.0},
+        "small_bowel": {"toy_seg": 0.0, "toy_seg_b": 1.0, "ghost": 0.0},
+        "stomach": {"toy_seg": 0.25, "toy_seg_b": 0.75, "ghost": 0.0},
+    }
+    params = {
+        "large_bowel": ClassParams(0.5, 0.0, 0, prob_gate_pixels=3, prob_gate_level=0.55),
+        "small_bowel": ClassParams(0.45, 0.0, 0, z_run=2),
+        "stomach": ClassParams(0.5, 0.0, 2),
+    }
+    decisions = Decisions(
+        classes=params,
+        weights=weights,
+        members=[{"config": n, "folds": [0]} for n in names],
+        ensemble="toy_ens",
+    )
+    write_decisions(decisions_path("toy_ens"), decisions)
+    sub = pd.read_csv(
+        run_submit(cfg, root, tmp_path / "pc.csv", device="cpu"), dtype=str, keep_default_na=False
+    )
+    got = dict(zip(zip(sub["id"], sub["class"]), sub["predicted"]))
+    nets = [load_member(run_dir("seg", n, 0), "cpu") for n in names[:2]]
+    matrix = decisions.weight_matrix(list(names[:2])).astype("float32")
+    expected = {}
+    for _, rows in scan_split(root, "test").groupby("volume_id"):
+        volume = get_dataset("uwmgi").read_volume(rows, False)
+        box = full_box(volume.image.shape[1:])
+        total = 0
+        for j, (model, member) in enumerate(nets):
+            probs = predict_day(model, member, volume.image, box, tta=cfg.tta, amp=False)
+            total = total + matrix[:, j][None, :, None, None] * probs
+        masks = apply_postprocess(to_uint8(total), None, params)
+        for s, slice_id in enumerate(volume.ids):
+            for c, cls in enumerate(CLASSES):
+                expected[(slice_id, cls)] = rle_encode(masks[s, c])
+    assert got == expected and any(expected.values())
+    single = {k: v for k, v in expected.items() if k[1] == "large_bowel"}
+    write_decisions(
+        decisions_path("toy_ens"),
+        replace(decisions, weights={c: {"toy_seg": 1.0, "toy_seg_b": 0.0, "ghost": 0.0} for c in CLASSES}),
+    )
+    alone = pd.read_csv(
+        run_submit(cfg, root, tmp_path / "a.csv", device="cpu"), dtype=str, keep_default_na=False
+    )
+    assert {
+        k: v for k, v in zip(zip(alone["id"], alone["class"]), alone["predicted"]) if k[1] == "large_bowel"
+    } == single
+
+
 def test_gate_empties_the_gated_class(toy, tmp_path: Path) -> None:
     from pipeline.models.classifier import build_classifier
 
@@ -259,9 +326,8 @@ def test_tiny_trained_chain_tune_cv_submit(
     with pytest.raises(DecisionsError, match="make tune"):
         submit_stage.main(["--config", str(config), "--out", str(tmp_path / "early.csv")])
     decisions = read_decisions("chain_ensemble", tune.main(["--config", str(config), "--workers", "1"]))
-    assert [m["config"] for m in decisions.members] == ["chain_seg"] and decisions.weights == {
-        "chain_seg": 1.0
-    }
+    assert [m["config"] for m in decisions.members] == ["chain_seg"]
+    assert decisions.weights == {c: {"chain_seg": 1.0} for c in CLASSES}
     assert decisions.classifier == {"config": "chain_cls", "folds": [0]}
     assert decisions.steps[0]["step"] == "raw" and decisions.oof["days"] == 2  # fold 0: one case, two days
     scores = [s["score"] for s in decisions.steps]
@@ -272,6 +338,8 @@ def test_tiny_trained_chain_tune_cv_submit(
     assert table["class"].tolist() == [*CLASSES, "all"]
     assert table["score"].iloc[-1] == pytest.approx(decisions.oof["score"])
     assert {"pixel_threshold.png", "overlays.png", "steps.png"} <= {p.name for p in report.iterdir()}
+    steps = pd.read_csv(report / "cv_steps.csv")
+    assert {"score", "held_out", "gain", "held_gain", "gap", "note"} <= set(steps.columns)
 
     out = submit_stage.main(["--config", str(config), "--out", str(tmp_path / "submission.csv")])
     sub = pd.read_csv(out, dtype=str, keep_default_na=False)

@@ -3,6 +3,7 @@ the tiny synthetic preset."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError, DataCfg, TTACfg, config_from_text, load_config
+from pipeline.config import ConfigError, DataCfg, TTACfg, config_from_text
 from pipeline.data.augment import build_augment
-from pipeline.data.datasets import EpochSampler, SliceDataset, select_slices
+from pipeline.data.datasets import EpochSampler, SliceDataset
 from pipeline.data.folds import make_folds
 from pipeline.data.geometry import Box, full_box
+from pipeline.data.labels import IGNORE
 from pipeline.data.prepare import boxes_for, prepare_day
 from pipeline.data.volumes import VolumeStore
-from pipeline.datasets import get_dataset
+from pipeline.datasets import get_dataset, load_config  # with the dataset's defaults, as the stages load
 from pipeline.datasets.uwmgi_files import CLASSES
 from pipeline.datasets.uwmgi_phantom import generate_dataset
 from pipeline.errors import DataError
@@ -73,14 +75,13 @@ def store(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> VolumeSt
 # --------------------------------------------------------------------------- datasets
 
 
-def test_select_slices() -> None:
-    has = np.array([0, 1, 0, 1, 0, 0], bool)
-    assert select_slices(has, "labelled", False).tolist() == [1, 3]
-    assert select_slices(has, "all", False).tolist() == [0, 1, 2, 3, 4, 5]
-    assert select_slices(has, "all", True).tolist() == [0, 1, 2, 3]
-    assert select_slices(np.zeros(3, bool), "all", True).tolist() == []
+def test_train_on_is_checked_at_load() -> None:
     with pytest.raises(ConfigError, match=r"'data.train_on' = 'some' must be one of labelled, all"):
         load_config("demo_seg", ["data.train_on=some"])  # refused when the config is loaded
+    with pytest.raises(
+        ConfigError, match=r"'data.missing_labels' = 'skip' must be one of empty, drop, ignore"
+    ):
+        load_config("demo_seg", ["data.missing_labels=skip"])
 
 
 def test_slice_dataset_items(store: VolumeStore) -> None:
@@ -115,6 +116,53 @@ def test_truncated_tail_is_dropped(store: VolumeStore) -> None:
         labelled = SPEC.presence_of(store.catalog, volume.ids).any(axis=1)
         kept = [i for i in data.ids if i in set(volume.ids)]
         assert kept == volume.ids[: np.flatnonzero(labelled)[-1] + 1]
+    assert not data.ignore.any()
+
+
+def _planned_ignores(store: VolumeStore, tail: int) -> set[tuple[str, int]]:
+    """(slice id, class) of the bowel labels in the ``tail`` slices after each volume's last labelled one."""
+    out = set()
+    for volume_id in store.days:
+        volume = store[volume_id]
+        last = int(np.flatnonzero(SPEC.presence_of(store.catalog, volume.ids).any(axis=1))[-1])
+        out |= {
+            (volume.ids[s], c) for s in range(last + 1, min(last + 1 + tail, len(volume))) for c in (0, 1)
+        }
+    return out
+
+
+def test_slice_dataset_carries_ignore_exactly_where_planned(store: VolumeStore) -> None:
+    """data.missing_labels=ignore: every slice kept; the bowel maps / presences of the 2 slices after the
+    last labelled one are IGNORE throughout, after augmentation; every other target is a plain 0/1 label."""
+    cfg = load_config(
+        "demo_seg",
+        [
+            "data.crop=false",
+            "data.img_size=[32,32]",
+            "data.train_on=all",
+            "data.missing_labels=ignore",
+            "data.missing_tail=2",
+            "data.missing_classes=[large_bowel,small_bowel]",
+        ],
+    )
+    boxes = boxes_for(cfg.data, store)
+    seg = SliceDataset(store, store.days, boxes, cfg.data, augment=build_augment(cfg.augment), seed=1)
+    cls = SliceDataset(store, store.days, boxes, cfg.data, with_masks=False)
+    assert seg.ids == cls.ids == [i for d in store.days for i in store[d].ids]  # nothing dropped
+    planned = _planned_ignores(store, tail=2)
+    assert planned and {(seg.ids[i], c) for i, c in zip(*np.nonzero(seg.ignore))} == planned
+    trusted = dataclasses.replace(cfg.data, missing_labels="empty")
+    unplanned = SliceDataset(store, store.days, boxes, trusted, augment=build_augment(cfg.augment), seed=1)
+    for index, slice_id in enumerate(seg.ids):
+        mask, presence = seg[(2, index)]["target"], cls[index]["target"]
+        truth = SPEC.presence_of(store.catalog, [slice_id])[0]
+        plain = unplanned[(2, index)]["target"]
+        for c in range(len(CLASSES)):
+            if (slice_id, c) in planned:
+                assert (mask[c] == IGNORE).all() and presence[c] == IGNORE, (slice_id, c)
+            else:
+                assert torch.equal(mask[c], plain[c]), (slice_id, c)  # the same augmented label
+                assert set(mask[c].unique().tolist()) <= {0.0, 1.0} and presence[c] == float(truth[c])
 
 
 def test_order_and_augmentation_reproducible_from_seed_and_epoch(store: VolumeStore) -> None:
@@ -279,7 +327,12 @@ def test_train_seg_with_crop_boxes_and_all_folds(env: Path, store: VolumeStore) 
 
 
 def test_train_cls_end_to_end(env: Path, store: VolumeStore) -> None:
-    (out,) = train_cls.main(["--config", "demo_cls", "--folds", "2", "--set", *FAST])
+    # the classifier trains on every slice: the bowel presences of each volume's tail are IGNORE
+    (out,) = train_cls.main(
+        ["--config", "demo_cls", "--folds", "2", "--set", *FAST, "data.missing_labels=ignore"]
+    )
+    resolved = config_from_text((out / "config.yaml").read_text()).data
+    assert resolved.missing_labels == "ignore" and resolved.missing_classes == ("large_bowel", "small_bowel")
     for name in ("best.pt", "last.pt", "metrics.csv", "config.yaml", "oof.csv"):
         assert (out / name).is_file(), name
     metrics = pd.read_csv(out / "metrics.csv")

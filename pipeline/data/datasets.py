@@ -8,6 +8,11 @@ An item is one slice of a volume, prepared by :func:`pipeline.data.prepare.prepa
 - ``with_masks=False`` (the slice classifier): the same ``image``, ``target`` (classes,) float32
   presence of each class in the slice.
 
+Which slices are items, and which (slice, class) labels are missing rather than empty, is
+:func:`pipeline.data.labels.label_plan` (``data.train_on``, ``data.missing_labels``): the target of
+an ignored class is :data:`~pipeline.data.labels.IGNORE` throughout (the whole map, after
+augmentation), so the loss skips it.
+
 Reproducible order: :class:`EpochSampler` yields ``(epoch, index)`` keys in an order drawn
 from ``(seed, epoch)``, and the augmentation of an item is seeded from ``(seed, epoch, index)``,
 so an epoch's batches do not depend on worker count or on what ran before (exact resume).
@@ -15,6 +20,7 @@ so an epoch's batches do not depend on worker count or on what ran before (exact
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 
@@ -25,21 +31,11 @@ from torch.utils.data import Dataset, Sampler
 from pipeline.config import DataCfg
 from pipeline.data.augment import apply_augment, seed_augment
 from pipeline.data.geometry import Box, Geometry
+from pipeline.data.labels import IGNORE, label_plan
 from pipeline.data.prepare import geometry_for, prepare_masks, prepare_slice, volume_scale_of
 from pipeline.data.volumes import Volume, VolumeStore
 
 log = logging.getLogger(__name__)
-
-
-
-def select_slices(has_label: np.ndarray, train_on: str, drop_truncated_tail: bool) -> np.ndarray:
-    """Positions of the slices of one day to train on (``has_label`` (S,) bool)."""
-    keep = has_label.copy() if train_on == "labelled" else np.ones_like(has_label)
-    if drop_truncated_tail:
-        labelled = np.flatnonzero(has_label)
-        end = labelled[-1] + 1 if labelled.size else 0  # a day without labels has no trusted slice
-        keep[end:] = False
-    return np.flatnonzero(keep)
 
 
 class EpochSampler(Sampler):
@@ -89,21 +85,29 @@ class SliceDataset(Dataset):
         seed: int = 0,
         train_on: str | None = None,
     ) -> None:
-        self.with_masks, self.cfg, self.augment, self.seed, self.epoch = with_masks, data_cfg, augment, seed, 0
+        self.with_masks, self.cfg, self.augment, self.seed, self.epoch = (
+            with_masks,
+            data_cfg,
+            augment,
+            seed,
+            0,
+        )
         self.channels = int(store.spec.channels)
         days = list(days)[: data_cfg.max_days] if data_cfg.max_days is not None else list(days)
         missing = [d for d in days if d not in boxes]
         if missing:
             raise ValueError(f"no crop box for volume {missing[0]} ({len(missing)} missing)")
         train_on = train_on or data_cfg.train_on
+        plan_cfg = dataclasses.replace(data_cfg, train_on=train_on)
         self.days: list[_Day] = []
         table = store.spec.presence(store.catalog)
         n_classes = table.shape[1]
-        rows, ids, targets = [], [], []
+        rows, ids, targets, ignores = [], [], [], []
         for volume_id in days:
             volume = store[volume_id]
             present = table.loc[volume.ids].to_numpy(dtype=bool)
-            keep = select_slices(present.any(axis=1), train_on, data_cfg.missing_labels == "drop")
+            plan = label_plan(present, plan_cfg, store.spec.classes)
+            keep = np.flatnonzero(plan.keep)
             if keep.size == 0:
                 continue
             day_index = len(self.days)
@@ -111,17 +115,22 @@ class SliceDataset(Dataset):
             rows += [(day_index, int(p)) for p in keep]
             ids += [volume.ids[p] for p in keep]
             targets.append(present[keep])
+            ignores.append(plan.ignore[keep])
         self.items = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
         self.ids = ids
-        self.presence = np.concatenate(targets) if targets else np.zeros((0, n_classes), bool)
+        empty = np.zeros((0, n_classes), bool)
+        self.presence = np.concatenate(targets) if targets else empty  # (items, classes) bool
+        self.ignore = np.concatenate(ignores) if ignores else empty  # (items, classes): target IGNORE
         log.info(
-            "%s dataset: %d slices of %d volumes (train_on=%s, missing_labels=%s), %.0f%% labelled",
+            "%s dataset: %d slices of %d volumes (train_on=%s, missing_labels=%s), %.0f%% labelled, "
+            "%d class maps ignored",
             "mask" if with_masks else "presence",
             len(self.ids),
             len(self.days),
             train_on,
             data_cfg.missing_labels,
             100 * float(self.presence.any(axis=1).mean()) if len(self.ids) else 0.0,
+            int(self.ignore.sum()),
         )
 
     @property
@@ -151,8 +160,6 @@ class SliceDataset(Dataset):
         if self.augment is not None:
             seed_augment(self.augment, [self.seed, epoch, index])
             image, mask = apply_augment(self.augment, image, mask)
-        if self.with_masks:
-            target = torch.from_numpy(mask.astype(np.float32))
-        else:
-            target = torch.from_numpy(self.presence[index].astype(np.float32))
-        return {"image": torch.from_numpy(image), "target": target, "id": self.ids[index]}
+        target = mask.astype(np.float32) if self.with_masks else self.presence[index].astype(np.float32)
+        target[self.ignore[index]] = IGNORE  # whole maps (or presences) of the missing classes
+        return {"image": torch.from_numpy(image), "target": torch.from_numpy(target), "id": self.ids[index]}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import DataCfg
+from pipeline.config import ConfigError, DataCfg
 
 IGNORE = -1.0  # target value of a missing label: the loss skips these elements
 
@@ -54,15 +54,26 @@ def class_indices(names: tuple[str, ...], classes: tuple[str, ...]) -> list[int]
     """Positions of ``names`` among the dataset's ``classes`` (all of them when ``names`` is empty)."""
     unknown = [n for n in names if n not in classes]
     if unknown:
-        raise ValueError(
-            f"data.missing_classes names {unknown}, which are not classes of this dataset ({', '.join(classes)})"
+        raise ConfigError(
+            f"'data.missing_classes' names {unknown}, which are not classes of this dataset "
+            f"(valid: {', '.join(classes)})"
         )
     return [classes.index(n) for n in names] if names else list(range(len(classes)))
 
 
 def label_plan(present: np.ndarray, data_cfg: DataCfg, classes: tuple[str, ...]) -> LabelPlan:
-    """What to train on in a volume whose per-slice class presence is ``present`` (S, C) bool."""
+    """What to train on in a volume whose per-slice class presence is ``present`` (S, C) bool.
+
+    ``keep``: ``data.train_on`` (every slice, or the labelled ones), less the missing slices under
+    ``drop``. ``ignore``: under ``ignore``, the missing slices x ``data.missing_classes``; it is never
+    set on a labelled slice, so with ``train_on: labelled`` the three options train alike.
+    """
     present = np.asarray(present, dtype=bool)
+    if present.ndim != 2 or present.shape[1] != len(classes):
+        raise ValueError(
+            f"present must be (slices, {len(classes)}) for classes {classes}, got {present.shape}"
+        )
+    cols = class_indices(data_cfg.missing_classes, classes)  # a misspelt class fails whatever the mode
     labelled = present.any(axis=1)
     keep = labelled.copy() if data_cfg.train_on == "labelled" else np.ones_like(labelled)
     ignore = np.zeros(present.shape, dtype=bool)
@@ -72,6 +83,5 @@ def label_plan(present: np.ndarray, data_cfg: DataCfg, classes: tuple[str, ...])
     if data_cfg.missing_labels == "drop":
         keep &= ~missing
     else:  # "ignore" (the values are checked when the config is loaded)
-        cols = class_indices(data_cfg.missing_classes, classes)
         ignore[np.ix_(missing, cols)] = True
     return LabelPlan(keep, ignore)

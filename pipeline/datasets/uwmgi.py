@@ -35,8 +35,12 @@ class UWMadison(DatasetSpec):
     labels_file: ClassVar[str | None] = "train.csv"
     kaggle_source: ClassVar[tuple[str, str]] = ("competition", "uw-madison-gi-tract-image-segmentation")
     metric_keys: ClassVar[tuple[str, ...]] = ("score", "dice", "hausdorff")
-    # the schema's defaults were written for this dataset; its real labels are faulty in two days
-    config_defaults: ClassVar[dict[str, Any]] = {"folds": {"exclude_volumes": ["case7_day0", "case81_day30"]}}
+    # the schema's defaults were written for this dataset; its real labels are faulty in two days, and
+    # where annotators stopped early it is the bowel that is cut short (data.missing_labels: ignore)
+    config_defaults: ClassVar[dict[str, Any]] = {
+        "folds": {"exclude_volumes": ["case7_day0", "case81_day30"]},
+        **{stage: {"data": {"missing_classes": ["large_bowel", "small_bowel"]}} for stage in ("cls", "seg")},
+    }
 
     def scan(self, root: Path, split: str = "train") -> pd.DataFrame:
         return scan_split(root, split)

@@ -5,6 +5,8 @@
 ``test_labels.csv``, ``dataset.json`` and ``preview.png``. Every day-volume is seeded from
 ``(seed, case, day)``, so the bytes do not depend on the number of workers. The anatomy lives
 in :mod:`pipeline.data.phantom`, the image model in :mod:`pipeline.data.phantom_render`.
+``subset_dataset`` writes a fraction of a generated set's cases (images hard-linked, smaller
+fractions nested in larger ones): the scales of ``make bench-scale``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import dataclasses
 import json
 import logging
 import multiprocessing
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +28,12 @@ from tqdm.auto import tqdm
 
 from pipeline.data import phantom
 from pipeline.data.phantom_render import render_day
-from pipeline.data.synthetic_io import init_worker, resolve_preset, write_dataset_folder
+from pipeline.data.synthetic_io import (
+    SyntheticDataError,
+    init_worker,
+    resolve_preset,
+    write_dataset_folder,
+)
 from pipeline.datasets.uwmgi_files import (
     CLASSES,
     decode_masks,
@@ -314,3 +323,64 @@ def generate_dataset(
     return write_dataset_folder(
         out_dir, _spec(preset, seed), lambda tmp: _write_all(tmp, preset, seed, workers), force
     )
+
+
+# --------------------------------------------------------------------------- nested subsets
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link every file of ``src`` under ``dst`` (copy where the file system refuses a link)."""
+    for folder, _, files in os.walk(src):
+        target = dst / Path(folder).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            try:
+                os.link(Path(folder) / name, target / name)
+            except OSError:
+                shutil.copy2(Path(folder) / name, target / name)
+
+
+def subset_cases(cases: list[int], fraction: float, seed: int) -> list[int]:
+    """The first ``round(fraction * len(cases))`` (at least one) cases of a seeded order: nested in ``fraction``."""
+    order = np.random.default_rng([seed, 104729]).permutation(sorted(cases))
+    return sorted(int(c) for c in order[: max(1, round(fraction * len(cases)))])
+
+
+def _case_of(ids: pd.Series) -> pd.Series:
+    return ids.str.extract(r"^case(\d+)_", expand=False).astype(int)
+
+
+def subset_dataset(src: Path | str, out: Path | str, fraction: float, seed: int = 0) -> dict:
+    """Write a fraction of a generated set's train and test cases under ``out`` (images hard-linked).
+
+    Smaller fractions are subsets of larger ones, so a scale series measures the same volumes.
+    ``out`` is rebuilt when ``src`` or ``fraction`` changed; returns the slice counts per split.
+    """
+    src = Path(src)
+    meta_path = src / "dataset.json"
+    if not meta_path.is_file():
+        raise SyntheticDataError(f"{src} holds no dataset.json: generate it first (`make data PRESET=full`)")
+    if not 0 < fraction <= 1:
+        raise SyntheticDataError(f"subset fraction must be in (0, 1], got {fraction}")
+    base = json.loads(meta_path.read_text())
+    spec = {**base["spec"], "subset_of": str(src.resolve()), "fraction": fraction, "subset_seed": seed}
+
+    def write(tmp: Path) -> dict:
+        counts = {}
+        for split, csvs in (
+            ("train", ("train.csv",)),
+            ("test", ("test_labels.csv", "sample_submission.csv")),
+        ):
+            cases = [int(p.name.removeprefix("case")) for p in (src / split).glob("case*") if p.is_dir()]
+            keep = subset_cases(cases, fraction, seed) if cases else []
+            for case in keep:
+                _link_tree(src / split / f"case{case}", tmp / split / f"case{case}")
+            for name in csvs:
+                frame = pd.read_csv(src / name, dtype=str, keep_default_na=False)
+                write_csv(tmp / name, frame[_case_of(frame["id"]).isin(keep).to_numpy()])
+            labels = pd.read_csv(tmp / csvs[0], usecols=["id"], dtype=str)
+            counts[split] = {"cases": len(keep), "slices": int(labels["id"].nunique())}
+        write_json(tmp / "dataset.json", {"spec": spec, "counts": counts, "stats": counts})
+        return counts
+
+    return write_dataset_folder(out, spec, write, force=True, what="synthetic subset")

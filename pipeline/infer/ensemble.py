@@ -1,10 +1,14 @@
 """The members of an ensemble: their run folders, their out-of-fold predictions, and the blend.
 
-A member is a trained segmenter config (``runs/seg/<name>/fold_<k>/``); its folds are the ones
-listed in the ensemble config or, when none are, every ``fold_<k>`` found. Out-of-fold files
-(``oof/<volume_id>.npz``: ``probs`` uint8 (S, 3, H, W), ``ids``) are decoded once into a ``.npy``
-cache under ``$CACHE_DIR/oof/`` and memory-mapped afterwards, so the many passes of tuning
-neither re-decode nor hold the whole set in memory.
+A member is a trained segmenter config (``runs/seg/<name>/fold_<k>/``): a 2.5D or a 3D network,
+the same to this module; its folds are the ones listed in the ensemble config or, when none are,
+every ``fold_<k>`` found. Out-of-fold files (``oof/<volume_id>.npz``: ``probs`` uint8 (S, classes,
+H, W), ``ids``) are decoded once into a ``.npy`` cache under ``$CACHE_DIR/oof/`` and memory-mapped
+afterwards, so the many passes of tuning neither re-decode nor hold the whole set in memory.
+
+The blend is a weighted mean of the members' uint8 probabilities with one weight vector per class
+(:func:`blend_uint8` with a (classes, members) matrix): a 3D member may be better on one organ and
+the 2.5D one on another.
 """
 
 from __future__ import annotations
@@ -83,52 +87,83 @@ def start_weights(cfg: EnsembleConfig) -> np.ndarray:
 # --------------------------------------------------------------------------- blending
 
 
-def _used(probs: list[np.ndarray], weights: np.ndarray | list[float]) -> list[tuple[np.ndarray, np.float32]]:
-    weights = np.asarray(weights, dtype=np.float64)
-    if len(weights) != len(probs):
-        raise ValueError(f"{len(weights)} blend weights for {len(probs)} probability arrays")
-    return [(p, np.float32(w / weights.sum())) for p, w in zip(probs, weights) if w > 0]
+def class_weights(weights: np.ndarray | list, n_members: int, n_classes: int) -> np.ndarray:
+    """Blend weights as a float32 (classes, members) matrix, each row normalised to sum 1 (0 stays 0).
 
-
-def blend_uint8(probs: list[np.ndarray], weights: np.ndarray | list[float]) -> np.ndarray:
-    """Weighted mean of uint8 probability arrays (weights summing to 1), rounded back to uint8.
-
-    One fused pass (numba) instead of a float32 temporary per member: tuning blends every OOF
-    day once per candidate. Bit-identical to :func:`blend_uint8_numpy`.
+    ``weights`` is one vector for every class, (members,), or one row per class, (classes, members).
     """
-    used = _used(probs, weights)
-    if len(used) == 1:
-        return np.asarray(used[0][0])
-    if not used:
-        return np.zeros(probs[0].shape, dtype=np.uint8)
-    shape = np.shape(used[0][0])
-    if any(np.shape(p) != shape for p, _ in used):
-        raise ValueError(f"blend: member shapes differ: {[np.shape(p) for p, _ in used]}")
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim == 1:
+        w = np.broadcast_to(w, (n_classes, len(w)))
+    if w.shape != (n_classes, n_members):
+        raise ValueError(
+            f"blend weights of shape {np.shape(weights)} for {n_members} members and {n_classes} classes"
+        )
+    if (w < 0).any():
+        raise ValueError(f"negative blend weights: {w.tolist()}")
+    sums = w.sum(axis=1, keepdims=True)
+    return np.where(sums > 0, w / np.where(sums > 0, sums, 1.0), 0.0).astype(np.float32)
+
+
+def _blend_plan(
+    probs: list[np.ndarray], weights: np.ndarray | list
+) -> tuple[list[np.ndarray], np.ndarray, tuple[int, ...]]:
+    """(used member arrays viewed as (A, C, N), their (C, used) weights, the output shape).
+
+    One weight vector blends the arrays as a whole (C = 1); a (classes, members) matrix blends
+    along axis 1 of (S, C, H, W) arrays. Members without weight in any class are never read.
+    """
+    shape = np.shape(probs[0])
+    per_class = np.ndim(weights) == 2
+    n_classes = shape[1] if per_class and len(shape) > 1 else 1
+    w = class_weights(weights, len(probs), n_classes)
+    used = [m for m in range(len(probs)) if (w[:, m] > 0).any()]
+    if any(np.shape(probs[m]) != shape for m in used):
+        raise ValueError(f"blend: member shapes differ: {[np.shape(probs[m]) for m in used]}")
+    view = (shape[0], n_classes, -1) if per_class else (1, 1, -1)
+    arrays = [np.ascontiguousarray(probs[m], dtype=np.uint8).reshape(view) for m in used]
+    return arrays, np.ascontiguousarray(w[:, used]), shape
+
+
+def blend_uint8(probs: list[np.ndarray], weights: np.ndarray | list) -> np.ndarray:
+    """Weighted mean of uint8 probability arrays, rounded back to uint8; per class with a (C, M) matrix.
+
+    ``weights``: (members,) for the whole array, or (classes, members) along axis 1 of (S, C, H, W)
+    arrays; each class's row is normalised to sum 1 (an all-zero row gives zeros). One fused pass
+    (numba) instead of a float32 temporary per member: tuning blends every OOF day once per
+    candidate. Bit-identical to :func:`blend_uint8_numpy`.
+    """
+    arrays, w, shape = _blend_plan(probs, weights)
+    if len(arrays) == 1 and (w == 1.0).all():  # one member in every class: itself
+        return arrays[0].reshape(shape)
     out = np.empty(shape, dtype=np.uint8)
-    flat = tuple(np.asarray(p, dtype=np.uint8).reshape(-1) for p, _ in used)
-    _blend_kernel(flat, np.array([w for _, w in used], dtype=np.float32), out.reshape(-1))
+    if not arrays:
+        out[...] = 0
+        return out
+    _blend_kernel(tuple(arrays), w, out.reshape(arrays[0].shape))
     return out
 
 
-def blend_uint8_numpy(probs: list[np.ndarray], weights: np.ndarray | list[float]) -> np.ndarray:
+def blend_uint8_numpy(probs: list[np.ndarray], weights: np.ndarray | list) -> np.ndarray:
     """Plain NumPy twin of :func:`blend_uint8` (float32 accumulation in member order, then rint)."""
-    used = _used(probs, weights)
-    if len(used) == 1:
-        return np.asarray(used[0][0])
-    acc = np.zeros(np.shape(probs[0]), dtype=np.float32)
-    for p, w in used:
-        acc += w * np.asarray(p).astype(np.float32)
-    return np.rint(acc, out=acc).astype(np.uint8)
+    arrays, w, shape = _blend_plan(probs, weights)
+    acc = np.zeros(arrays[0].shape if arrays else shape, dtype=np.float32)
+    for m, p in enumerate(arrays):
+        acc += w[:, m][None, :, None] * p.astype(np.float32)
+    return np.rint(acc, out=acc).astype(np.uint8).reshape(shape)
 
 
 @njit(cache=True, nogil=True)
 def _blend_kernel(members, weights, out):  # pragma: no cover - compiled
-    """out[i] = rint(sum_m weights[m] * members[m][i]) in float32, members in order (as the twin)."""
-    for i in range(out.size):
-        acc = np.float32(0.0)
-        for m in range(len(members)):
-            acc += weights[m] * np.float32(members[m][i])
-        out[i] = np.uint8(np.rint(acc))
+    """out[a, c, i] = rint(sum_m weights[c, m] * members[m][a, c, i]) in float32, members in order."""
+    n_a, n_c, n_i = out.shape
+    for a in range(n_a):
+        for c in range(n_c):
+            for i in range(n_i):
+                acc = np.float32(0.0)
+                for m in range(len(members)):
+                    acc += weights[c, m] * np.float32(members[m][a, c, i])
+                out[a, c, i] = np.uint8(np.rint(acc))
 
 
 # --------------------------------------------------------------------------- out-of-fold files
@@ -222,6 +257,7 @@ class OOFSet:
     classifier: dict | None = None  # {"config": name, "folds": [...]}
     n_slices: int = 0
     ids: dict[str, list[str]] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)  # volume_id -> group (case, patient, subject)
 
     def member_probs(self, day: str) -> list[np.ndarray]:
         return [read_oof_day(m.files[day])[0] for m in self.members]
@@ -233,7 +269,11 @@ class OOFSet:
         return self.truth[day].mask
 
     def blend(self, day: str, weights: np.ndarray) -> np.ndarray:
+        """The day's blended (S, classes, H, W) uint8 probabilities: weights (members,) or (classes, members)."""
         return blend_uint8(self.member_probs(day), weights)
+
+    def member_names(self) -> list[str]:
+        return [m.name for m in self.members]
 
 
 def load_oof(cfg: EnsembleConfig, root: Path, progress: bool = True) -> OOFSet:
@@ -288,4 +328,5 @@ def load_oof(cfg: EnsembleConfig, root: Path, progress: bool = True) -> OOFSet:
         ids_by_day[day] = truth_ids
     n_slices = sum(len(v) for v in ids_by_day.values())
     log.info("OOF: %d day-volumes, %d slices, members %s", len(days), n_slices, [m.name for m in members])
-    return OOFSet(days, members, store, spec, gates, cls_info, n_slices, ids_by_day)
+    groups = store.catalog.groupby("volume_id", sort=False)["group"].first().astype(str).to_dict()
+    return OOFSet(days, members, store, spec, gates, cls_info, n_slices, ids_by_day, groups)

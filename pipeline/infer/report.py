@@ -1,19 +1,26 @@
 """``make cv``: the tuned ensemble's out-of-fold score, per class and per step, and its figures.
 
 Reads ``postprocess.json`` (the decisions and the search curves of ``make tune``), applies the
-decisions to the OOF once more (so the table is measured, not copied), and writes into
-``runs/ensemble/<cfg>/report/``: ``cv_table.csv`` (per class and overall), ``cv_steps.csv``
-(score and gain of each tuning step), ``pixel_threshold.png``, ``gate_threshold.png`` and
-``min_component_size.png`` (OOF score against each value, one panel per class), ``steps.png``
-(score after each step) and ``overlays.png`` (truth filled, prediction outlined, on
-``report_slices`` OOF slices from the worst slice Dice to the best).
+decisions to the OOF once more (so the final score is measured, not copied), and writes into
+``runs/ensemble/<cfg>/report/``:
+
+- ``cv_table.csv``: per class and overall, with each class's settings and blend weights;
+- ``cv_steps.csv``: every member alone (at the tuned post-processing, weight 1 in every class), then
+  each tuning step, with ``score`` (in-sample: chosen and scored on every OOF volume), ``held_out``
+  (chosen on the tuning part, scored on the held-apart groups), their ``gain`` and ``held_gain``
+  over the previous step, and ``gap = score - held_out``;
+- ``pixel_threshold.png``, ``gate_threshold.png``, ``prob_gate.png``, ``z_run.png``,
+  ``min_component_size.png``: OOF score against each value, one panel per class;
+- ``steps.png``: the in-sample and held-apart score after each step;
+- ``overlays.png``: truth filled, prediction outlined, on ``report_slices`` OOF slices from the worst
+  slice Dice to the best.
 """
 
 from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +30,8 @@ from tqdm.auto import tqdm
 from pipeline.config import EnsembleConfig
 from pipeline.data.geometry import normalize
 from pipeline.infer.ensemble import OOFSet, load_oof
+from pipeline.infer.evaluate import default_workers, metric_values
 from pipeline.infer.postprocess import Decisions, apply_postprocess, read_decisions
-from pipeline.infer.tune import default_workers, metric_values
 from pipeline.io import write_csv, write_with
 from pipeline.paths import run_dir
 
@@ -34,8 +41,12 @@ PALETTE = ("#e6550d", "#31a354", "#3182bd", "#756bb1", "#de2d26")  # class colou
 FIELD_TITLES = {
     "pixel_threshold": "pixel threshold",
     "gate_threshold": "classifier gate threshold",
+    "prob_gate": "probability gate: more than N pixels at p >= t",
+    "z_run": "z-continuity run k (slices)",
     "min_component_size": "minimum component size (voxels)",
 }
+CATEGORICAL = ("min_component_size", "z_run")  # values span decades or are few integers: even ticks
+STEP_COLUMNS = ("gain", "held_out", "held_gain")
 
 
 @dataclass
@@ -44,12 +55,16 @@ class Report:
     table: pd.DataFrame  # per class + "all"
     steps: pd.DataFrame
     score: float
+    summary: list[str] = field(default_factory=list)  # held-apart and blend-gain lines
 
     def format(self) -> str:
-        with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 160):
-            return (
-                f"OOF score {self.score:.4f}\n\nper class:\n{self.table.to_string(index=False)}\n\n"
-                f"steps:\n{self.steps.to_string(index=False)}\n\nfigures and tables in {self.dir}"
+        with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 200):
+            lines = [f"OOF score {self.score:.4f}", *self.summary]
+            return "\n".join(lines) + (
+                f"\n\nper class:\n{self.table.to_string(index=False)}\n\n"
+                f"steps (score: chosen and scored on every OOF volume; held_out: chosen on the tuning part, "
+                f"scored on the held-apart groups):\n{self.steps.to_string(index=False)}\n\n"
+                f"figures and tables in {self.dir}"
             )
 
 
@@ -58,7 +73,7 @@ def colors(classes: tuple[str, ...]) -> dict[str, str]:
 
 
 def _day_masks(oof: OOFSet, day: str, decisions: Decisions, names: list[str]) -> np.ndarray:
-    weights = np.array([decisions.weights[n] for n in names])
+    weights = decisions.weight_matrix(names)
     return apply_postprocess(oof.blend(day, weights), oof.gate(day), decisions.classes, oof.spec.volumetric)
 
 
@@ -97,17 +112,39 @@ def measure(
 
 
 def cv_tables(result: dict, decisions: Decisions) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per-class table with settings and blend weights, steps table with in-sample and held-apart scores)."""
     rows = []
     for cls, params in decisions.classes.items():
-        rows.append({"class": cls, **result["per_class"][cls], **asdict(params)})
+        weights = {f"w:{m}": w for m, w in decisions.weights.get(cls, {}).items()}
+        rows.append({"class": cls, **result["per_class"][cls], **asdict(params), **weights})
     rows.append({"class": "all", **metric_values(result)})
-    table = pd.DataFrame(rows).astype({"min_component_size": "Int64"})
-    keys = ["step", "label", *metric_values(result), "gain"]
-    steps = pd.DataFrame([{k: s.get(k) for k in keys} for s in decisions.steps])
+    ints = ("min_component_size", "prob_gate_pixels", "z_run")
+    table = pd.DataFrame(rows).astype(dict.fromkeys(ints, "Int64"))
+    keys = ["step", "label", *metric_values(result), *STEP_COLUMNS]
+    steps = pd.DataFrame([{k: s.get(k) for k in keys} for s in decisions.steps], columns=keys)
     if not steps.empty:
-        steps["gain"] = steps["score"].diff()
+        steps[list(STEP_COLUMNS)] = steps[list(STEP_COLUMNS)].astype(float)
+        steps["gap"] = steps["score"] - steps["held_out"]
         steps["note"] = [s.get("skipped", "") for s in decisions.steps]
     return table, steps
+
+
+def summary_lines(decisions: Decisions) -> list[str]:
+    """What the held-apart estimate and the blend's gain say, in words."""
+    out = []
+    h = decisions.holdout or {}
+    if h.get("held_score") is not None:
+        out.append(
+            f"held apart: {len(h.get('groups', []))} groups ({h.get('days_held')} volumes); tuned on the other "
+            f"{h.get('days_tuning')}: {h['tuning_score']:.4f} there, {h['held_score']:.4f} on the held-apart ones"
+        )
+    elif h.get("skipped"):
+        out.append(f"no held-apart estimate: {h['skipped']}")
+    gain = (decisions.oof or {}).get("blend_gain")
+    if gain:
+        held = "" if gain.get("held_out") is None else f", {gain['held_out']:+.4f} held-apart"
+        out.append(f"blend over the best member alone ({gain['over']}): {gain['score']:+.4f} in-sample{held}")
+    return out
 
 
 # --------------------------------------------------------------------------- figures
@@ -115,6 +152,31 @@ def cv_tables(result: dict, decisions: Decisions) -> tuple[pd.DataFrame, pd.Data
 
 def _save(fig, path: Path) -> Path:
     return write_with(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+
+
+def _panel_prob_gate(ax, c: dict, color: str) -> str:
+    """One line per level t against N (even ticks), "off" as a dashed line; returns the chosen text."""
+    pairs = [tuple(v) for v in c["values"]]
+    score = dict(zip(pairs, c["score"]))
+    ns = sorted({n for n, _ in pairs if n > 0})
+    x = {n: i for i, n in enumerate(ns)}
+    off = next((score[p] for p in pairs if p[0] == 0), None)
+    if off is not None:
+        ax.axhline(off, color="0.5", linestyle="--", linewidth=1, label="off")
+    for j, level in enumerate(sorted({t for n, t in pairs if n > 0})):
+        line = [(x[n], score[(n, t)]) for n, t in pairs if n > 0 and t == level]
+        line.sort()
+        ax.plot(*zip(*line), "-o", color=color, alpha=1.0 - 0.25 * j, markersize=4, label=f"t = {level:g}")
+    chosen = tuple(c["chosen"])
+    if chosen[0] > 0:
+        ax.plot([x[chosen[0]]], [score[chosen]], "*", color=color, markersize=15, markeredgecolor="k")
+    ax.set_xticks(range(len(ns)), [f"{n:g}" for n in ns])
+    ax.legend(fontsize=7, loc="lower right")
+    values = list(score.values())
+    span = max(float(np.ptp(values)), 1e-3)
+    ax.set_ylim(min(values) - 0.1 * span, max(values) + 0.3 * span)
+    what = "off" if chosen[0] <= 0 else f"N = {chosen[0]:g}, t = {chosen[1]:g}"
+    return f"chosen {what}: {score[chosen]:.4f}"
 
 
 def plot_curves(path: Path, field: str, curves: dict, classes: tuple[str, ...]) -> Path:
@@ -129,27 +191,33 @@ def plot_curves(path: Path, field: str, curves: dict, classes: tuple[str, ...]) 
     COLORS = colors(classes)
     fig = Figure(figsize=(4.0 * max(1, len(names)), 3.5), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, max(1, len(names)), squeeze=False)).ravel()
-    categorical = field == "min_component_size"  # sizes span decades: evenly spaced ticks
     for ax, cls in zip(axes, names):
         c = curves[cls]
-        values, score = np.asarray(c["values"], float), np.asarray(c["score"], float)
-        x = np.arange(len(values)) if categorical else values
-        i = int(np.argmin(np.abs(values - c["chosen"])))
-        ax.plot(x, score, "-o", color=COLORS[cls], markersize=4)
-        ax.plot([x[i]], [score[i]], "*", color=COLORS[cls], markersize=15, markeredgecolor="k")
+        if field == "prob_gate":
+            text = _panel_prob_gate(ax, c, COLORS[cls])
+        else:
+            values, score = np.asarray(c["values"], float), np.asarray(c["score"], float)
+            categorical = field in CATEGORICAL
+            x = np.arange(len(values)) if categorical else values
+            i = int(np.argmin(np.abs(values - c["chosen"])))
+            ax.plot(x, score, "-o", color=COLORS[cls], markersize=4)
+            ax.plot([x[i]], [score[i]], "*", color=COLORS[cls], markersize=15, markeredgecolor="k")
+            if categorical:
+                ticks = ["off" if field == "z_run" and v <= 1 else f"{v:g}" for v in values]
+                ax.set_xticks(x, ticks)
+            span = max(float(np.ptp(score)), 1e-3)
+            ax.set_ylim(score.min() - 0.1 * span, score.max() + 0.3 * span)
+            chosen = "off" if field == "z_run" and c["chosen"] <= 1 else f"{c['chosen']:g}"
+            text = f"chosen {chosen}: {score[i]:.4f}"
         ax.text(
             0.03,
             0.95,
-            f"chosen {c['chosen']:g}: {score[i]:.4f}",
+            text,
             transform=ax.transAxes,
             va="top",
             fontsize=8,
             bbox={"facecolor": "white", "edgecolor": "0.8", "alpha": 0.9},
         )
-        if categorical:
-            ax.set_xticks(x, [f"{v:g}" for v in values])
-        span = max(float(np.ptp(score)), 1e-3)
-        ax.set_ylim(score.min() - 0.1 * span, score.max() + 0.3 * span)
         ax.set_title(cls, color=COLORS[cls], fontsize=10)
         ax.set_xlabel(FIELD_TITLES.get(field, field), fontsize=9)
         ax.grid(alpha=0.3)
@@ -163,21 +231,46 @@ def plot_curves(path: Path, field: str, curves: dict, classes: tuple[str, ...]) 
 
 
 def plot_steps(path: Path, steps: pd.DataFrame) -> Path:
-    """The OOF score after each tuning step, with its gain over the previous one."""
+    """The OOF score after each tuning step (and of each member alone): in-sample and held-apart bars."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.0, 3.4), layout="constrained")
+    held = steps["held_out"].notna().any() if "held_out" in steps else False
+    fig = Figure(figsize=(8.0, 0.9 + 0.42 * len(steps) * (1.6 if held else 1.0)), layout="constrained")
     ax = fig.subplots()
-    y = np.arange(len(steps))[::-1]
-    ax.barh(y, steps["score"], color="#6baed6")
+    y = np.arange(len(steps))[::-1] * (1.6 if held else 1.0)
+    h = 0.7 if held else 0.8
+    ax.barh(
+        y + (h / 2 if held else 0),
+        steps["score"],
+        height=h,
+        color="#6baed6",
+        label="in-sample (every volume)",
+    )
+    values = list(steps["score"])
+    if held:
+        ax.barh(
+            y - h / 2, steps["held_out"], height=h, color="#fd8d3c", label="held-apart (chosen on the rest)"
+        )
+        values += [v for v in steps["held_out"] if pd.notna(v)]
     for yy, (_, row) in zip(y, steps.iterrows()):
         gain = "" if pd.isna(row["gain"]) else f"  ({row['gain']:+.4f})"
         note = f"  [{row['note']}]" if row.get("note") else ""
-        ax.text(row["score"], yy, f" {row['score']:.4f}{gain}{note}", va="center", fontsize=8)
+        ax.text(
+            row["score"],
+            yy + (h / 2 if held else 0),
+            f" {row['score']:.4f}{gain}{note}",
+            va="center",
+            fontsize=7,
+        )
+        if held and pd.notna(row["held_out"]):
+            hg = "" if pd.isna(row["held_gain"]) else f"  ({row['held_gain']:+.4f})"
+            ax.text(row["held_out"], yy - h / 2, f" {row['held_out']:.4f}{hg}", va="center", fontsize=7)
     ax.set_yticks(y, steps["label"], fontsize=8)
-    ax.set_xlim(max(0.0, steps["score"].min() - 0.1), steps["score"].max() + 0.2)
+    ax.set_xlim(max(0.0, min(values) - 0.1), max(values) + 0.25)
     ax.set_xlabel("OOF score (the dataset's metric)", fontsize=9)
-    ax.set_title("score after each tuning step (gain over the previous)", fontsize=10)
+    ax.set_title("score after each tuning step (gain over the previous step)", fontsize=10)
+    if held:
+        ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
@@ -272,18 +365,18 @@ def run_report(
         )
     out = run_dir("ensemble", cfg.name) / "report"
     table, steps = cv_tables(result, decisions)
+    summary = summary_lines(decisions)
+    for line in summary:
+        log.info("%s", line)
     write_csv(out / "cv_table.csv", table)
     write_csv(out / "cv_steps.csv", steps)
     if not steps.empty:
         plot_steps(out / "steps.png", steps)
-    for field in FIELD_TITLES:
-        if decisions.curves.get(field):
-            plot_curves(out / f"{field}.png", field, decisions.curves[field], oof.spec.classes)
+    skipped = {s["step"]: s.get("skipped", "") for s in decisions.steps}
+    for stage in FIELD_TITLES:
+        if decisions.curves.get(stage):
+            plot_curves(out / f"{stage}.png", stage, decisions.curves[stage], oof.spec.classes)
         else:
-            log.info(
-                "no %s curve (%s): no figure",
-                field,
-                "no classifier" if field == "gate_threshold" else "not tuned",
-            )
+            log.info("no %s curve (%s): no figure", stage, skipped.get(stage) or "not tuned")
     plot_overlays(out / "overlays.png", oof, decisions, pick_slices(slices, cfg.report_slices))
-    return Report(out, table, steps, result["score"])
+    return Report(out, table, steps, result["score"], summary)

@@ -3,7 +3,9 @@
 One volume at a time (the next one's files are read while the current one is predicted): the crop
 box from the body detector (members trained without crop see the full frame), the classifier's
 per-slice class probabilities (mean over its folds), the weighted mean of every member x fold
-segmenter with TTA, the tuned post-processing of ``postprocess.json``, and run-length encoding
+segmenter with TTA (one weight per class and member, split evenly over the member's folds; a member
+with weight 0 in every class is not loaded), the tuned post-processing of ``postprocess.json``
+(pixel threshold, classifier gate, probability gate, z-continuity, small components), and run-length encoding
 (on the GPU when there is one). The dataset's writer (:meth:`DatasetSpec.submission_writer`) puts
 the masks in the competition's format and checks the file before it is renamed into place, so a
 failed run leaves any previous file untouched.
@@ -45,13 +47,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Member:
-    """One loaded network: a segmenter fold (weight > 0) or a classifier fold."""
+    """One loaded network: a segmenter fold (weight > 0 in some class) or a classifier fold."""
 
     name: str
     fold: int
     model: Any
     cfg: Any
-    weight: float
+    weight: np.ndarray | float  # segmenter: (classes,) blend weight / its number of folds; classifier: 1
 
 
 def crop_key(member_cfg: Any, det_config: str | None) -> str | None:
@@ -72,15 +74,20 @@ class EnsemblePredictor:
         self.tta: TTACfg = cfg.tta
         self.decisions = decisions
         self.det_config = cfg.det_config
+        names = [m["config"] for m in decisions.members]
+        weights = decisions.weight_matrix(names)  # (classes, members), each class summing to 1
+        used = set(decisions.used_members())  # a member with weight 0 in every class is not loaded
         self.segmenters = [
-            Member(m["config"], fold, *load_member(run_dir("seg", m["config"], fold), self.device), 0.0)
-            for m in decisions.members
-            if decisions.weights.get(m["config"], 0.0) > 0
+            Member(
+                m["config"],
+                fold,
+                *load_member(run_dir("seg", m["config"], fold), self.device),
+                (weights[:, j] / len(m["folds"])).astype(np.float32),
+            )
+            for j, m in enumerate(decisions.members)
+            if m["config"] in used
             for fold in m["folds"]
         ]
-        for member in self.segmenters:
-            n_folds = sum(1 for s in self.segmenters if s.name == member.name)
-            member.weight = decisions.weights[member.name] / n_folds
         gated = any(p.gate_threshold > 0 for p in decisions.params())
         self.classifiers = []
         if gated and decisions.classifier:
@@ -94,7 +101,7 @@ class EnsemblePredictor:
         log.info(
             "ensemble: %d segmenters (%s), %d classifier folds, detectors %s, device %s, TTA %s",
             len(self.segmenters),
-            ", ".join(f"{m.name}/fold_{m.fold} w={m.weight:.3f}" for m in self.segmenters),
+            ", ".join(f"{m.name}/fold_{m.fold} w={np.round(m.weight, 3).tolist()}" for m in self.segmenters),
             len(self.classifiers),
             sorted(self.detectors) or "none (full frame)",
             self.device,
@@ -131,7 +138,7 @@ class EnsemblePredictor:
         return total / len(self.classifiers)
 
     def seg_probs(self, image: np.ndarray, boxes: dict[str | None, Box]) -> np.ndarray:
-        """(S, classes, H, W) float32 weighted mean of every member x fold (TTA inside each)."""
+        """(S, classes, H, W) float32 weighted mean of every member x fold (TTA inside each), per class."""
         total = np.zeros((len(image), len(self.spec.classes), *image.shape[-2:]), dtype=np.float32)
         for m in self.segmenters:
             box = boxes[crop_key(m.cfg, self.det_config)]
@@ -145,7 +152,7 @@ class EnsemblePredictor:
                 tta=self.tta,
                 amp=self.amp,
             )
-            total += np.float32(m.weight) * probs
+            total += m.weight[None, :, None, None] * probs
         return total
 
     def masks(self, image: np.ndarray) -> np.ndarray:

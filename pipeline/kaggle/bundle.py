@@ -149,7 +149,7 @@ def needed_run_files(cfg: EnsembleConfig) -> tuple[list[Path], dict[str, Any]]:
     configs: dict[str, Any] = {cfg.name: _portable(cfg)}
     loaded = []  # (stage, name, fold) of every network submit loads
     for member in decisions.members:
-        if decisions.weights.get(member["config"], 0.0) > 0:
+        if member["config"] in decisions.used_members():
             loaded += [("seg", member["config"], fold) for fold in member["folds"]]
     if decisions.classifier and any(p.gate_threshold > 0 for p in decisions.params()):
         loaded += [("cls", decisions.classifier["config"], fold) for fold in decisions.classifier["folds"]]

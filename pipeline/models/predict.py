@@ -25,6 +25,7 @@ from pipeline.datasets import get_dataset
 from pipeline.device import amp_autocast
 from pipeline.models.classifier import build_classifier
 from pipeline.models.segmenter import build_segmenter
+from pipeline.models.segmenter3d import build_segmenter3d
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,14 @@ SIZE_MULTIPLE = 32  # encoders downsample 5 times: scaled inputs are rounded to 
 View = tuple[tuple[int, ...], float]  # (flipped tensor dims, scale)
 
 
+def is_3d(cfg: Any) -> bool:
+    """Whether a config describes a 3D member (``model.spatial_dims: 3``)."""
+    return getattr(cfg, "stage", None) == "seg" and cfg.model.spatial_dims == 3
+
+
 def channels_last(cfg: Any) -> bool:
     """Whether a member runs in the NHWC layout (``train.channels_last``; faster on CUDA and oneDNN CPUs)."""
-    return bool(getattr(getattr(cfg, "train", None), "channels_last", False))
+    return bool(getattr(getattr(cfg, "train", None), "channels_last", False)) and not is_3d(cfg)
 
 
 def input_channels(cfg: Any) -> int:
@@ -45,6 +51,9 @@ def input_channels(cfg: Any) -> int:
 def build_model(cfg: Any) -> nn.Module:
     """The (untrained) network a seg or cls config describes, one output per class of its dataset."""
     n_classes = len(get_dataset(cfg.dataset).classes)
+    if is_3d(cfg):
+        sizes = {"seg3d.patch_size": cfg.seg3d.patch_size, "seg3d.roi_size": cfg.seg3d.roi_size}
+        return build_segmenter3d(cfg.model, input_channels(cfg), n_classes, cfg.seg3d.patch_size, sizes)
     if cfg.stage == "seg":
         return build_segmenter(cfg.model, in_channels=input_channels(cfg), classes=n_classes)
     if cfg.stage == "cls":
@@ -122,8 +131,13 @@ def predict_day(
     tta: TTACfg | None = None,
     amp: bool = True,
 ) -> np.ndarray:
-    """float32 (S, classes, H, W) probabilities of a segmenter on a volume (S, [C,] H, W), in its own geometry."""
+    """float32 (S, classes, H, W) probabilities of a segmenter on a volume (S, [C,] H, W), in its own geometry.
+
+    A 3D member runs by sliding window over the whole volume (:func:`predict_volume`).
+    """
     device = torch.device(device)
+    if is_3d(cfg):
+        return predict_volume(model, cfg, image, box, device=device, tta=tta, amp=amp)
     x, geometry = prepare_day(image, box, cfg.data)
     n_classes = len(get_dataset(cfg.dataset).classes)
     probs = np.empty((len(x), n_classes, *geometry.size), dtype=np.float32)
@@ -155,3 +169,50 @@ def predict_day_cls(
     for start, p in _batches(model, x, device, batch_size, tta_views(tta), amp, channels_last(cfg)):
         probs[start : start + len(p)] = p
     return probs
+
+
+def volume_views(tta: TTACfg | None) -> list[tuple[int, ...]]:
+    """The flips of a 3D member's TTA, on the in-plane axes of a (B, C, D, H, W) tensor; identity first.
+
+    Scales are a 2D option: a 3D member ignores them.
+    """
+    return [flips for flips, scale in tta_views(tta) if scale == 1.0]
+
+
+def predict_volume(
+    model: nn.Module,
+    cfg: Any,
+    image: np.ndarray,
+    box: Box,
+    *,
+    device: torch.device | str = "cpu",
+    tta: TTACfg | None = None,
+    amp: bool = True,
+) -> np.ndarray:
+    """float32 (S, classes, H, W) probabilities of a 3D member on a volume (S, [C,] H, W).
+
+    The prepared volume (C, S, Hn, Wn) goes through MONAI's sliding-window inference
+    (``seg3d.roi_size``, ``overlap``, Gaussian or constant blending of overlapping windows) once per
+    flip view; each view's sigmoid probabilities are flipped back before the mean, which is pasted
+    back to the volume's own geometry like a 2.5D member's.
+    """
+    from monai.inferers import sliding_window_inference
+
+    device = torch.device(device)
+    s3 = cfg.seg3d
+    x, geometry = prepare_day(image, box, cfg.data)  # (S, C, Hn, Wn) with k = 0
+    volume = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, 0, 1)))[None].to(device)
+    views = volume_views(tta)
+    total = None
+    model.eval()
+    with torch.inference_mode(), amp_autocast(device, amp):
+        for flips in views:
+            view = torch.flip(volume, flips) if flips else volume
+            logits = sliding_window_inference(
+                view, s3.roi_size, s3.sw_batch_size, model, overlap=s3.overlap, mode=s3.blend
+            )
+            prob = torch.as_tensor(logits).as_subclass(torch.Tensor).float().sigmoid()
+            prob = torch.flip(prob, flips) if flips else prob
+            total = prob if total is None else total + prob
+    probs = (total / len(views))[0].cpu().numpy()  # (classes, S, Hn, Wn)
+    return geometry.inverse(np.ascontiguousarray(np.moveaxis(probs, 0, 1)))

@@ -59,6 +59,20 @@ def seg_arch(name: str) -> str:
     return by_lower[name.lower()]
 
 
+ARCHS_3D = ("SegResNet", "UNet", "DynUNet", "SwinUNETR")  # MONAI networks of the 3D member
+
+
+def arch3d(name: str) -> str:
+    """The canonical MONAI network name for ``name`` (case-insensitive), or a ConfigError."""
+    by_lower = {a.lower(): a for a in ARCHS_3D}
+    if name.lower() not in by_lower:
+        raise ConfigError(
+            f"model.arch '{name}' is not a 3D network of this pipeline (model.spatial_dims: 3); "
+            f"valid: {', '.join(ARCHS_3D)}"
+        )
+    return by_lower[name.lower()]
+
+
 def cls_arch(name: str) -> str:
     """``timm`` or an smp architecture (its encoder + classification head), else a ConfigError."""
     if name.lower() == TIMM_ARCH:
@@ -80,6 +94,9 @@ def check_model(model_cfg: Any, stage: str) -> None:
     import segmentation_models_pytorch as smp
     import timm
 
+    if getattr(model_cfg, "spatial_dims", 2) == 3:
+        arch3d(model_cfg.arch)  # a MONAI network: model.encoder is not used
+        return
     arch = seg_arch(model_cfg.arch) if stage == "seg" else cls_arch(model_cfg.arch)
     encoder = model_cfg.encoder
     if arch == TIMM_ARCH or encoder.startswith("tu-"):

@@ -8,10 +8,20 @@ Reproducibility: before every epoch the engine reseeds Python / NumPy / torch fr
 they have one, so the data order and augmentations of an epoch do not depend on what ran
 before it; a resumed CPU run therefore ends with the same weights as an uninterrupted one.
 Epochs are numbered from 1; ``last.pt["epoch"]`` is the number of finished epochs.
+
+Under torchrun (:mod:`pipeline.train.distributed`) the same loop trains every process's share of
+each batch in DistributedDataParallel: gradients are averaged over the processes (within an
+accumulation group only at its last batch, the others run under ``no_sync``), batch-norm layers
+become SyncBatchNorm with ``train.sync_bn`` on GPUs (else their statistics are averaged at the end
+of each epoch), the EMA follows the same weights on every process, and only rank 0 validates and
+writes files while the others wait. Checkpoints hold the bare model (no ``module.`` prefix), so a
+run of N processes resumes in 1 and the other way round; when the optimizer steps per epoch differ
+(another process count or batch size) the schedule goes on from the start of the next epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -26,10 +36,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.config import TrainCfg, to_dict
-from pipeline.device import amp_autocast, amp_dtype, resolve_device
+from pipeline.device import amp_autocast, amp_dtype
 from pipeline.io import write_csv, write_text
 from pipeline.runtime import balance_threads, seed_everything
-from pipeline.train import checkpoint
+from pipeline.train import checkpoint, distributed
 from pipeline.train.checkpoint import BEST, LAST, cpu_state, load_weights
 from pipeline.train.schedule import StepPlan, build_scheduler, plan_steps
 
@@ -48,10 +58,13 @@ class FitResult:
     best_epoch: int
     epochs_run: int  # epochs trained by this call (0 when the run was already finished)
     history: list[dict[str, float]] = field(default_factory=list)
+    ema: nn.Module | None = None  # the EMA copy this call trained (cfg.ema), as validation saw it
 
 
-def _seed_epoch(seed: int, epoch: int) -> None:
-    seed_everything(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """Seed from (seed, epoch); other processes than rank 0 add their rank (their own dropout draws)."""
+    key = [seed, epoch] if rank == 0 else [seed, epoch, rank]
+    seed_everything(int(np.random.SeedSequence(key).generate_state(1)[0]))
 
 
 def _set_epoch(loader: Any, epoch: int) -> None:
@@ -90,6 +103,15 @@ class _Run:
         self.model = model.to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.world = distributed.world_size()
+        if self.world > 1 and cfg.sync_bn:
+            if device.type == "cuda":
+                self.model = distributed.convert_sync_bn(self.model)
+            else:
+                log.warning(
+                    "train.sync_bn: SyncBatchNorm runs on GPUs only; on the CPU each process keeps its "
+                    "own batch-norm statistics, averaged at the end of every epoch"
+                )
         self.dtype = amp_dtype(device, cfg.amp)
         # no weight decay on biases and norm weights (timm's rule)
         groups = param_groups_weight_decay(self.model, cfg.weight_decay)
@@ -97,6 +119,7 @@ class _Run:
         self.scheduler = build_scheduler(self.optimizer, plan, cfg.min_lr_ratio)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
+        self.net = distributed.wrap_model(self.model, device)  # what trains: DDP under torchrun
         self.epoch = 0
         self.step = 0
         self.best_score: float | None = None
@@ -121,6 +144,8 @@ class _Run:
             "history": self.history,
             "rng": checkpoint.rng_state(),
             "train_cfg": to_dict(self.cfg),
+            "world_size": self.world,
+            "steps_per_epoch": self.plan.steps_per_epoch,
         }
 
     def load(self, ckpt: dict[str, Any]) -> None:
@@ -139,6 +164,34 @@ class _Run:
         self.best_score, self.best_epoch = ckpt["best_score"], int(ckpt["best_epoch"])
         self.history = list(ckpt["history"])
         checkpoint.set_rng_state(ckpt["rng"])
+        saved = ckpt.get("steps_per_epoch")
+        if saved is not None and int(saved) != self.plan.steps_per_epoch:
+            log.warning(
+                "last.pt took %d optimizer steps per epoch (%d process(es)), this run takes %d (%d): "
+                "the schedule goes on from the start of epoch %d",
+                saved,
+                ckpt.get("world_size", 1),
+                self.plan.steps_per_epoch,
+                self.world,
+                self.epoch + 1,
+            )
+            self.move_schedule(self.epoch * self.plan.steps_per_epoch)
+
+    def move_schedule(self, step: int) -> None:
+        """Put the step count and the learning rates at optimizer step ``step`` of this run's plan."""
+        self.step = step
+        self.scheduler.last_epoch = step
+        lambdas = self.scheduler.lr_lambdas
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, lambdas):
+            group["lr"] = base * factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def sync_buffers(self) -> None:
+        """The same batch-norm statistics (model and EMA) on every process, before validation and saving."""
+        if self.world > 1 and not distributed.has_sync_bn(self.model):
+            distributed.average_buffers(self.model)
+            if self.ema is not None:
+                distributed.average_buffers(self.ema.module)
 
     def to_device(self, tensor: torch.Tensor, image: bool = False) -> torch.Tensor:
         if image and self.channels_last and tensor.ndim == 4:
@@ -149,8 +202,8 @@ class _Run:
 def _train_epoch(
     run: _Run, loader: Iterable[dict], loss_fn: Callable, epoch: int, progress: bool
 ) -> dict[str, float]:
-    cfg, plan, model, opt = run.cfg, run.plan, run.model, run.optimizer
-    model.train()
+    cfg, plan, net, opt = run.cfg, run.plan, run.net, run.optimizer
+    net.train()
     loss_sum = torch.zeros((), device=run.device)
     images_seen, batches, lr, running = 0, 0, opt.param_groups[0]["lr"], math.nan
     bar = tqdm(
@@ -163,10 +216,14 @@ def _train_epoch(
             break
         images = run.to_device(batch["image"], image=True)
         target = run.to_device(batch["target"])
+        steps = (i + 1) % cfg.accum_steps == 0 or i + 1 == plan.batches_per_epoch
+        # DDP averages the gradients over the processes at the last backward of a group only
+        sync = net.no_sync() if run.world > 1 and not steps else contextlib.nullcontext()
         try:
-            with amp_autocast(run.device, cfg.amp):
-                loss = loss_fn(model(images), target)
-            run.scaler.scale(loss / plan.group_size(i)).backward()
+            with sync:
+                with amp_autocast(run.device, cfg.amp):
+                    loss = loss_fn(net(images), target)
+                run.scaler.scale(loss / plan.group_size(i)).backward()
         except torch.cuda.OutOfMemoryError as exc:
             raise RuntimeError(
                 f"CUDA out of memory at train.batch_size={cfg.batch_size} with images of shape "
@@ -176,10 +233,10 @@ def _train_epoch(
         loss_sum += loss.detach().float()
         images_seen += images.shape[0]
         batches = i + 1
-        if batches % cfg.accum_steps == 0 or batches == plan.batches_per_epoch:
+        if steps:
             if cfg.clip_grad is not None:
                 run.scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
             lr = opt.param_groups[0]["lr"]
             run.scaler.step(opt)
             run.scaler.update()
@@ -187,14 +244,10 @@ def _train_epoch(
             run.scheduler.step()
             run.step += 1
             if run.ema is not None:
-                run.ema.update(model, step=run.step)
+                run.ema.update(run.model, step=run.step)
         if batches % LOG_EVERY == 0 or batches == plan.batches_per_epoch:
             running = loss_sum.item() / batches  # one GPU sync every LOG_EVERY batches
-            if not math.isfinite(running):
-                raise RuntimeError(
-                    f"epoch {epoch}, batch {batches}: the training loss is {running}; lower train.lr, "
-                    "keep train.clip_grad on, or check the targets are 0/1 floats"
-                )
+            _check_finite(running, epoch, batches)
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f"{running:.4f}", img_s=f"{images_seen / elapsed:.1f}", lr=f"{lr:.2e}")
         bar.update(1)
@@ -204,6 +257,13 @@ def _train_epoch(
         raise RuntimeError(
             f"the train loader yielded {batches} batches in epoch {epoch}, expected {plan.batches_per_epoch}"
         )
+    run.sync_buffers()
+    if run.world > 1:  # the mean loss and the images of every process
+        seen = torch.tensor(float(images_seen), dtype=torch.float64, device=run.device)
+        totals = distributed.all_reduce_sum(torch.stack([loss_sum.double(), seen]))
+        running = totals[0].item() / (batches * run.world)
+        images_seen = int(totals[1].item())
+        _check_finite(running, epoch, batches)
     return {
         "train_loss": running,
         "lr": lr,
@@ -212,12 +272,20 @@ def _train_epoch(
     }
 
 
+def _check_finite(loss: float, epoch: int, batches: int) -> None:
+    if not math.isfinite(loss):
+        raise RuntimeError(
+            f"epoch {epoch}, batch {batches}: the training loss is {loss}; lower train.lr, "
+            "keep train.clip_grad on, or check the targets are 0/1 floats"
+        )
+
+
 def _validate(run: _Run, validate: Validate, epoch: int, monitor: str) -> dict[str, float]:
     model = run.eval_model
     model.eval()
     with torch.no_grad():
         metrics = {k: float(v) for k, v in validate(model, epoch).items()}
-    run.model.train()
+    run.net.train()
     if monitor not in metrics:
         raise KeyError(f"validate() returned {sorted(metrics)} but the monitored metric is '{monitor}'")
     return metrics
@@ -259,16 +327,22 @@ def fit(
     With ``resume`` an unfinished run continues from ``out_dir/last.pt``, a finished one
     returns at once. On return ``model`` holds the last epoch's raw (non-EMA) weights; load
     best.pt with ``load_weights`` for inference.
+
+    Under torchrun every process calls ``fit`` with its share of the data
+    (:func:`pipeline.train.distributed.sampler_for`); ``validate`` runs on rank 0 only, whose
+    metrics every process gets back; only rank 0 writes into ``out_dir``.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = device or resolve_device(cfg.device)
+    main = distributed.is_main()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    device = distributed.local_device(device or distributed.process_device(cfg.device))
     last_path = out_dir / LAST
     # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the device
     ckpt = checkpoint.read(last_path) if resume and last_path.is_file() else None
     if ckpt is not None and ckpt["epoch"] >= cfg.epochs:
         return _finished(out_dir, ckpt)
-    if config_text is not None:
+    if config_text is not None and main:
         write_text(out_dir / "config.yaml", config_text)
     seed_everything(cfg.seed)
     plan = plan_steps(cfg, _loader_len(train_loader))
@@ -277,12 +351,13 @@ def fit(
         _warn_changed(ckpt.get("train_cfg", {}), cfg)
         run.load(ckpt)
         log.info("%s: resuming after epoch %d (step %d)", out_dir, run.epoch, run.step)
-    elif last_path.is_file() or (out_dir / BEST).is_file():
+    elif main and (last_path.is_file() or (out_dir / BEST).is_file()):
         log.warning("%s: starting over; the old best.pt is removed and last.pt overwritten", out_dir)
         (out_dir / BEST).unlink(missing_ok=True)
     log.info(
-        "training on %s (%s): %d epochs x %d batches, %d optimizer steps, warm-up %d",
+        "training on %s%s (%s): %d epochs x %d batches, %d optimizer steps, warm-up %d",
         device,
+        f" x {run.world} processes" if run.world > 1 else "",
         run.dtype or torch.float32,
         cfg.epochs,
         plan.batches_per_epoch,
@@ -293,12 +368,16 @@ def fit(
     for epoch in range(first, cfg.epochs + 1):
         start = time.perf_counter()
         balance_threads()  # parallel folds on a CPU: take the cores of folds that have finished
-        _seed_epoch(cfg.seed, epoch)
+        _seed_epoch(cfg.seed, epoch, distributed.rank())
         _set_epoch(train_loader, epoch)
-        row: dict[str, float] = {"epoch": epoch, **_train_epoch(run, train_loader, loss_fn, epoch, progress)}
+        row: dict[str, float] = {
+            "epoch": epoch,
+            **_train_epoch(run, train_loader, loss_fn, epoch, progress and main),
+        }
         score = None
         if validate is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
-            metrics = _validate(run, validate, epoch, monitor)
+            metrics = _validate(run, validate, epoch, monitor) if main else None
+            metrics = distributed.broadcast_object(metrics)  # the others wait here for rank 0
             row.update(metrics)
             score = metrics[monitor]
         row["seconds"] = time.perf_counter() - start
@@ -309,23 +388,26 @@ def fit(
         )
         if validate is None or improved:
             run.best_score, run.best_epoch = score, epoch
-            best = {"model": cpu_state(run.eval_model.state_dict()), "epoch": epoch, "score": score}
-            checkpoint.save(out_dir / BEST, best)
-        checkpoint.save(last_path, run.state())
-        _write_metrics(out_dir / "metrics.csv", run.history)
+            if main:
+                best = {"model": cpu_state(run.eval_model.state_dict()), "epoch": epoch, "score": score}
+                checkpoint.save(out_dir / BEST, best)
+        if main:
+            checkpoint.save(last_path, run.state())
+            _write_metrics(out_dir / "metrics.csv", run.history)
         log.info(
             "epoch %d/%d: %s",
             epoch,
             cfg.epochs,
             ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"),
         )
-    if not (out_dir / BEST).is_file():  # every validation score was NaN
+    if main and not (out_dir / BEST).is_file():  # every validation score was NaN
         log.warning("%s: no finite '%s' in any epoch; best.pt holds the last epoch", out_dir, monitor)
         checkpoint.save(
             out_dir / BEST,
             {"model": cpu_state(run.eval_model.state_dict()), "epoch": run.epoch, "score": None},
         )
-    return FitResult(out_dir, run.best_score, run.best_epoch, cfg.epochs - first + 1, run.history)
+    ema = run.ema.module if run.ema is not None else None
+    return FitResult(out_dir, run.best_score, run.best_epoch, cfg.epochs - first + 1, run.history, ema)
 
 
 def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:

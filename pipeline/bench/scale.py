@@ -1,0 +1,370 @@
+"""``make bench-scale``: every stage after training, timed at fractions of the ``full`` synthetic set.
+
+The preset's set is generated once (not timed) under ``<root>/<preset>/``; each scale is a nested
+subset of its cases (:func:`pipeline.datasets.uwmgi_phantom.subset_dataset`, images hard-linked)
+with its own ``data``, ``runs`` and ``cache`` folders (``DATA_DIR``, ``RUNS_DIR``, ``CACHE_DIR``).
+The stages run in order, each in a fresh process, so that its wall time and peak resident memory
+(``os.wait4``) are its own: ``folds``, ``cache`` (the volume cache build), ``oof`` (planted
+out-of-fold files of every member x fold, :mod:`pipeline.bench.planted`), ``tune``, ``cv``,
+``submit`` (post-processing, RLE and CSV of the test split on planted predictions) and ``score``.
+
+A child reports the seconds of its work after its imports (``work_s``); the growth exponent of a
+stage is the least-squares slope of log work seconds (and of log peak memory) against log slices,
+train slices for the train-side stages and test slices for ``submit`` and ``score``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from pipeline.datasets import get_dataset
+from pipeline.datasets.uwmgi_files import scan_split
+from pipeline.datasets.uwmgi_phantom import subset_dataset
+from pipeline.errors import PipelineError
+from pipeline.io import write_csv, write_with
+from pipeline.paths import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+STAGES = ("folds", "cache", "oof", "tune", "cv", "submit", "score")
+PLANTED = ("cache", "oof", "submit")  # run by pipeline.bench.planted, the others by their own stage module
+TEST_SIDE = ("submit", "score")  # their n is the test split's slices
+DEFAULT_SCALES = (0.125, 0.25, 0.5, 1.0)
+GIB = 1024**3
+TUNE_LIMIT_S = 600.0  # `make tune` at full scale on 2 cores
+LOG_TAIL = 3000  # characters of a failed stage's log shown in the error
+
+
+class BenchError(PipelineError, RuntimeError):
+    """A stage failed or the disk cannot hold a scale; the message says which and where its log is."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    root: Path = PROJECT_ROOT / "build" / "scale"
+    preset: str = "full"
+    scales: tuple[float, ...] = DEFAULT_SCALES
+    seed: int = 0
+    workers: int = 2  # processes generating the preset's set
+    n_folds: int = 5
+    ensemble: str = "configs/scale_ensemble.yaml"
+    tune_set: tuple[str, ...] = ()  # overrides of the ensemble config for tune and cv
+    keep: bool = False  # keep each scale's runs and cache (else removed once measured)
+    disk_check: bool = True
+
+
+@dataclass(frozen=True)
+class ScaleDirs:
+    """One scale's folders: ``<root>/<preset>-<fraction>/{data,runs,cache,logs}``."""
+
+    base: Path
+
+    @property
+    def data(self) -> Path:
+        return self.base / "data"
+
+    @property
+    def runs(self) -> Path:
+        return self.base / "runs"
+
+    @property
+    def cache(self) -> Path:
+        return self.base / "cache"
+
+    @property
+    def logs(self) -> Path:
+        return self.base / "logs"
+
+    @property
+    def submission(self) -> Path:
+        return self.base / "submission.csv"
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "DATA_DIR": str(self.data),
+            "RUNS_DIR": str(self.runs),
+            "CACHE_DIR": str(self.cache),
+            "DATASET": "uwmgi",
+            "PYTHONUNBUFFERED": "1",
+        }
+
+
+@dataclass
+class BenchResult:
+    runs: pd.DataFrame  # stage x scale: n_slices, wall_s, work_s, plant_s, peak_gib
+    growth: pd.DataFrame  # per stage: exponents, seconds and GiB at 1x
+    disk: pd.DataFrame  # per scale: GiB of data, volume cache, OOF npz, OOF npy cache
+    checks: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- growth
+
+
+def growth_exponent(n: Sequence[float], y: Sequence[float]) -> float:
+    """Least-squares slope ``a`` of log y against log n (y ~ n^a); NaN with fewer than two sizes."""
+    n, y = np.asarray(n, float), np.asarray(y, float)
+    ok = (n > 0) & (y > 0)
+    if len(np.unique(n[ok])) < 2:
+        return float("nan")
+    return float(np.polyfit(np.log(n[ok]), np.log(y[ok]), 1)[0])
+
+
+def extrapolate(n: Sequence[float], y: Sequence[float], target: float) -> float:
+    """y at ``target`` from the power law fitted to (n, y); the measured y when ``target`` was run."""
+    n, y = np.asarray(n, float), np.asarray(y, float)
+    if np.any(n == target):
+        return float(y[n == target][-1])
+    ok = (n > 0) & (y > 0)
+    if len(np.unique(n[ok])) < 2:
+        return float("nan")
+    slope, intercept = np.polyfit(np.log(n[ok]), np.log(y[ok]), 1)
+    return float(np.exp(intercept) * target**slope)
+
+
+def growth_table(runs: pd.DataFrame, full_slices: dict[str, int]) -> pd.DataFrame:
+    """Per stage: time and memory exponents, and seconds and GiB at the full set (``full_slices`` by split)."""
+    rows = []
+    for stage, group in runs.groupby("stage", sort=False):
+        target = full_slices["test" if stage in TEST_SIDE else "train"]
+        rows.append(
+            {
+                "stage": stage,
+                "time_exponent": growth_exponent(group["n_slices"], group["work_s"]),
+                "rss_exponent": growth_exponent(group["n_slices"], group["peak_gib"]),
+                "full_slices": target,
+                "full_s": extrapolate(group["n_slices"], group["work_s"], target),
+                "full_gib": extrapolate(group["n_slices"], group["peak_gib"], target),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- data and disk
+
+
+def tree_bytes(path: Path) -> int:
+    """Apparent size of every file under ``path`` (0 when absent)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum((Path(d) / f).stat().st_size for d, _, files in os.walk(path) for f in files)
+
+
+def disk_use(dirs: ScaleDirs) -> dict[str, float]:
+    """GiB of a scale's data (hard links to the generated set), volume cache, OOF files and decoded OOF cache."""
+    oof_npz = sum(tree_bytes(p) for p in dirs.runs.glob("seg/*/fold_*/oof"))
+    oof_npy = tree_bytes(dirs.cache / "oof")
+    return {
+        "data_gib": tree_bytes(dirs.data) / GIB,
+        "volume_cache_gib": (tree_bytes(dirs.cache) - oof_npy) / GIB,
+        "oof_npz_gib": oof_npz / GIB,
+        "oof_npy_gib": oof_npy / GIB,
+        "submission_gib": tree_bytes(dirs.submission) / GIB,
+    }
+
+
+def expected_bytes(data: Path, n_members: int, n_classes: int) -> int:
+    """What a scale writes at most: uint16 images + uint8 masks cached, each member's OOF twice (npy + npz)."""
+    catalog = scan_split(data, "train")
+    pixels = int((catalog["height"] * catalog["width"]).sum())
+    return int(pixels * (2 + n_classes + 2 * n_members * n_classes))
+
+
+def check_disk(dirs: ScaleDirs, n_members: int, n_classes: int) -> None:
+    need = expected_bytes(dirs.data, n_members, n_classes)
+    free = shutil.disk_usage(dirs.base).free
+    if need > free - 2 * GIB:
+        raise BenchError(
+            f"{dirs.base} needs up to {need / GIB:.1f} GiB (volume cache + OOF of {n_members} members) but "
+            f"{free / GIB:.1f} GiB are free; free some space, or pass --no-disk-check to try anyway"
+        )
+
+
+def prepare_base(settings: BenchSettings) -> Path:
+    """The preset's generated set under ``<root>/<preset>`` (generated when absent; kept when it matches)."""
+    phantom = get_dataset("uwmgi").phantom()
+    base = settings.root / settings.preset
+    start = time.perf_counter()
+    phantom.generate(base, settings.preset, seed=settings.seed, workers=settings.workers, force=True)
+    log.info("data: %s (%s preset) ready in %.0f s (not timed)", base, settings.preset, time.perf_counter() - start)
+    return base
+
+
+def prepare_scale(base: Path, settings: BenchSettings, fraction: float) -> tuple[ScaleDirs, dict]:
+    """A scale's folders and its subset of the generated set; the slice counts per split."""
+    dirs = ScaleDirs(settings.root / f"{settings.preset}-{fraction:g}")
+    counts = subset_dataset(base, dirs.data, fraction, settings.seed)
+    for folder in (dirs.runs, dirs.cache):
+        shutil.rmtree(folder, ignore_errors=True)  # every stage starts cold
+    dirs.submission.unlink(missing_ok=True)
+    dirs.logs.mkdir(parents=True, exist_ok=True)
+    return dirs, counts
+
+
+# --------------------------------------------------------------------------- running the stages
+
+
+def stage_args(stage: str, dirs: ScaleDirs, settings: BenchSettings) -> list[str]:
+    """The command-line arguments of one stage at one scale."""
+    tune_set = ["--set", *settings.tune_set] if settings.tune_set else []
+    return {
+        "folds": ["--config", "configs/folds.yaml", "--set", f"n_folds={settings.n_folds}", "--force"],
+        "cache": [],
+        "oof": ["--config", settings.ensemble],
+        "tune": ["--config", settings.ensemble, *tune_set],
+        "cv": ["--config", settings.ensemble, *tune_set],
+        "submit": ["--config", settings.ensemble, "--out", str(dirs.submission)],
+        "score": ["--dataset", "uwmgi", "--submission", str(dirs.submission), "--truth",
+                  str(dirs.data / "test_labels.csv"), "--data-dir", str(dirs.data)],
+    }[stage]  # fmt: skip
+
+
+def run_child(command: list[str], env: dict[str, str], log_path: Path) -> tuple[float, float, int]:
+    """Run ``command`` to its end; (wall seconds, peak resident GiB of that process, exit status)."""
+    with open(log_path, "w") as log_file:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_maxrss * 1024 / GIB, proc.returncode  # ru_maxrss: KiB on Linux
+
+
+def run_stage(stage: str, dirs: ScaleDirs, settings: BenchSettings) -> dict:
+    """One stage in a fresh process (``python -m stages.bench_scale stage ...``); its figures."""
+    timing = dirs.logs / f"{stage}.json"
+    timing.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "stages.bench_scale", "stage", stage, "--timing", str(timing),
+               *stage_args(stage, dirs, settings)]  # fmt: skip
+    log_path = dirs.logs / f"{stage}.log"
+    wall, peak, status = run_child(command, dirs.env(), log_path)
+    if status != 0 or not timing.is_file():
+        tail = log_path.read_text(errors="replace")[-LOG_TAIL:]
+        raise BenchError(f"stage {stage} failed (exit {status}) in {dirs.base}; log {log_path}:\n{tail}")
+    inner = json.loads(timing.read_text())
+    return {"wall_s": wall, "work_s": inner["work_s"], "plant_s": inner.get("plant_s", 0.0), "peak_gib": peak}
+
+
+def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
+    """Every stage at every scale, smallest first; the tables of :class:`BenchResult`."""
+    from pipeline.datasets import load_config
+
+    cfg = load_config(settings.ensemble, list(settings.tune_set), stage="ensemble")
+    n_classes = len(get_dataset(cfg.dataset).classes)
+    base = prepare_base(settings)
+    full = json.loads((base / "dataset.json").read_text())["counts"]
+    full_slices = {split: int(full[split]["slices"]) for split in ("train", "test")}
+    runs, disk = [], []
+    bar = tqdm(total=len(settings.scales) * len(STAGES), desc="bench-scale", unit="stage", disable=not progress)
+    for fraction in sorted(settings.scales):
+        dirs, counts = prepare_scale(base, settings, fraction)
+        if settings.disk_check:
+            check_disk(dirs, len(cfg.members), n_classes)
+        for stage in STAGES:
+            bar.set_postfix_str(f"{fraction:g} {stage}")
+            n = counts["test" if stage in TEST_SIDE else "train"]["slices"]
+            runs.append({"stage": stage, "scale": fraction, "n_slices": n, **run_stage(stage, dirs, settings)})
+            log.info("%-6s x%-6g %6d slices: %8.1f s, peak %.2f GiB", stage, fraction, n,
+                     runs[-1]["work_s"], runs[-1]["peak_gib"])  # fmt: skip
+            bar.update()
+        disk.append({"scale": fraction, "train_slices": counts["train"]["slices"], **disk_use(dirs)})
+        if not settings.keep:
+            for folder in (dirs.runs, dirs.cache):
+                shutil.rmtree(folder, ignore_errors=True)
+    bar.close()
+    table = pd.DataFrame(runs)
+    growth = growth_table(table, full_slices)
+    return BenchResult(table, growth, pd.DataFrame(disk), checks(table, growth))
+
+
+def checks(runs: pd.DataFrame, growth: pd.DataFrame) -> list[str]:
+    """The issue's limits, measured (or extrapolated to 1x from the fitted power law)."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    tune = growth.set_index("stage").loc["tune"] if "tune" in set(growth["stage"]) else None
+    out = [
+        f"largest peak RSS measured: {runs['peak_gib'].max():.2f} GiB ({runs.loc[runs['peak_gib'].idxmax(), 'stage']}); "
+        f"at 1x the largest is {growth['full_gib'].max():.2f} GiB; this machine has {memory:.1f} GiB",
+    ]
+    if tune is not None:
+        measured = "measured" if 1.0 in set(runs["scale"]) else "extrapolated"
+        verdict = "within" if tune["full_s"] <= TUNE_LIMIT_S else "OVER"
+        out.append(f"tune at 1x: {tune['full_s']:.0f} s ({measured}), {verdict} the {TUNE_LIMIT_S:.0f} s limit")
+    superlinear = growth[growth["time_exponent"] > 1.15]["stage"].tolist()
+    out.append(f"time growing faster than linear (exponent > 1.15): {', '.join(superlinear) or 'none'}")
+    return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+def format_result(result: BenchResult) -> str:
+    """The scale table (stage x scale: seconds and peak GiB), the exponents and the disk use."""
+    runs = result.runs.assign(cell=lambda f: [f"{s:8.1f} s {g:5.2f} GiB" for s, g in zip(f["work_s"], f["peak_gib"])])
+    wide = runs.pivot(index="stage", columns="scale", values="cell").reindex(list(dict.fromkeys(runs["stage"])))
+    wide.columns = [f"x{c:g}" for c in wide.columns]
+    growth = result.growth.set_index("stage")
+    wide["time ~ n^a"] = growth["time_exponent"].map("{:.2f}".format)
+    wide["RSS ~ n^b"] = growth["rss_exponent"].map("{:.2f}".format)
+    wide["1x s"] = growth["full_s"].map("{:.0f}".format)
+    wide["1x GiB"] = growth["full_gib"].map("{:.2f}".format)
+    slices = runs.drop_duplicates(["scale", "stage"]).pivot(index="stage", columns="scale", values="n_slices")
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.float_format", "{:.2f}".format):
+        return "\n".join(
+            [
+                "work seconds (after imports) and peak RSS per stage and scale:",
+                wide.to_string(),
+                "",
+                "slices (train-side stages: train slices; submit, score: test slices):",
+                slices.iloc[:, :].drop_duplicates().to_string(),
+                "",
+                "disk use (GiB):",
+                result.disk.to_string(index=False),
+                "",
+                *result.checks,
+            ]
+        )
+
+
+def plot_result(path: Path, result: BenchResult) -> Path:
+    """Log-log work seconds and peak RSS against slices, one line per stage."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for stage, group in result.runs.groupby("stage", sort=False):
+        for ax, column in zip(axes, ("work_s", "peak_gib")):
+            ax.plot(group["n_slices"], group[column], "-o", markersize=4, label=stage)
+    for ax, title in zip(axes, ("work seconds", "peak RSS (GiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("slices (train; test for submit and score)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    return write_with(path, lambda p: fig.savefig(p, format="png", dpi=100))
+
+
+def write_result(out: Path, result: BenchResult) -> list[Path]:
+    """``scale_runs.csv``, ``scale_growth.csv``, ``scale_disk.csv``, ``scale_table.txt`` and ``scale.png``."""
+    out = Path(out)
+    return [
+        write_csv(out / "scale_runs.csv", result.runs),
+        write_csv(out / "scale_growth.csv", result.growth),
+        write_csv(out / "scale_disk.csv", result.disk),
+        write_with(out / "scale_table.txt", lambda p: Path(p).write_text(format_result(result) + "\n")),
+        plot_result(out / "scale.png", result),
+    ]
