@@ -301,3 +301,17 @@ def test_train_3d_member_resumes_and_writes_oof_in_the_2d_format(
     a, b = checkpoint.read(out / "last.pt")["model"], checkpoint.read(resumed / "last.pt")["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_fold_wise_fine_tuning_fills_the_fold_into_the_weights_path(isolated_dirs: Path) -> None:
+    from pipeline.train.tasks import fold_weights
+
+    cfg = load_config("full_seg3d_segresnet_ft", stage="seg")
+    filled = fold_weights(cfg, 3).model.pretrained_path
+    assert filled == str(isolated_dirs / "runs" / "seg" / "full_seg3d_segresnet" / "fold_3" / "best.pt")
+    assert fold_weights(cfg3d(), 1) == cfg3d()  # nothing to fill: the config is returned as is
+    bad = load_config("demo_seg3d", ["model.pretrained_path=/w/{model}.pt"])
+    with pytest.raises(
+        ConfigError, match=r"'model.pretrained_path' = '/w/\{model\}.pt': only \{fold\} and \{runs\}"
+    ):
+        fold_weights(bad, 0)

@@ -38,6 +38,8 @@ KERNEL_PACKAGES = (
     "albucore",
     "numba-cuda",
     "tifffile",  # LGG and Ultrasound Nerve slices are TIFF files
+    "monai",  # the 3D members' networks and sliding-window inference
+    "einops",  # MONAI's SwinUNETR
 )
 # Dependencies of the above the image may lack; pip takes them only when it needs them.
 SUPPORT_PACKAGES = (

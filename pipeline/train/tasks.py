@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from pipeline.config import ClsConfig, SegConfig, dump_config
+from pipeline.config import ClsConfig, ConfigError, SegConfig, dump_config
 from pipeline.data.augment import build_augment
 from pipeline.data.datasets import EpochSampler, SliceDataset
 from pipeline.data.folds import fold_days, fold_numbers, read_folds
@@ -43,7 +43,7 @@ from pipeline.datasets import get_dataset
 from pipeline.device import resolve_device
 from pipeline.io import run_lock, write_csv, write_with
 from pipeline.models.predict import build_model, predict_day, predict_day_cls
-from pipeline.paths import data_dir, run_dir
+from pipeline.paths import data_dir, run_dir, runs_dir
 from pipeline.runtime import seed_everything
 from pipeline.train.checkpoint import load_weights
 from pipeline.train.engine import fit
@@ -325,7 +325,27 @@ CLS = Task(
 TASKS = {"seg": SEG, "seg3d": SEG3D, "cls": CLS}
 
 
+def fold_weights(cfg: SegConfig | ClsConfig, fold: Fold) -> SegConfig | ClsConfig:
+    """``model.pretrained_path`` with ``{fold}`` and ``{runs}`` filled in (fold-wise fine-tuning).
+
+    ``runs/seg/full_seg3d_segresnet/fold_{fold}/best.pt`` starts each fold of a second stage (the
+    1st place's 224x224x80 fine-tuning) from the same fold of the first, never from weights that
+    saw the fold's validation volumes.
+    """
+    path = cfg.model.pretrained_path
+    if not path or "{" not in path:
+        return cfg
+    try:
+        filled = path.format(fold=fold, runs=runs_dir())
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"config key 'model.pretrained_path' = {path!r}: only {{fold}} and {{runs}} may be filled in ({exc})"
+        ) from None
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_path=filled))
+
+
 def _train(cfg: SegConfig | ClsConfig, fold: Fold, task: Task, progress: bool) -> Path:
+    cfg = fold_weights(cfg, fold)
     seed = fold_seed(cfg, fold)
     device = resolve_device(cfg.train.device)
     data = load_fold(cfg, fold, progress)
