@@ -148,7 +148,7 @@ def test_resume_with_another_step_plan_goes_on_from_the_next_epoch(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """last.pt of batches of 4 (3 steps an epoch, as 2 processes would take) resumed on batches of 2 (6)."""
-    cfg = dataclasses.replace(BASE, epochs=3)
+    cfg = BASE
 
     def crash_in_epoch_2(model: nn.Module, epoch: int) -> dict[str, float]:
         if epoch == 2:
@@ -161,10 +161,10 @@ def test_resume_with_another_step_plan_goes_on_from_the_next_epoch(
     assert "the schedule goes on from the start of epoch 2" in caplog.text
     straight = fit(tiny_model(), loader(batch_size=2), loss_fn(), cfg, tmp_path / "straight")
     last = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
-    assert (last["step"], last["steps_per_epoch"], last["world_size"]) == (18, 6, 1)
+    assert (last["step"], last["steps_per_epoch"], last["world_size"]) == (12, 6, 1)
     lrs = [row["lr"] for row in resumed.history]
-    assert lrs[1:] == pytest.approx([row["lr"] for row in straight.history][1:])
-    assert lrs[0] == pytest.approx(BASE.lr * lr_factor(2, 2, 9, BASE.min_lr_ratio))  # epoch 1: the old plan
+    assert lrs[1] == pytest.approx(straight.history[1]["lr"])
+    assert lrs[0] == pytest.approx(BASE.lr * lr_factor(2, 2, 6, BASE.min_lr_ratio))  # epoch 1: the old plan
 
 
 def test_data_order_depends_on_seed_and_epoch_only(tmp_path: Path) -> None:

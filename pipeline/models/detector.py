@@ -182,7 +182,8 @@ def train_yolo(data_yaml: Path, params: DetParams, project: Path) -> tuple[Any, 
 
     device = torch_device(params.device)
     # fp16 AMP runs a check that downloads a model; bf16 skips it, CPU trains in fp32.
-    amp: str | bool = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else False
+    bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)  # not a T4
+    amp: str | bool = "bf16" if bf16 else False
     args = {
         "data": str(data_yaml),
         "imgsz": params.imgsz,

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
+from pipeline.config import ConfigError
 from pipeline.data.datasets import EpochSampler
 from pipeline.device import resolve_device
 from pipeline.io import run_lock
@@ -92,14 +93,14 @@ def process_device(name: str) -> torch.device:
     if device.type != "cuda" or launched_world() <= 1:
         return device
     if device.index is not None:
-        raise ValueError(
+        raise ConfigError(
             f"train.device is '{name}', one GPU, but torchrun started {launched_world()} processes that each "
             "take their own: set train.device to auto or cuda"
         )
     local = int(os.environ.get("LOCAL_RANK", "0"))
     visible = torch.cuda.device_count()
     if local >= visible:
-        raise ValueError(
+        raise ConfigError(
             f"GPUS={os.environ.get('LOCAL_WORLD_SIZE', launched_world())} but only {visible} GPU(s) are visible: "
             f"use GPUS={visible} or fewer"
         )

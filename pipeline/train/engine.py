@@ -9,14 +9,11 @@ they have one, so the data order and augmentations of an epoch do not depend on 
 before it; a resumed CPU run therefore ends with the same weights as an uninterrupted one.
 Epochs are numbered from 1; ``last.pt["epoch"]`` is the number of finished epochs.
 
-Under torchrun (:mod:`pipeline.train.distributed`) the same loop trains every process's share of
-each batch in DistributedDataParallel: gradients are averaged over the processes (within an
-accumulation group only at its last batch, the others run under ``no_sync``), batch-norm layers
-become SyncBatchNorm with ``train.sync_bn`` on GPUs (else their statistics are averaged at the end
-of each epoch), the EMA follows the same weights on every process, and only rank 0 validates and
-writes files while the others wait. Checkpoints hold the bare model (no ``module.`` prefix), so a
-run of N processes resumes in 1 and the other way round; when the optimizer steps per epoch differ
-(another process count or batch size) the schedule goes on from the start of the next epoch.
+Under torchrun (:mod:`pipeline.train.distributed`) each process trains its share of every batch
+in DDP (gradients averaged at the last batch of an accumulation group, ``no_sync`` before it;
+SyncBatchNorm with ``train.sync_bn`` on GPUs, else batch-norm statistics averaged every epoch);
+only rank 0 validates and writes. Checkpoints hold the bare model, so N processes resume in 1 and
+back; with other optimizer steps per epoch the schedule goes on from the next epoch's start.
 """
 
 from __future__ import annotations
@@ -109,8 +106,7 @@ class _Run:
                 self.model = distributed.convert_sync_bn(self.model)
             else:
                 log.warning(
-                    "train.sync_bn: SyncBatchNorm runs on GPUs only; on the CPU each process keeps its "
-                    "own batch-norm statistics, averaged at the end of every epoch"
+                    "train.sync_bn: SyncBatchNorm needs GPUs; batch-norm statistics averaged per epoch"
                 )
         self.dtype = amp_dtype(device, cfg.amp)
         # no weight decay on biases and norm weights (timm's rule)
@@ -166,13 +162,12 @@ class _Run:
         checkpoint.set_rng_state(ckpt["rng"])
         saved = ckpt.get("steps_per_epoch")
         if saved is not None and int(saved) != self.plan.steps_per_epoch:
+            old, now = (saved, ckpt.get("world_size", 1)), (self.plan.steps_per_epoch, self.world)
             log.warning(
-                "last.pt took %d optimizer steps per epoch (%d process(es)), this run takes %d (%d): "
-                "the schedule goes on from the start of epoch %d",
-                saved,
-                ckpt.get("world_size", 1),
-                self.plan.steps_per_epoch,
-                self.world,
+                "last.pt took %d optimizer steps per epoch (%d process(es)), this run %d (%d): the "
+                "schedule goes on from the start of epoch %d",
+                *old,
+                *now,
                 self.epoch + 1,
             )
             self.move_schedule(self.epoch * self.plan.steps_per_epoch)

@@ -33,18 +33,18 @@ from tqdm.auto import tqdm
 
 from pipeline.config import ClsConfig, ConfigError, SegConfig, dump_config
 from pipeline.data.augment import build_augment
-from pipeline.data.datasets import EpochSampler, SliceDataset
+from pipeline.data.datasets import SliceDataset
 from pipeline.data.folds import fold_days, fold_numbers, read_folds
 from pipeline.data.geometry import Box
 from pipeline.data.prepare import boxes_for
 from pipeline.data.volume3d import PatchDataset
 from pipeline.data.volumes import VolumeStore
 from pipeline.datasets import get_dataset
-from pipeline.device import resolve_device
-from pipeline.io import run_lock, write_csv, write_with
+from pipeline.io import write_csv, write_with
 from pipeline.models.predict import build_model, predict_day, predict_day_cls
 from pipeline.paths import data_dir, run_dir, runs_dir
 from pipeline.runtime import seed_everything
+from pipeline.train import distributed
 from pipeline.train.checkpoint import load_weights
 from pipeline.train.engine import fit
 from pipeline.train.losses import build_loss
@@ -110,7 +110,10 @@ def fold_seed(cfg: SegConfig | ClsConfig, fold: Fold) -> int:
 
 
 def make_loader(dataset: Dataset, cfg: SegConfig | ClsConfig, seed: int, device: torch.device) -> DataLoader:
-    """Shuffled batches in an order drawn from (seed, epoch); full batches only when there are enough."""
+    """Shuffled batches in an order drawn from (seed, epoch); full batches only when there are enough.
+
+    Under torchrun this process's share of every global batch (``train.batch_size`` per process).
+    """
     if len(dataset) == 0:
         raise ValueError(
             f"no training slices for '{cfg.name}' (data.train_on={cfg.data.train_on}, "
@@ -118,13 +121,14 @@ def make_loader(dataset: Dataset, cfg: SegConfig | ClsConfig, seed: int, device:
         )
     batch_size = cfg.train.batch_size
     workers = cfg.train.num_workers
+    full = len(dataset) >= batch_size * distributed.world_size()  # a last batch of one breaks batch norm
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), seed),
+        sampler=distributed.sampler_for(len(dataset), seed, drop_last=full),
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        drop_last=len(dataset) >= batch_size,  # a last batch of one breaks batch norm
+        drop_last=full,
         persistent_workers=False,  # workers see each epoch's set_epoch
         prefetch_factor=4 if workers > 0 else None,
         collate_fn=getattr(dataset, "collate_fn", None),  # a 3D item holds several patches
@@ -347,7 +351,8 @@ def fold_weights(cfg: SegConfig | ClsConfig, fold: Fold) -> SegConfig | ClsConfi
 def _train(cfg: SegConfig | ClsConfig, fold: Fold, task: Task, progress: bool) -> Path:
     cfg = fold_weights(cfg, fold)
     seed = fold_seed(cfg, fold)
-    device = resolve_device(cfg.train.device)
+    device = distributed.process_device(cfg.train.device)  # under torchrun: this process's GPU
+    progress = progress and distributed.is_main()
     data = load_fold(cfg, fold, progress)
     dataset = task.make_dataset(cfg, data, seed)
     seed_everything(seed)  # the initial weights depend on the fold's seed alone, not on what ran before
@@ -355,7 +360,7 @@ def _train(cfg: SegConfig | ClsConfig, fold: Fold, task: Task, progress: bool) -
     loss_fn = build_loss(cfg.loss, task.loss_mode)
     validate = task.validator(cfg, data, device, progress) if data.val_days else None
     out_dir = run_dir(task.stage, cfg.name, fold)
-    with run_lock(out_dir):  # make train-seg started twice must not write one folder twice
+    with distributed.main_lock(out_dir):  # make train-seg started twice must not write one folder twice
         result = fit(
             model,
             make_loader(dataset, cfg, seed, device),
@@ -369,7 +374,8 @@ def _train(cfg: SegConfig | ClsConfig, fold: Fold, task: Task, progress: bool) -
         )
         log.info("%s: best epoch %d, score %s", out_dir, result.best_epoch, result.best_score)
         written = all(p.is_file() for p in task.oof_files(out_dir, data))
-        if data.val_days and not (result.epochs_run == 0 and written):
+        # under torchrun rank 0 writes the OOF; the others go on (they wait at the next collective)
+        if distributed.is_main() and data.val_days and not (result.epochs_run == 0 and written):
             load_weights(out_dir / "best.pt", model, map_location=device)
             model.to(device).eval()
             log.info(
