@@ -1,4 +1,5 @@
-"""`make cv`: the out-of-fold score of the tuned ensemble, per class and per step, with figures."""
+"""`make cv`: the out-of-fold score of the tuned ensemble, per class and per step (each member alone,
+the blend, each post-processing option; in-sample and held apart), with figures."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""`make tune`: choose blend weights and per-class post-processing on out-of-fold predictions."""
+"""`make tune`: choose per-class blend weights and post-processing on out-of-fold predictions.
+
+Also scores every step's choice, made on part of the OOF groups, on the groups held apart (tune.holdout).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ log = logging.getLogger("stages.tune")
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/demo_ensemble.yaml")
-    parser.add_argument("--set", nargs="*", default=[], help="overrides key=value, e.g. tune.blend_steps=10")
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="overrides key=value, e.g. tune.blend_steps=10 tune.holdout=0"
+    )
     parser.add_argument("--data-dir", default=None, help="dataset root (default: config data_dir, $DATA_DIR)")
     parser.add_argument(
         "--workers", type=int, default=None, help="threads over day-volumes (default: cores, max 8)"

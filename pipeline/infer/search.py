@@ -227,7 +227,7 @@ def _curve(values: list[Any], results: list[dict], chosen: Any) -> dict:
 
 def _warn_edge(cls: str, stage: str, chosen: Any, grid: list[Any]) -> None:
     """Say so when the choice is the grid's largest value (or smallest threshold): the optimum may lie beyond."""
-    first = [np.atleast_1d(g)[0] for g in grid]  # N of the probability gate
+    first = [float(np.atleast_1d(g)[0]) for g in grid]  # N of the probability gate
     value = np.atleast_1d(chosen)[0]
     if len(set(first)) < 2 or (stage in OFF and value == 0):
         return
@@ -238,5 +238,5 @@ def _warn_edge(cls: str, stage: str, chosen: Any, grid: list[Any]) -> None:
             cls,
             stage,
             chosen,
-            sorted(set(first)),
+            [f"{v:g}" for v in sorted(set(first))],
         )
