@@ -1,21 +1,28 @@
 """Numba kernels of the exact Hausdorff distance and the Dice counts (see :mod:`pipeline.metric`).
 
-Masks reach the kernels as uint8 (S, C, H, W), non-zero = foreground. A *row* is (s, y); its
+Masks reach the kernels as C-contiguous uint8, non-zero = foreground. A *row* is (s, y); its
 *runs* are the [start, end) intervals of x that are foreground, stored CSR-like: a row pointer
 (S*H + 1,) into int32 ``starts`` and ``ends`` (:func:`class_runs` gives one row pointer per
-class over shared arrays, :func:`union_runs` the runs of the classes merged).
+class over shared arrays, :func:`union_runs` the runs of the classes merged, :func:`dice_runs`
+the Dice counts from them).
+
+:func:`line_runs` reads a mask once, eight bytes at a time: blocks of zero words and words inside
+a run are skipped, and a word holding run edges yields them all from its byte mask.
 
 Why the distance is exact without comparing all pairs:
 
 - only voxels of A outside B are at a non-zero distance from B (an interval difference of runs);
-- the nearest voxel of B in one row comes from that row's runs in O(runs);
-- rows are searched slice by slice outwards, and only while they can hold a nearer voxel;
-- a voxel whose distance cannot exceed the running maximum needs no exact distance: a spread
-  sample first sets a high maximum (Taha & Hanbury's early break), then voxels are visited in
-  raster order, where ``d(p) <= d(q) + |p - q|`` for the previous voxel q in x, y or z skips
-  most searches outright.
+- the nearest voxel of B in one row comes from that row's runs in O(runs), and rows are searched
+  slice by slice outwards, only while they (and their slice's box) can hold a nearer voxel;
+- a voxel that cannot raise the running maximum needs no exact distance: any voxel of B (a
+  *witness*) bounds its distance from above. A spread sample of both directions first sets a high
+  maximum (Taha & Hanbury's early break); then the voxels are visited run by run in raster order,
+  each run trying the witnesses of its neighbours, and most runs are settled by the distances
+  from one witness to their two ends (the bound is largest there).
 
-Every kernel takes and returns arrays; the plain twins are ``scipy.ndimage.distance_transform_edt``
+The maximum need not lie on a set's boundary (a ball in a hollow shell peaks at its centre), so
+every voxel outside the other set is bounded or searched. Every kernel takes and returns arrays;
+the plain twins are ``scipy.ndimage.distance_transform_edt``
 (:func:`pipeline.metric.hausdorff_volume_edt`) and ``directed_hausdorff`` in the tests.
 """
 
@@ -27,52 +34,10 @@ import numpy as np
 from numba import njit
 
 _SQRT3 = math.sqrt(3.0)
-
-
-@njit(cache=True, nogil=True)
-def row_any(m):  # pragma: no cover - compiled
-    """(S, C, H) uint8: 1 where the row m[s, c, y, :] has a foreground pixel."""
-    n_s, n_c, n_h, n_w = m.shape
-    out = np.zeros((n_s, n_c, n_h), np.uint8)
-    for s in range(n_s):
-        for c in range(n_c):
-            for y in range(n_h):
-                acc = np.uint8(0)
-                for x in range(n_w):
-                    acc |= m[s, c, y, x]
-                out[s, c, y] = acc != 0
-    return out
-
-
-@njit(cache=True, nogil=True)
-def dice_counts(p, t, fp, ft):  # pragma: no cover - compiled
-    """(S, C, 3) int64: |P|, |T|, |P∩T| per (slice, class), reading only non-empty rows."""
-    n_s, n_c, n_h, n_w = p.shape
-    out = np.zeros((n_s, n_c, 3), np.int64)
-    for s in range(n_s):
-        for c in range(n_c):
-            for y in range(n_h):
-                if fp[s, c, y] == 0 and ft[s, c, y] == 0:
-                    continue
-                a = 0
-                b = 0
-                both = 0
-                for x in range(n_w):
-                    vp = p[s, c, y, x] != 0
-                    vt = t[s, c, y, x] != 0
-                    a += vp
-                    b += vt
-                    both += vp & vt
-                out[s, c, 0] += a
-                out[s, c, 1] += b
-                out[s, c, 2] += both
-    return out
-
-
-_BLOCK = 16
-_SAMPLE = 32  # points searched first, in spread order, to set the running maximum
+_BLOCK = 16  # zero words skipped at once (one vectorised OR)
+_SAMPLE = 32  # voxels of each direction searched first, in spread order, to set the running maximum
 _MARGIN = 4.0  # searches aim this many voxel steps below the maximum
-
+_WITNESSES = 1024  # a ring: an overwritten witness is still a voxel of B, only a looser bound
 
 _ONES = np.uint64(0x0101010101010101)
 _HIGHS = np.uint64(0x8080808080808080)
@@ -82,64 +47,152 @@ _CTZ8 = np.array([8] + [(i & -i).bit_length() - 1 for i in range(1, 256)], np.in
 
 
 @njit(cache=True, nogil=True)
-def _scan_row(buf, words, n_w, starts, ends, k):  # pragma: no cover - compiled
-    """Append the runs of the row copied into ``buf`` (zero padded) at index k; returns the next index.
-
-    Eight pixels at a time: a zero word holds no run start outside a run, a word without a zero
-    byte holds no run end inside one.
-    """
-    inside = False
-    for w in range(words.size):
-        word = words[w]
-        if inside:
-            if ((word - _ONES) & ~word & _HIGHS) == 0:
-                continue
-        elif word == 0:
-            continue
-        for i in range(8 * w, min(8 * w + 8, n_w)):
-            if (buf[i] != 0) != inside:
-                if inside:
-                    ends[k] = i
-                    k += 1
-                else:
-                    starts[k] = i
-                inside = not inside
+def _skip_words(words, w, inside):  # pragma: no cover - compiled
+    """The first word from w on that may hold a run edge: outside a run a non-zero word (aligned
+    blocks of zero words are skipped at once), inside one a word with a zero byte."""
+    n_words = words.size
     if inside:
-        ends[k] = n_w
+        while w < n_words and ((words[w] - _ONES) & ~words[w] & _HIGHS) == 0:
+            w += 1
+        return w
+    while w < n_words:
+        if w % _BLOCK == 0 and w + _BLOCK <= n_words:
+            acc = np.uint64(0)
+            for j in range(w, w + _BLOCK):  # vectorised
+                acc |= words[j]
+            if acc == 0:
+                w += _BLOCK
+                continue
+        if words[w] != 0:
+            return w
+        w += 1
+    return w
+
+
+@njit(cache=True, nogil=True)
+def _byte_bits(word):  # pragma: no cover - compiled
+    """The 8-bit mask of the non-zero bytes of a (little-endian) word: bit i for byte i."""
+    high = (((word & _LOW7) + _LOW7) | word) & _HIGHS
+    return np.int64((high * _GATHER) >> np.uint64(56))
+
+
+@njit(cache=True, nogil=True)
+def _cut(begin, end, n_w, starts, ends, counts, k):  # pragma: no cover - compiled
+    """Store the flat run [begin, end) cut at row ends from index k on; the next k, -1 when full."""
+    r = begin // n_w
+    while begin < end:
+        if k == starts.size:
+            return -1
+        stop = min(end, (r + 1) * n_w)
+        starts[k] = begin - r * n_w
+        ends[k] = stop - r * n_w
+        counts[r + 1] += 1
         k += 1
+        begin = stop
+        r += 1
     return k
 
 
 @njit(cache=True, nogil=True)
-def class_runs(m, f):  # pragma: no cover - compiled
-    """Runs of every class: row pointers (C, S*H + 1) into shared starts and ends (int32).
+def _scan_flat(flat, words, n_w, starts, ends, counts):  # pragma: no cover - compiled
+    """Store the runs of ``flat`` and count them per row; returns their number, -1 when ``starts``
+    is too short. The edges in a word are the bits of its byte mask that differ from the bit
+    before; the bytes after the last whole word make a zero-padded last word (which ends any run)."""
+    n_words = words.size
+    tail = np.uint64(0)
+    for i in range(8 * n_words, flat.size):
+        tail |= np.uint64(flat[i] != 0) << np.uint64(8 * (i - 8 * n_words) + 7)
+    k, inside, begin = 0, 0, 0
+    w = _skip_words(words, 0, False)
+    while True:
+        bits = _byte_bits(words[w] if w < n_words else tail)
+        edges = (bits ^ ((bits << 1) | inside)) & 0xFF
+        while edges:
+            i = 8 * w + _CTZ8[edges]
+            edges &= edges - 1
+            if inside:
+                k = _cut(begin, i, n_w, starts, ends, counts, k)
+                if k < 0:
+                    return -1
+            else:
+                begin = i
+            inside ^= 1
+        if w == n_words:
+            return k
+        w = _skip_words(words, w + 1, inside != 0)
 
-    Class c's runs of row (s, y) are ``starts[ptr[c, r]:ptr[c, r + 1]]`` with r = s * H + y.
+
+@njit(cache=True, nogil=True)
+def line_runs(rows):  # pragma: no cover - compiled
+    """Runs of every row of a C-contiguous (n_rows, W) uint8 mask, in one pass over its bytes.
+
+    Returns a row pointer (n_rows + 1,) into int32 starts and ends. The mask is read as one stream
+    of 8-byte words (rows need not be word aligned); a run the stream carries over a row end is
+    cut there. The arrays start small and the pass is redone with longer ones when they fill up.
     """
+    n_rows, n_w = rows.shape
+    flat = rows.reshape(-1)
+    n = flat.size
+    counts = np.zeros(n_rows + 1, np.int64)
+    if n == 0:
+        return counts, np.empty(0, np.int32), np.empty(0, np.int32)
+    words = flat[: 8 * (n // 8)].view(np.uint64)
+    most = n_rows * ((n_w + 1) // 2)  # a row holds at most (W + 1) // 2 runs
+    cap = min(most, max(1024, n // 256))
+    while True:
+        starts = np.empty(cap, np.int32)
+        ends = np.empty(cap, np.int32)
+        k = _scan_flat(flat, words, n_w, starts, ends, counts)
+        if k >= 0:
+            return np.cumsum(counts), starts[:k].copy(), ends[:k].copy()
+        counts[:] = 0
+        cap = min(most, 8 * cap)
+
+
+@njit(cache=True, nogil=True)
+def class_runs(m):  # pragma: no cover - compiled
+    """Runs of every class of an (S, C, H, W) mask: row pointers (C, S*H + 1) into shared starts
+    and ends (int32). Class c's runs of row (s, y) are ``starts[ptr[c, r]:ptr[c, r + 1]]`` with
+    r = s * H + y (one pass over the mask, then the runs regrouped class by class)."""
     n_s, n_c, n_h, n_w = m.shape
+    ptr_all, s_all, e_all = line_runs(m.reshape((n_s * n_c * n_h, n_w)))  # rows in (s, c, y) order
     n_rows = n_s * n_h
-    busy = 0
-    for s in range(n_s):
-        for c in range(n_c):
-            for y in range(n_h):
-                busy += f[s, c, y] != 0
-    cap = busy * ((n_w + 1) // 2)  # a row holds at most (W + 1) // 2 runs
-    starts = np.empty(cap, np.int32)
-    ends = np.empty(cap, np.int32)
-    n_words = (n_w + 7) // 8
-    buf = np.zeros(8 * n_words, np.uint8)
-    words = buf.view(np.uint64)
-    ptr = np.zeros((n_c, n_rows + 1), np.int64)
+    ptr = np.empty((n_c, n_rows + 1), np.int64)
+    starts = np.empty_like(s_all)
+    ends = np.empty_like(e_all)
     k = 0
     for c in range(n_c):
-        for r in range(n_rows):
-            ptr[c, r] = k
-            s, y = r // n_h, r % n_h
-            if f[s, c, y]:
-                buf[:n_w] = m[s, c, y]
-                k = _scan_row(buf, words, n_w, starts, ends, k)
+        for s in range(n_s):
+            for y in range(n_h):
+                ptr[c, s * n_h + y] = k
+                q = (s * n_c + c) * n_h + y
+                for j in range(ptr_all[q], ptr_all[q + 1]):
+                    starts[k], ends[k] = s_all[j], e_all[j]
+                    k += 1
         ptr[c, n_rows] = k
-    return ptr, starts[:k].copy(), ends[:k].copy()
+    return ptr, starts, ends
+
+
+@njit(cache=True, nogil=True)
+def dice_runs(ptr_p, sp, ep, ptr_t, st, et, n_h):  # pragma: no cover - compiled
+    """(S, C, 3) int64: |P|, |T|, |P∩T| per (slice, class) from the runs of :func:`class_runs`."""
+    n_c, n_s = ptr_p.shape[0], (ptr_p.shape[1] - 1) // n_h
+    out = np.zeros((n_s, n_c, 3), np.int64)
+    for c in range(n_c):
+        for s in range(n_s):
+            for r in range(s * n_h, (s + 1) * n_h):
+                a, a_end, b, b_end = ptr_p[c, r], ptr_p[c, r + 1], ptr_t[c, r], ptr_t[c, r + 1]
+                for k in range(a, a_end):
+                    out[s, c, 0] += ep[k] - sp[k]
+                for k in range(b, b_end):
+                    out[s, c, 1] += et[k] - st[k]
+                while a < a_end and b < b_end:  # the overlaps of two sorted run lists
+                    out[s, c, 2] += max(0, min(ep[a], et[b]) - max(sp[a], st[b]))
+                    if ep[a] < et[b]:
+                        a += 1
+                    else:
+                        b += 1
+    return out
 
 
 @njit(cache=True, nogil=True)
@@ -171,113 +224,6 @@ def union_runs(ptr, starts, ends):  # pragma: no cover - compiled
                 k += 1
         out_ptr[r + 1] = k
     return out_ptr, out_s[:k], out_e[:k]
-
-
-@njit(cache=True, nogil=True)
-def _skip_words(words, w, inside):  # pragma: no cover - compiled
-    """The first word from w on that may hold a run edge: outside a run a non-zero word (aligned
-    blocks of zero words are skipped at once), inside one a word with a zero byte."""
-    n_words = words.size
-    if inside:
-        while w < n_words and ((words[w] - _ONES) & ~words[w] & _HIGHS) == 0:
-            w += 1
-        return w
-    while w < n_words:
-        if w % _BLOCK == 0 and w + _BLOCK <= n_words:
-            acc = np.uint64(0)
-            for j in range(w, w + _BLOCK):  # vectorised
-                acc |= words[j]
-            if acc == 0:
-                w += _BLOCK
-                continue
-        if words[w] != 0:
-            return w
-        w += 1
-    return w
-
-
-@njit(cache=True, nogil=True)
-def _cut(begin, end, n_w, starts, ends, counts, k):  # pragma: no cover - compiled
-    """Store the flat run [begin, end) cut at row ends from index k on; the next k, -1 when full."""
-    r = begin // n_w
-    while begin < end:
-        if k == starts.size:
-            return -1
-        stop = min(end, (r + 1) * n_w)
-        starts[k] = begin - r * n_w
-        ends[k] = stop - r * n_w
-        counts[r + 1] += 1
-        k += 1
-        begin = stop
-        r += 1
-    return k
-
-
-@njit(cache=True, nogil=True)
-def _byte_bits(word):  # pragma: no cover - compiled
-    """The 8-bit mask of the non-zero bytes of a (little-endian) word: bit i for byte i."""
-    high = (((word & _LOW7) + _LOW7) | word) & _HIGHS
-    return np.int64((high * _GATHER) >> np.uint64(56))
-
-
-@njit(cache=True, nogil=True)
-def _scan_flat(flat, words, n_w, starts, ends, counts):  # pragma: no cover - compiled
-    """Store the runs of ``flat`` and count them per row; returns their number, -1 when ``starts``
-    is too short. A word that may hold run edges gives them all at once as the bits that differ
-    from their neighbour in its byte mask."""
-    n, n_words = flat.size, words.size
-    k = 0
-    inside = 0
-    begin = 0
-    w = _skip_words(words, 0, False)
-    while w < n_words:
-        bits = _byte_bits(words[w])
-        edges = (bits ^ ((bits << 1) | inside)) & 0xFF
-        while edges:
-            i = 8 * w + _CTZ8[edges]
-            edges &= edges - 1
-            if inside:
-                k = _cut(begin, i, n_w, starts, ends, counts, k)
-                if k < 0:
-                    return -1
-            else:
-                begin = i
-            inside ^= 1
-        w = _skip_words(words, w + 1, inside != 0)
-    for i in range(8 * n_words, n):
-        if (flat[i] != 0) != inside:
-            if inside:
-                k = _cut(begin, i, n_w, starts, ends, counts, k)
-                if k < 0:
-                    return -1
-            else:
-                begin = i
-            inside ^= 1
-    if inside:
-        k = _cut(begin, n, n_w, starts, ends, counts, k)
-    return k
-
-
-@njit(cache=True, nogil=True)
-def line_runs(flat, n_w):  # pragma: no cover - compiled
-    """Runs of every row of a flat uint8 mask of rows of n_w pixels, in one pass over the bytes.
-
-    Returns a row pointer (n_rows + 1,) into int32 starts and ends. The mask is read as one stream
-    of 8-byte words (rows need not be word aligned); a run the stream carries over a row end is
-    cut there. The arrays start small and the pass is redone with longer ones when they fill up.
-    """
-    n = flat.size
-    words = flat[: 8 * (n // 8)].view(np.uint64)
-    most = (n // n_w) * ((n_w + 1) // 2)  # a row holds at most (W + 1) // 2 runs
-    cap = min(most, max(1024, n // 256))
-    while True:
-        starts = np.empty(cap, np.int32)
-        ends = np.empty(cap, np.int32)
-        counts = np.zeros(n // n_w + 1, np.int64)
-        k = _scan_flat(flat, words, n_w, starts, ends, counts)
-        if k >= 0:
-            return np.cumsum(counts), starts[:k].copy(), ends[:k].copy()
-        cap = min(most, 8 * cap)
 
 
 @njit(cache=True, nogil=True)
@@ -391,31 +337,18 @@ def _nearest(ptr, starts, ends, box, n_h, w, z, y, x, best, stop_at):  # pragma:
 
 
 @njit(cache=True, nogil=True)
-def _sq(w, z, y, x, bz, by, bx):  # pragma: no cover - compiled
-    return w[0] * (z - bz) * (z - bz) + w[1] * (y - by) * (y - by) + w[2] * (x - bx) * (x - bx)
-
-
-@njit(cache=True, nogil=True)
-def _probe(ptr_b, sb, eb, box, n_h, w, z, y, x, cmax, near):  # pragma: no cover - compiled
-    """(cmax raised to the voxel's squared distance, a voxel of B within cmax of it or its nearest)."""
-    lz, ly, lx = near
-    ub = np.inf if lz < 0 else _sq(w, z, y, x, lz, ly, lx)
-    if ub > cmax:
-        d2, bz, by, bx = _nearest(ptr_b, sb, eb, box, n_h, w, z, y, x, ub, cmax)
-        if bz >= 0:
-            near = (bz, by, bx)
-        cmax = max(cmax, d2)
-    return cmax, near
+def _sq(w, z, y, x, b):  # pragma: no cover - compiled
+    """The squared weighted distance from voxel (z, y, x) to voxel b = (bz, by, bx)."""
+    return w[0] * (z - b[0]) ** 2 + w[1] * (y - b[1]) ** 2 + w[2] * (x - b[2]) ** 2
 
 
 @njit(cache=True, nogil=True)
 def _sample_sq(runs, first, ptr_b, sb, eb, box, n_h, w, cmax):  # pragma: no cover - compiled
-    """Raise cmax over a sample of the voxels of ``runs``: a spread one (golden-ratio stride) and
-    the middles of the longest runs (the insides of missed organs and of false positives).
+    """Raise cmax over a spread sample of the voxels of ``runs`` (golden-ratio stride).
 
     Returns (cmax, done, a voxel of B): done when the sample held every voxel.
     """
-    n, m = first[-1], runs.shape[0]
+    n = first[-1]
     near = (-1, -1, -1)
     if n == 0:
         return cmax, True, near
@@ -427,99 +360,63 @@ def _sample_sq(runs, first, ptr_b, sb, eb, box, n_h, w, cmax):  # pragma: no cov
         i = (i + step) % n
         k = np.searchsorted(first, i, side="right") - 1
         z, y, x = runs[k, 0] // n_h, runs[k, 0] % n_h, runs[k, 1] + i - first[k]
-        cmax, near = _probe(ptr_b, sb, eb, box, n_h, w, z, y, x, cmax, near)
-    if n <= _SAMPLE:
-        return cmax, True, near
-    longest = 0
-    for k in range(m):
-        longest = max(longest, runs[k, 2] - runs[k, 1])
-    n_long = 0
-    for k in range(m):
-        n_long += 2 * (runs[k, 2] - runs[k, 1]) >= longest
-    every, seen = (n_long + _SAMPLE - 1) // _SAMPLE, 0
-    for k in range(m):
-        if 2 * (runs[k, 2] - runs[k, 1]) >= longest:
-            if seen % every == 0:
-                z, y, x = runs[k, 0] // n_h, runs[k, 0] % n_h, (runs[k, 1] + runs[k, 2]) // 2
-                cmax, near = _probe(ptr_b, sb, eb, box, n_h, w, z, y, x, cmax, near)
-            seen += 1
-    return cmax, False, near
+        ub = np.inf if near[0] < 0 else _sq(w, z, y, x, near)
+        if ub > cmax:  # search until a voxel within cmax turns up: exact when there is none
+            d2, bz, by, bx = _nearest(ptr_b, sb, eb, box, n_h, w, z, y, x, ub, cmax)
+            if bz >= 0:
+                near = (bz, by, bx)
+            cmax = max(cmax, d2)
+    return cmax, n <= _SAMPLE, near
 
 
 @njit(cache=True, nogil=True)
 def _raster_sq(runs, ptr_b, sb, eb, box, n_h, w, cmax, seed):  # pragma: no cover - compiled
     """max(cmax, the squared distance to B of every voxel of ``runs``), visited in raster order.
 
-    Each voxel keeps a *witness*, a voxel of B near it: the distance to a witness bounds the
-    distance to B from above, so a voxel (or a whole run: the bound is largest at its ends) within
-    cmax of the witness of the voxel before it, or of the voxel above it in the row or the slice
-    before, needs no search. Searches aim a margin below cmax so that the witness they leave
-    serves the next voxels too.
+    Each voxel keeps a witness (a voxel of B near it). A run is settled without a search when the
+    witness of the voxel before it, or of the voxels above its ends in the slice before, is within
+    cmax of both its ends; else each voxel tries those witnesses and the one above it in the row
+    before, and only a voxel none of them settles is searched. Searches aim a margin below cmax
+    so that the witness they leave serves the next voxels too.
     """
     y0, y1, x0, x1 = n_h, -1, runs[0, 1], runs[0, 2]
     for k in range(runs.shape[0]):
         y = runs[k, 0] % n_h
         y0, y1 = min(y0, y), max(y1, y)
         x0, x1 = min(x0, runs[k, 1]), max(x1, runs[k, 2])
-    grid = np.full((y1 - y0 + 1, x1 - x0), -1, np.int64)  # per (y, x): the witness last used
-    wit = np.empty((1024, 3), np.int64)
+    grid = np.full((y1 - y0 + 1, x1 - x0), -1, np.int32)  # per (y, x): the witness last used there
+    wit = np.empty((_WITNESSES, 3), np.int64)
     wit[0, 0], wit[0, 1], wit[0, 2] = seed
-    k, n_wit, last = 0, 1, 0
-    while k < runs.shape[0]:  # the witness list fills up: grow it and go on
-        if n_wit + runs[k, 2] - runs[k, 1] > wit.shape[0]:
-            wit = np.concatenate((wit, np.empty((wit.shape[0] + runs[k, 2] - runs[k, 1], 3), np.int64)))
-        cmax, k, n_wit, last = _raster_part(
-            runs, k, ptr_b, sb, eb, box, n_h, w, cmax, grid, y0, x0, wit, n_wit, last
-        )
-    return cmax
-
-
-@njit(cache=True, nogil=True)
-def _raster_part(runs, k, ptr_b, sb, eb, box, n_h, w, cmax, grid, y0, x0, wit, n_wit, last):  # pragma: no cover - compiled
-    """:func:`_raster_sq` from run k on until the witness list may overflow; (cmax, k, n_wit, last)."""
+    n_wit, last = 1, 0
     margin = _MARGIN * math.sqrt(min(w[0], w[1], w[2]))
-    while k < runs.shape[0]:
+    for k in range(runs.shape[0]):
         z, y, xa, xb = runs[k, 0] // n_h, runs[k, 0] % n_h, runs[k, 1], runs[k, 2]
-        if n_wit + xb - xa > wit.shape[0]:
-            break
-        k += 1
         row = grid[y - y0]
-        done = False
+        settled = False
         for e in range(3):
             c = last if e == 0 else row[(xa if e == 1 else xb - 1) - x0]
-            if c >= 0 and _run_sq(w, z, y, xa, xb, wit[c]) <= cmax:
+            if c >= 0 and max(_sq(w, z, y, xa, wit[c]), _sq(w, z, y, xb - 1, wit[c])) <= cmax:
                 row[xa - x0 : xb - x0] = c
-                last = c
-                done = True
+                last, settled = c, True
                 break
-        if done:
+        if settled:
             continue
         above = grid[y - y0 - 1] if y > y0 else row
         for x in range(xa, xb):
-            ub = _sq(w, z, y, x, wit[last, 0], wit[last, 1], wit[last, 2])
-            if ub > cmax:
-                for e in range(2):
-                    c = row[x - x0] if e == 0 else above[x - x0]
-                    if c >= 0:
-                        v = _sq(w, z, y, x, wit[c, 0], wit[c, 1], wit[c, 2])
-                        if v < ub:
-                            ub, last = v, c
+            ub = _sq(w, z, y, x, wit[last])
+            for c in (row[x - x0], above[x - x0]):
+                if ub > cmax and c >= 0 and _sq(w, z, y, x, wit[c]) < ub:
+                    ub, last = _sq(w, z, y, x, wit[c]), c
             if ub > cmax:
                 aim = max(0.0, math.sqrt(cmax) - margin)
                 d2, bz, by, bx = _nearest(ptr_b, sb, eb, box, n_h, w, z, y, x, ub, aim * aim)
                 if bz >= 0:
-                    wit[n_wit, 0], wit[n_wit, 1], wit[n_wit, 2] = bz, by, bx
-                    last = n_wit
+                    last = n_wit % _WITNESSES
+                    wit[last, 0], wit[last, 1], wit[last, 2] = bz, by, bx
                     n_wit += 1
                 cmax = max(cmax, d2)
             row[x - x0] = last
-    return cmax, k, n_wit, last
-
-
-@njit(cache=True, nogil=True)
-def _run_sq(w, z, y, xa, xb, b):  # pragma: no cover - compiled
-    """The squared distance from voxel b to the farther end of the run [xa, xb) of row (z, y)."""
-    return max(_sq(w, z, y, xa, b[0], b[1], b[2]), _sq(w, z, y, xb - 1, b[0], b[1], b[2]))
+    return cmax
 
 
 @njit(cache=True, nogil=True)
@@ -534,8 +431,9 @@ def _hausdorff_sq(ptr_a, sa, ea, ptr_b, sb, eb, n_h, w):  # pragma: no cover - c
     runs_ba, first_ba = _difference(ptr_b, sb, eb, ptr_a, sa, ea)
     c_ab, done_ab, seed_ab = _sample_sq(runs_ab, first_ab, ptr_b, sb, eb, box_b, n_h, w, 0.0)
     cmax, done_ba, seed_ba = _sample_sq(runs_ba, first_ba, ptr_a, sa, ea, box_a, n_h, w, c_ab)
+    ba_first = cmax > c_ab
     for turn in range(2):
-        if (turn == 0) == (cmax > c_ab):
+        if (turn == 0) == ba_first:
             if not done_ba:
                 cmax = _raster_sq(runs_ba, ptr_a, sa, ea, box_a, n_h, w, cmax, seed_ba)
         elif not done_ab:

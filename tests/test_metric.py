@@ -26,10 +26,11 @@ from pipeline.metric import (
     score_volumes,
     volume_stats,
 )
-from pipeline.metric_kernels import class_runs, row_any, union_runs
+from pipeline.metric_kernels import class_runs, dice_runs, line_runs, union_runs
 from pipeline.rle import rle_encode
 from stages import score as score_stage
 from stages._cli import run_cli
+from stages.bench_metric import synthetic_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,6 +103,97 @@ def test_a_large_volume_with_far_points_equals_brute_force() -> None:
     assert hausdorff_volume(t, p) == pytest.approx(brute_hausdorff(p, t), abs=1e-9)
 
 
+def _agrees_with_brute_force(p: np.ndarray, t: np.ndarray) -> None:
+    """The fast path equals brute force both ways round (and so does the EDT twin)."""
+    expected = brute_hausdorff(p, t)
+    for a, b in ((p, t), (t, p)):
+        for fn in (hausdorff_volume, hausdorff_volume_edt):
+            got = fn(a, b)
+            if expected is None:
+                assert got is None, (fn.__name__, p.shape)
+            else:
+                assert got == pytest.approx(expected, abs=1e-9), (fn.__name__, p.shape)
+
+
+def edge_pairs():
+    """Empty sets, single voxels, whole volumes, thin and anisotropic grids."""
+    for shape in ((1, 1, 1), (1, 1, 9), (9, 1, 1), (1, 7, 1), (2, 41, 3), (5, 3, 70), (3, 2, 17)):
+        empty, full = np.zeros(shape, bool), np.ones(shape, bool)
+        one, far = empty.copy(), empty.copy()
+        one[0, 0, 0] = True
+        far[-1, -1, -1] = True
+        yield empty, empty  # both empty: skipped (None)
+        yield one, empty  # one empty: 1
+        yield full, empty
+        yield one, one
+        yield one, far  # a single voxel each: the corner to corner distance (0 on a 1x1x1 grid)
+        yield one, full
+        yield far, full
+        yield full, full
+        mid = empty.copy()
+        mid[shape[0] // 2, shape[1] // 2, shape[2] // 2] = True
+        yield mid, one | far
+
+
+@pytest.mark.parametrize("make", [edge_pairs])
+def test_edge_cases_equal_brute_force(make) -> None:
+    for p, t in make():
+        _agrees_with_brute_force(p, t)
+
+
+def test_out_of_fold_like_volumes_equal_brute_force() -> None:
+    """The bench's synthetic organs (moved, grown, missed, false positives) on small grids."""
+    rng = np.random.default_rng(21)
+    for i in range(12):
+        shape = (int(rng.integers(8, 30)), int(rng.integers(24, 70)), int(rng.integers(24, 70)))
+        pred, truth = synthetic_pair(rng, shape, scale=float(rng.uniform(0.6, 1.4)), close=i % 3 == 0)
+        _agrees_with_brute_force(pred.any(axis=1), truth.any(axis=1))
+        c = i % 3
+        _agrees_with_brute_force(pred[:, c], truth[:, c])
+
+
+def test_far_voxels_inside_a_shell_and_far_false_positives_equal_brute_force() -> None:
+    """The farthest voxel need not lie on a set's boundary: a ball in a hollow shell peaks at its
+    centre; small far blobs are what the sample must not miss."""
+    z, y, x = np.ogrid[:15, :31, :29]
+    r2 = ((z - 7) / 7) ** 2 + ((y - 15) / 15) ** 2 + ((x - 14) / 14) ** 2
+    shell, ball = (r2 <= 1) & (r2 > 0.8), r2 <= 0.5
+    assert hausdorff_volume(ball, shell) == pytest.approx(brute_hausdorff(ball, shell), abs=1e-9)
+    rng = np.random.default_rng(4)
+    for _ in range(10):
+        p, t = ball.copy(), ball.copy()
+        t &= rng.random(t.shape) < 0.9  # holes: many short runs of P outside T
+        for _ in range(int(rng.integers(1, 4))):  # small false positives anywhere
+            cz, cy, cx = (int(rng.integers(n)) for n in p.shape)
+            p[cz, max(0, cy - 1) : cy + 1, max(0, cx - 2) : cx + 2] = True
+        _agrees_with_brute_force(p, t)
+
+
+def test_noise_needing_thousands_of_searches_equals_brute_force() -> None:
+    """Salt-and-pepper sets: every voxel is near the other set and few bounds settle it, so the
+    searches number in the thousands and the ring of witnesses wraps round."""
+    rng = np.random.default_rng(8)
+    for density in (0.3, 0.6):
+        p, t = rng.random((20, 40, 40)) < density, rng.random((20, 40, 40)) < density
+        _agrees_with_brute_force(p, t)
+
+
+def test_fast_path_reads_any_non_zero_uint8_and_views() -> None:
+    rng = np.random.default_rng(9)
+    for n_w in (7, 8, 9, 16, 17, 65):
+        shape = (4, 6, n_w)
+        p, t = rng.random(shape) < 0.15, rng.random(shape) < 0.3
+        values = rng.choice(np.array([1, 2, 127, 128, 255], np.uint8), size=shape)
+        expected = brute_hausdorff(p, t)
+        assert hausdorff_volume(p * values, t.astype(np.uint8)) == pytest.approx(expected, abs=1e-9)
+        wide = np.zeros((4, 6, 2 * n_w), bool)
+        wide[:, :, ::2] = p
+        assert hausdorff_volume(wide[:, :, ::2], t) == pytest.approx(expected, abs=1e-9)
+        shifted = np.zeros(p.size + 3, bool)[3:].reshape(shape)  # contiguous, off the 8-byte grid
+        shifted[:] = p
+        assert hausdorff_volume(shifted, t) == pytest.approx(expected, abs=1e-9)
+
+
 def test_hand_computed_distances_and_empty_rules() -> None:
     p, t = np.zeros((4, 5, 10), bool), np.zeros((4, 5, 10), bool)
     assert hausdorff_volume(p, t) is None
@@ -130,7 +222,8 @@ def test_run_kernels_and_dice_counts_match_numpy() -> None:
         m = rng.choice(np.array([0, 1, 255], np.uint8), size=(3, 3, 4, n_w), p=[0.6, 0.3, 0.1])
         m[0, 1] = 0  # empty rows
         m[1, 2, 0] = 255  # a full row
-        ptr, starts, ends = class_runs(m, row_any(m))
+        m[2, :, 1:3] = 1  # full rows in a row: one run in the byte stream, cut at each row end
+        ptr, starts, ends = class_runs(m)
         merged = union_runs(ptr, starts, ends)
         for s in range(3):
             for y in range(4):
@@ -145,10 +238,28 @@ def test_run_kernels_and_dice_counts_match_numpy() -> None:
                 )
                 assert got == _numpy_runs(m[s, :, y].any(axis=0))
         t = rng.random(m.shape) < 0.3
+        counts = dice_runs(*class_runs(m), *class_runs(t.view(np.uint8)), 4)
+        for s in range(3):
+            for c in range(3):
+                a, b = m[s, c] != 0, t[s, c]
+                assert counts[s, c].tolist() == [a.sum(), b.sum(), (a & b).sum()]
         stats = volume_stats(m, t, per_class=False)
         rows = [dice_pair(m[s, c], t[s, c]) for s in range(3) for c in range(3)]
         assert stats.n_rows.sum() == sum(d is not None for d in rows)
         assert stats.dice_sum.sum() == pytest.approx(sum(d for d in rows if d is not None))
+
+
+def test_line_runs_match_numpy_and_grow_their_arrays() -> None:
+    """Many short runs (more than the first guess of the array size) and every byte value."""
+    rng = np.random.default_rng(6)
+    for n_rows, n_w in ((1, 1), (3, 5), (90, 97), (200, 64), (40, 1), (0, 5), (4, 0)):
+        rows = rng.choice(np.array([0, 1, 128, 255], np.uint8), size=(n_rows, n_w), p=[0.5, 0.3, 0.1, 0.1])
+        ptr, starts, ends = line_runs(rows)
+        assert ptr.shape == (n_rows + 1,) and ptr[0] == 0
+        for r in range(n_rows):
+            got = list(zip(starts[ptr[r] : ptr[r + 1]].tolist(), ends[ptr[r] : ptr[r + 1]].tolist()))
+            assert got == _numpy_runs(rows[r])
+    assert line_runs(np.ones((200, 64), np.uint8))[0][-1] == 200  # one run a row
 
 
 def test_dice_pair() -> None:
