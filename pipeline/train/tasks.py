@@ -402,6 +402,14 @@ def train_classifier(cfg: ClsConfig, fold: Fold, progress: bool = True) -> Path:
 def describe(cfg: Any) -> str:
     """One line for the logs: what is being trained."""
     d = cfg.data
+    if getattr(cfg.model, "spatial_dims", 2) == 3:
+        s3 = cfg.seg3d
+        return (
+            f"{cfg.stage} '{cfg.name}' ({cfg.dataset}): 3D {cfg.model.arch}, volumes cropped={d.crop} and resampled "
+            f"in-plane to {d.img_size[0]}x{d.img_size[1]}, {s3.samples_per_volume} patches of "
+            f"{'x'.join(map(str, s3.patch_size))} (slices x H x W) per volume, sliding window "
+            f"{'x'.join(map(str, s3.roi_size))}, {cfg.train.epochs} epochs x batch {cfg.train.batch_size} volumes"
+        )
     return (
         f"{cfg.stage} '{cfg.name}' ({cfg.dataset}): {cfg.model.arch}/{cfg.model.encoder}, {2 * d.k + 1}-slice input "
         f"(stride {d.stride}), {d.img_size[0]}x{d.img_size[1]} {d.resize}, crop={d.crop}, "
