@@ -18,10 +18,14 @@ from pipeline.data.augment import AugmentError, apply_augment, build_augment, bu
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-def config_specs() -> list[tuple[str, AugSpec]]:
+def config_specs(spatial_dims: int = 2) -> list[tuple[str, AugSpec]]:
+    """The augment items of every shipped config of 2D members (albumentations) or 3D ones (MONAI)."""
     out = []
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         cfg = load_config(path)
+        model = getattr(cfg, "model", None)
+        if getattr(model, "spatial_dims", 2) != spatial_dims:
+            continue
         for i, spec in enumerate(getattr(cfg, "augment", ())):
             out.append((f"{path.stem}[{i}]", spec))
     return out
@@ -69,6 +73,21 @@ def test_configs_have_augmentations() -> None:
 @pytest.mark.parametrize(("where", "spec"), config_specs(), ids=[w for w, _ in config_specs()])
 def test_config_transforms_receive_exactly_their_arguments(where: str, spec: AugSpec) -> None:
     check_transform(spec, build_transform(spec, where))
+
+
+@pytest.mark.parametrize(("where", "spec"), config_specs(3), ids=[w for w, _ in config_specs(3)])
+def test_3d_config_transforms_are_monai_dictionary_transforms_with_their_arguments(
+    where: str, spec: AugSpec
+) -> None:
+    from pipeline.data.volume3d import build_augment3d
+
+    (transform,) = build_augment3d([spec]).transforms
+    assert type(transform).__name__ == spec.name
+    if "prob" in spec.params:
+        assert transform.prob == spec.params["prob"]
+    assert tuple(transform.keys) == (
+        ("image",) if ".intensity." in type(transform).__module__ else ("image", "label")
+    )
 
 
 @pytest.mark.parametrize(
