@@ -262,7 +262,7 @@ def test_bench_infer_reports_rates_and_projection(
 
     monkeypatch.setenv("DATA_DIR", str(isolated_dirs / "nodata"))
     result = bench_infer.main(["--slices", "2", "--repeats", "1", "--device", "cpu"])
-    assert set(result["per_model_fold"]) == {"seg:demo_seg", "cls:demo_cls"}
+    assert set(result["per_model_fold"]) == {"seg:demo_seg", "seg:demo_seg3d", "cls:demo_cls"}
     assert all(r["no_tta"] > 0 and r["tta"] > 0 for r in result["per_model_fold"].values())
     assert set(result["projection_h"]) == {"no_tta", "tta"} and min(result["projection_h"].values()) > 0
     assert result["end_to_end"] == {}  # nothing tuned in this folder
