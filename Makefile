@@ -22,12 +22,17 @@ SUBMISSION  ?= $(if $(P),build/$(P)submission.csv,submission.csv)
 DEMO_DET_uwmgi := train-det
 DEMO_DET_lgg   := train-det
 DEMO_DET_nerve :=
+# datasets whose demo ensemble blends a 3D member with the 2.5D one (volumes): its config
+DEMO_3D_uwmgi := configs/demo_seg3d.yaml
+DEMO_3D_lgg   :=
+DEMO_3D_nerve :=
 FOLDS       ?=
 FOLDS_CONFIG ?= configs/folds.yaml
 JOBS        ?= auto
-# GPUS=n (n > 1): train-cls / train-seg run under torchrun, each fold on n GPUs with DDP (rank 0 writes)
+# GPUS=n (n > 1): train-cls / train-seg run under torchrun (`python -m torch.distributed.run` is its
+# module, found by any PY with torch), each fold on n GPUs with DDP, rank 0 writing the files
 GPUS        ?= 1
-TRAIN_RUN   := $(if $(filter-out 0 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS),$(PY))
+TRAIN_RUN   := $(PY)$(if $(filter-out 0 1,$(GPUS)), -m torch.distributed.run --standalone --nproc_per_node=$(GPUS))
 FORCE       ?=
 KAGGLE_USER ?=
 SET         ?=
@@ -44,13 +49,13 @@ export PYTHONUNBUFFERED := 1
 STAMP := $(VENV)/.installed
 
 .PHONY: help install data folds train-det train-cls train-seg tune cv submit score demo baseline \
-        kernel kernel-push bench test test-all lint clean
+        kernel kernel-push bench bench-scale test test-all lint clean
 
 help:
 	@echo "make demo     - the whole pipeline on the synthetic set, ending with its score"
 	@echo "make test     - the test suite (CPU, a few minutes)"
 	@echo "make install | data | folds | train-det | train-cls | train-seg | tune | cv | submit | score"
-	@echo "make baseline | kernel | kernel-push | bench | lint | clean"
+	@echo "make baseline | kernel | kernel-push | bench | bench-scale | lint | clean"
 	@echo "variables: DATASET (uwmgi|lgg|nerve) DATA_DIR CONFIG CONFIG_CLS CONFIG_DET ENSEMBLE FOLDS FOLDS_CONFIG JOBS GPUS SET SEED DEBUG"
 
 install: $(STAMP)
@@ -99,10 +104,12 @@ baseline: $(STAMP)
 # 2-core CPU), then the single-2D baseline for comparison, ending with the score of submission.csv.
 demo: $(STAMP)
 	@set -e; t0=$$(date +%s); \
-	$(MAKE) --no-print-directory data folds $(DEMO_DET_$(DATASET)) train-cls train-seg tune cv submit FOLDS_CONFIG=configs/demo_folds.yaml; \
+	$(MAKE) --no-print-directory data folds $(DEMO_DET_$(DATASET)) train-cls train-seg FOLDS_CONFIG=configs/demo_folds.yaml; \
+	$(if $(DEMO_3D_$(DATASET)),$(MAKE) --no-print-directory train-seg CONFIG=$(DEMO_3D_$(DATASET));) \
+	$(MAKE) --no-print-directory tune cv submit; \
 	$(MAKE) --no-print-directory baseline; \
 	echo "== demo wall time: $$(( $$(date +%s) - t0 )) s (install excluded)"; \
-	echo "== full pipeline ($(ENSEMBLE): fold ensemble + TTA + tuned post-processing, with crop, gate and 2.5D where its configs use them):"; \
+	echo "== full pipeline ($(ENSEMBLE): fold ensemble + TTA + tuned post-processing, with crop, gate, 2.5D and a 3D member where its configs use them):"; \
 	$(MAKE) --no-print-directory score
 
 kernel: $(STAMP)
@@ -116,6 +123,12 @@ bench: $(STAMP)
 	$(PY) -m stages.bench_metric
 	$(PY) -m stages.bench_infer
 	$(PY) -m stages.bench_folds
+
+# every stage after training (folds, cache, planted OOF, tune, cv, submit, score) at fractions of the
+# `full` synthetic set, each in its own process: seconds, peak RSS, growth exponents, disk use
+SCALES      ?= 0.125 0.25 0.5 1
+bench-scale: $(STAMP)
+	$(PY) -m stages.bench_scale --scales $(SCALES)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
