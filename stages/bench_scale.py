@@ -36,11 +36,12 @@ def stage_main(argv: list[str]) -> int:
     parser.add_argument("name")
     parser.add_argument("--timing", type=Path, required=True)
     args, rest = parser.parse_known_args(argv)
-    import numpy, pandas, torch  # noqa: F401, E401 - every stage's imports, kept out of the timing
+    import torch  # noqa: F401 - every stage imports it (configure_runtime): kept out of the timing
 
-    from pipeline.bench import planted
+    from pipeline.bench.scale import PLANTED, peak_rss_gib
 
-    if args.name in ("cache", "oof", "submit"):
+    if args.name in PLANTED:
+        from pipeline.bench import planted
         from pipeline.datasets import load_config
 
         extra = argparse.ArgumentParser(prog=f"stages.bench_scale stage {args.name}")
@@ -58,19 +59,37 @@ def stage_main(argv: list[str]) -> int:
         status = run_cli(args.name, module.main, rest)
         report = {}
     if status == 0:
-        write_json(args.timing, {"work_s": time.perf_counter() - start, **report})
+        work_s = time.perf_counter() - start
+        write_json(args.timing, {"work_s": work_s, "peak_gib": peak_rss_gib(), **report})
     return status
 
 
 def main(argv: list[str] | None = None) -> Path:
     from pipeline.bench.scale import DEFAULT_SCALES, BenchSettings, format_result, run_bench, write_result
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="fractions of the preset's cases")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_SCALES),
+        help="fractions of the preset's cases",
+    )
     parser.add_argument("--preset", default="full", help="the set the scales are fractions of")
-    parser.add_argument("--root", type=Path, default=PROJECT_ROOT / "build" / "scale", help="data, runs and caches of every scale")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "reports" / "bench_scale", help="tables and figure")
-    parser.add_argument("--config", default="configs/scale_ensemble.yaml", help="the ensemble tuned and submitted")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=PROJECT_ROOT / "build" / "scale",
+        help="data, runs and caches of every scale",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=PROJECT_ROOT / "reports" / "bench_scale", help="tables and figure"
+    )
+    parser.add_argument(
+        "--config", default="configs/scale_ensemble.yaml", help="the ensemble tuned and submitted"
+    )
     parser.add_argument("--folds", type=int, default=5, help="folds of the out-of-fold files")
     parser.add_argument("--set", nargs="*", default=[], help="overrides of the ensemble config (tune, cv)")
     parser.add_argument("--workers", type=int, default=2, help="processes generating the preset's set")

@@ -32,7 +32,7 @@ from pipeline.data.folds import fold_days, fold_numbers, read_folds
 from pipeline.data.volumes import VolumeStore
 from pipeline.datasets import get_dataset
 from pipeline.datasets.uwmgi_files import decode_masks, load_split
-from pipeline.infer.ensemble import OOF_DIR, CLS_OOF_FILE, config_name
+from pipeline.infer.ensemble import CLS_OOF_FILE, OOF_DIR, config_name
 from pipeline.infer.postprocess import apply_postprocess, read_decisions, to_uint8
 from pipeline.infer.submit import check_decisions, read_volumes
 from pipeline.io import write_csv, write_with
@@ -105,9 +105,7 @@ def member_names(cfg: EnsembleConfig) -> list[str]:
 
 
 def _member_probs(truth: np.ndarray, volume_id: str, n_members: int) -> list[np.ndarray]:
-    return [
-        plant_probs(truth, STYLES[m % len(STYLES)], volume_rng(volume_id, m)) for m in range(n_members)
-    ]
+    return [plant_probs(truth, STYLES[m % len(STYLES)], volume_rng(volume_id, m)) for m in range(n_members)]
 
 
 # --------------------------------------------------------------------------- the planted stages
@@ -135,7 +133,9 @@ def write_planted_oof(root: Path, cfg: EnsembleConfig, progress: bool = True) ->
     plant_s = 0.0
     for fold in fold_numbers(folds):
         rows = []
-        for volume_id in tqdm(fold_days(folds, fold)[1], desc=f"oof fold {fold}", unit="vol", disable=not progress):
+        for volume_id in tqdm(
+            fold_days(folds, fold)[1], desc=f"oof fold {fold}", unit="vol", disable=not progress
+        ):
             volume = store[volume_id]
             truth = np.asarray(volume.mask)
             start = time.perf_counter()
@@ -161,21 +161,25 @@ def planted_submit(root: Path, cfg: EnsembleConfig, out: Path, progress: bool = 
     decisions = read_decisions(cfg.name)
     check_decisions(cfg, decisions)
     names = member_names(cfg)
-    weights = [np.float32(decisions.weights.get(name, 0.0)) for name in names]
+    weights = decisions.weight_matrix(names).astype(np.float32)  # (classes, members), as EnsemblePredictor
     catalog = spec.prediction_catalog(root)
-    truth_rows = {k: g for k, g in load_split(root, "test", "test_labels.csv").groupby("volume_id", sort=False)}
+    truth_rows = {
+        k: g for k, g in load_split(root, "test", "test_labels.csv").groupby("volume_id", sort=False)
+    }
     writer = spec.submission_writer(root, out, catalog, encode_masks)
     plant_s = 0.0
     n_volumes = catalog["volume_id"].nunique()
-    for volume in tqdm(read_volumes(spec, catalog), total=n_volumes, desc="submit", unit="vol", disable=not progress):
+    for volume in tqdm(
+        read_volumes(spec, catalog), total=n_volumes, desc="submit", unit="vol", disable=not progress
+    ):
         start = time.perf_counter()
         truth = decode_masks(truth_rows[volume.volume_id], "test_labels.csv")
         members = _member_probs(truth, volume.volume_id, len(names))
         gate = plant_gate(truth, volume_rng(volume.volume_id, len(names)))
         plant_s += time.perf_counter() - start
         blend = np.zeros(truth.shape, dtype=np.float32)
-        for w, p in zip(weights, members):
-            blend += w * (p.astype(np.float32) / np.float32(255.0))  # the networks' float mean
+        for j, p in enumerate(members):  # the networks' float mean, weighted per class
+            blend += weights[None, :, j, None, None] * (p.astype(np.float32) / np.float32(255.0))
         masks = apply_postprocess(to_uint8(blend), gate, decisions.classes, spec.volumetric)
         writer.add(volume, masks)
     writer.finish()

@@ -4,7 +4,7 @@ The preset's set is generated once (not timed) under ``<root>/<preset>/``; each 
 subset of its cases (:func:`pipeline.datasets.uwmgi_phantom.subset_dataset`, images hard-linked)
 with its own ``data``, ``runs`` and ``cache`` folders (``DATA_DIR``, ``RUNS_DIR``, ``CACHE_DIR``).
 The stages run in order, each in a fresh process, so that its wall time and peak resident memory
-(``os.wait4``) are its own: ``folds``, ``cache`` (the volume cache build), ``oof`` (planted
+(the child's own ``VmHWM``) are its own: ``folds``, ``cache`` (the volume cache build), ``oof`` (planted
 out-of-fold files of every member x fold, :mod:`pipeline.bench.planted`), ``tune``, ``cv``,
 ``submit`` (post-processing, RLE and CSV of the test split on planted predictions) and ``score``.
 
@@ -22,14 +22,13 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from pipeline.bench.growth import GIB, TEST_SIDE, checks, growth_table
 from pipeline.datasets import get_dataset
 from pipeline.datasets.uwmgi_files import scan_split
 from pipeline.datasets.uwmgi_phantom import subset_dataset
@@ -41,10 +40,7 @@ log = logging.getLogger(__name__)
 
 STAGES = ("folds", "cache", "oof", "tune", "cv", "submit", "score")
 PLANTED = ("cache", "oof", "submit")  # run by pipeline.bench.planted, the others by their own stage module
-TEST_SIDE = ("submit", "score")  # their n is the test split's slices
 DEFAULT_SCALES = (0.125, 0.25, 0.5, 1.0)
-GIB = 1024**3
-TUNE_LIMIT_S = 600.0  # `make tune` at full scale on 2 cores
 LOG_TAIL = 3000  # characters of a failed stage's log shown in the error
 
 
@@ -107,50 +103,8 @@ class ScaleDirs:
 class BenchResult:
     runs: pd.DataFrame  # stage x scale: n_slices, wall_s, work_s, plant_s, peak_gib
     growth: pd.DataFrame  # per stage: exponents, seconds and GiB at 1x
-    disk: pd.DataFrame  # per scale: GiB of data, volume cache, OOF npz, OOF npy cache
+    disk: pd.DataFrame  # per scale: slices, largest volume, scores, GiB of data, caches and OOF
     checks: list[str] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------- growth
-
-
-def growth_exponent(n: Sequence[float], y: Sequence[float]) -> float:
-    """Least-squares slope ``a`` of log y against log n (y ~ n^a); NaN with fewer than two sizes."""
-    n, y = np.asarray(n, float), np.asarray(y, float)
-    ok = (n > 0) & (y > 0)
-    if len(np.unique(n[ok])) < 2:
-        return float("nan")
-    return float(np.polyfit(np.log(n[ok]), np.log(y[ok]), 1)[0])
-
-
-def extrapolate(n: Sequence[float], y: Sequence[float], target: float) -> float:
-    """y at ``target`` from the power law fitted to (n, y); the measured y when ``target`` was run."""
-    n, y = np.asarray(n, float), np.asarray(y, float)
-    if np.any(n == target):
-        return float(y[n == target][-1])
-    ok = (n > 0) & (y > 0)
-    if len(np.unique(n[ok])) < 2:
-        return float("nan")
-    slope, intercept = np.polyfit(np.log(n[ok]), np.log(y[ok]), 1)
-    return float(np.exp(intercept) * target**slope)
-
-
-def growth_table(runs: pd.DataFrame, full_slices: dict[str, int]) -> pd.DataFrame:
-    """Per stage: time and memory exponents, and seconds and GiB at the full set (``full_slices`` by split)."""
-    rows = []
-    for stage, group in runs.groupby("stage", sort=False):
-        target = full_slices["test" if stage in TEST_SIDE else "train"]
-        rows.append(
-            {
-                "stage": stage,
-                "time_exponent": growth_exponent(group["n_slices"], group["work_s"]),
-                "rss_exponent": growth_exponent(group["n_slices"], group["peak_gib"]),
-                "full_slices": target,
-                "full_s": extrapolate(group["n_slices"], group["work_s"], target),
-                "full_gib": extrapolate(group["n_slices"], group["peak_gib"], target),
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- data and disk
@@ -177,11 +131,38 @@ def disk_use(dirs: ScaleDirs) -> dict[str, float]:
     }
 
 
+def scores(dirs: ScaleDirs, ensemble: str) -> dict[str, float]:
+    """The tuned OOF score (``postprocess.json``) and the submission's score (last line of the score log)."""
+    decisions = dirs.runs / "ensemble" / ensemble / "postprocess.json"
+    oof = json.loads(decisions.read_text())["oof"]["score"] if decisions.is_file() else float("nan")
+    lines = (
+        (dirs.logs / "score.log").read_text().strip().splitlines()
+        if (dirs.logs / "score.log").is_file()
+        else []
+    )
+    test = json.loads(lines[-1])["score"] if lines and lines[-1].startswith("{") else float("nan")
+    return {"oof_score": oof, "test_score": test}
+
+
 def expected_bytes(data: Path, n_members: int, n_classes: int) -> int:
-    """What a scale writes at most: uint16 images + uint8 masks cached, each member's OOF twice (npy + npz)."""
+    """What a scale writes: uint16 images + uint8 masks cached, each member's OOF decoded (+10% for the npz)."""
     catalog = scan_split(data, "train")
     pixels = int((catalog["height"] * catalog["width"]).sum())
-    return int(pixels * (2 + n_classes + 2 * n_members * n_classes))
+    return int(pixels * (2 + n_classes + 1.1 * n_members * n_classes))
+
+
+def split_size(data: Path, split: str) -> dict[str, float]:
+    """Slices, millions of voxels, and millions of voxels in the largest volume (what a stage streaming
+    volume by volume holds at once) of one split."""
+    catalog = scan_split(data, split)
+    if catalog.empty:
+        return {"slices": 0, "mvox": 0.0, "largest_mvox": 0.0}
+    voxels = (catalog["height"] * catalog["width"]).groupby(catalog["volume_id"]).sum()
+    return {
+        "slices": len(catalog),
+        "mvox": float(voxels.sum()) / 1e6,
+        "largest_mvox": float(voxels.max()) / 1e6,
+    }
 
 
 def check_disk(dirs: ScaleDirs, n_members: int, n_classes: int) -> None:
@@ -200,19 +181,21 @@ def prepare_base(settings: BenchSettings) -> Path:
     base = settings.root / settings.preset
     start = time.perf_counter()
     phantom.generate(base, settings.preset, seed=settings.seed, workers=settings.workers, force=True)
-    log.info("data: %s (%s preset) ready in %.0f s (not timed)", base, settings.preset, time.perf_counter() - start)
+    log.info(
+        "data: %s (%s preset) ready in %.0f s (not timed)", base, settings.preset, time.perf_counter() - start
+    )
     return base
 
 
-def prepare_scale(base: Path, settings: BenchSettings, fraction: float) -> tuple[ScaleDirs, dict]:
-    """A scale's folders and its subset of the generated set; the slice counts per split."""
+def prepare_scale(base: Path, settings: BenchSettings, fraction: float) -> ScaleDirs:
+    """A scale's folders, its subset of the generated set written, its runs and caches emptied."""
     dirs = ScaleDirs(settings.root / f"{settings.preset}-{fraction:g}")
-    counts = subset_dataset(base, dirs.data, fraction, settings.seed)
+    subset_dataset(base, dirs.data, fraction, settings.seed)
     for folder in (dirs.runs, dirs.cache):
         shutil.rmtree(folder, ignore_errors=True)  # every stage starts cold
     dirs.submission.unlink(missing_ok=True)
     dirs.logs.mkdir(parents=True, exist_ok=True)
-    return dirs, counts
+    return dirs
 
 
 # --------------------------------------------------------------------------- running the stages
@@ -233,15 +216,28 @@ def stage_args(stage: str, dirs: ScaleDirs, settings: BenchSettings) -> list[str
     }[stage]  # fmt: skip
 
 
-def run_child(command: list[str], env: dict[str, str], log_path: Path) -> tuple[float, float, int]:
-    """Run ``command`` to its end; (wall seconds, peak resident GiB of that process, exit status)."""
+def peak_rss_gib() -> float:
+    """This process's own peak resident memory (``VmHWM``), in GiB.
+
+    Not ``getrusage``: a child's ``ru_maxrss`` starts from its parent's resident size at the fork,
+    so it would charge the bench's own memory to every stage.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GIB
+    import resource  # not Linux: the rusage figure (an upper bound)
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def run_child(command: list[str], env: dict[str, str], log_path: Path) -> tuple[float, int]:
+    """Run ``command`` to its end with its output in ``log_path``; (wall seconds, exit status)."""
     with open(log_path, "w") as log_file:
         start = time.perf_counter()
-        proc = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_maxrss * 1024 / GIB, proc.returncode  # ru_maxrss: KiB on Linux
+        status = subprocess.run(command, cwd=PROJECT_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    return time.perf_counter() - start, status.returncode
 
 
 def run_stage(stage: str, dirs: ScaleDirs, settings: BenchSettings) -> dict:
@@ -251,12 +247,17 @@ def run_stage(stage: str, dirs: ScaleDirs, settings: BenchSettings) -> dict:
     command = [sys.executable, "-m", "stages.bench_scale", "stage", stage, "--timing", str(timing),
                *stage_args(stage, dirs, settings)]  # fmt: skip
     log_path = dirs.logs / f"{stage}.log"
-    wall, peak, status = run_child(command, dirs.env(), log_path)
+    wall, status = run_child(command, dirs.env(), log_path)
     if status != 0 or not timing.is_file():
         tail = log_path.read_text(errors="replace")[-LOG_TAIL:]
         raise BenchError(f"stage {stage} failed (exit {status}) in {dirs.base}; log {log_path}:\n{tail}")
     inner = json.loads(timing.read_text())
-    return {"wall_s": wall, "work_s": inner["work_s"], "plant_s": inner.get("plant_s", 0.0), "peak_gib": peak}
+    return {
+        "wall_s": wall,
+        "work_s": inner["work_s"],
+        "plant_s": inner.get("plant_s", 0.0),
+        "peak_gib": inner["peak_gib"],
+    }
 
 
 def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
@@ -266,46 +267,37 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
     cfg = load_config(settings.ensemble, list(settings.tune_set), stage="ensemble")
     n_classes = len(get_dataset(cfg.dataset).classes)
     base = prepare_base(settings)
-    full = json.loads((base / "dataset.json").read_text())["counts"]
-    full_slices = {split: int(full[split]["slices"]) for split in ("train", "test")}
+    full = {split: split_size(base, split) for split in ("train", "test")}
     runs, disk = [], []
-    bar = tqdm(total=len(settings.scales) * len(STAGES), desc="bench-scale", unit="stage", disable=not progress)
+    bar = tqdm(
+        total=len(settings.scales) * len(STAGES), desc="bench-scale", unit="stage", disable=not progress
+    )
     for fraction in sorted(settings.scales):
-        dirs, counts = prepare_scale(base, settings, fraction)
+        dirs = prepare_scale(base, settings, fraction)
+        size = {split: split_size(dirs.data, split) for split in ("train", "test")}
         if settings.disk_check:
             check_disk(dirs, len(cfg.members), n_classes)
         for stage in STAGES:
             bar.set_postfix_str(f"{fraction:g} {stage}")
-            n = counts["test" if stage in TEST_SIDE else "train"]["slices"]
-            runs.append({"stage": stage, "scale": fraction, "n_slices": n, **run_stage(stage, dirs, settings)})
-            log.info("%-6s x%-6g %6d slices: %8.1f s, peak %.2f GiB", stage, fraction, n,
-                     runs[-1]["work_s"], runs[-1]["peak_gib"])  # fmt: skip
+            n = size["test" if stage in TEST_SIDE else "train"]
+            figures = run_stage(stage, dirs, settings)
+            runs.append(
+                {"stage": stage, "scale": fraction, "n_slices": n["slices"], "n_mvox": n["mvox"], **figures}
+            )
+            log.info("%-6s x%-6g %6d slices: %8.1f s, peak %.2f GiB", stage, fraction, n["slices"],
+                     figures["work_s"], figures["peak_gib"])  # fmt: skip
             bar.update()
-        disk.append({"scale": fraction, "train_slices": counts["train"]["slices"], **disk_use(dirs)})
+        disk.append(
+            {"scale": fraction, **{f"{split}_{k}": v for split, d in size.items() for k, v in d.items()},
+             **scores(dirs, cfg.name), **disk_use(dirs)}
+        )  # fmt: skip
         if not settings.keep:
             for folder in (dirs.runs, dirs.cache):
                 shutil.rmtree(folder, ignore_errors=True)
     bar.close()
     table = pd.DataFrame(runs)
-    growth = growth_table(table, full_slices)
+    growth = growth_table(table, full)
     return BenchResult(table, growth, pd.DataFrame(disk), checks(table, growth))
-
-
-def checks(runs: pd.DataFrame, growth: pd.DataFrame) -> list[str]:
-    """The issue's limits, measured (or extrapolated to 1x from the fitted power law)."""
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    tune = growth.set_index("stage").loc["tune"] if "tune" in set(growth["stage"]) else None
-    out = [
-        f"largest peak RSS measured: {runs['peak_gib'].max():.2f} GiB ({runs.loc[runs['peak_gib'].idxmax(), 'stage']}); "
-        f"at 1x the largest is {growth['full_gib'].max():.2f} GiB; this machine has {memory:.1f} GiB",
-    ]
-    if tune is not None:
-        measured = "measured" if 1.0 in set(runs["scale"]) else "extrapolated"
-        verdict = "within" if tune["full_s"] <= TUNE_LIMIT_S else "OVER"
-        out.append(f"tune at 1x: {tune['full_s']:.0f} s ({measured}), {verdict} the {TUNE_LIMIT_S:.0f} s limit")
-    superlinear = growth[growth["time_exponent"] > 1.15]["stage"].tolist()
-    out.append(f"time growing faster than linear (exponent > 1.15): {', '.join(superlinear) or 'none'}")
-    return out
 
 
 # --------------------------------------------------------------------------- output
@@ -313,25 +305,30 @@ def checks(runs: pd.DataFrame, growth: pd.DataFrame) -> list[str]:
 
 def format_result(result: BenchResult) -> str:
     """The scale table (stage x scale: seconds and peak GiB), the exponents and the disk use."""
-    runs = result.runs.assign(cell=lambda f: [f"{s:8.1f} s {g:5.2f} GiB" for s, g in zip(f["work_s"], f["peak_gib"])])
-    wide = runs.pivot(index="stage", columns="scale", values="cell").reindex(list(dict.fromkeys(runs["stage"])))
+    runs = result.runs.assign(
+        cell=lambda f: [f"{s:8.1f} s {g:5.2f} GiB" for s, g in zip(f["work_s"], f["peak_gib"])]
+    )
+    wide = runs.pivot(index="stage", columns="scale", values="cell").reindex(
+        list(dict.fromkeys(runs["stage"]))
+    )
     wide.columns = [f"x{c:g}" for c in wide.columns]
     growth = result.growth.set_index("stage")
     wide["time ~ n^a"] = growth["time_exponent"].map("{:.2f}".format)
+    wide["~ voxels^a"] = growth["time_exponent_voxels"].map("{:.2f}".format)
     wide["RSS ~ n^b"] = growth["rss_exponent"].map("{:.2f}".format)
     wide["1x s"] = growth["full_s"].map("{:.0f}".format)
     wide["1x GiB"] = growth["full_gib"].map("{:.2f}".format)
-    slices = runs.drop_duplicates(["scale", "stage"]).pivot(index="stage", columns="scale", values="n_slices")
-    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.float_format", "{:.2f}".format):
+    with pd.option_context(
+        "display.width", 250, "display.max_columns", 20, "display.float_format", "{:.2f}".format
+    ):
         return "\n".join(
             [
-                "work seconds (after imports) and peak RSS per stage and scale:",
+                "work seconds (after imports) and peak RSS per stage and scale; 1x: measured at scale 1, else the",
+                "largest scale's figure times (voxels at 1x / voxels)^a, a at least 1 for time and 0 for memory:",
                 wide.to_string(),
                 "",
-                "slices (train-side stages: train slices; submit, score: test slices):",
-                slices.iloc[:, :].drop_duplicates().to_string(),
-                "",
-                "disk use (GiB):",
+                "per scale: slices, M voxels, largest volume (M voxels), OOF and test scores of the planted "
+                "predictions, disk use (GiB):",
                 result.disk.to_string(index=False),
                 "",
                 *result.checks,
