@@ -99,22 +99,55 @@ class VolumeStats:
     class_hausdorff: tuple[float | None, ...]  # per class; () when not asked for
 
 
-def volume_stats(pred: np.ndarray, truth: np.ndarray, per_class: bool = True) -> VolumeStats:
-    """Dice rows and Hausdorff distances of one (S, C, H, W) day-volume (bool or uint8 masks)."""
-    p, t = as_uint8(pred), as_uint8(truth)
-    _check_pair(p, t, 4, "volume_stats")
+@dataclass(frozen=True)
+class Reference:
+    """The truth side of :func:`volume_stats` digested once (its runs), for scoring many predictions."""
+
+    shape: tuple[int, ...]  # (S, C, H, W)
+    runs: tuple  # class_runs of the truth
+    union: tuple  # union_runs of its classes
+
+
+def reference(truth: np.ndarray | Reference) -> Reference:
+    """The :class:`Reference` of an (S, C, H, W) truth mask (bool or uint8); a Reference is returned as is."""
+    if isinstance(truth, Reference):
+        return truth
+    t = as_uint8(truth)
+    if t.ndim != 4:
+        raise ValueError(f"reference: truth must be (S, C, H, W), got {t.shape}")
+    runs = class_runs(t)
+    return Reference(t.shape, runs, union_runs(*runs))
+
+
+def volume_stats(
+    pred: np.ndarray,
+    truth: np.ndarray | Reference,
+    per_class: bool = True,
+    grid: tuple[int, int, int] | None = None,
+) -> VolumeStats:
+    """Dice rows and Hausdorff distances of one (S, C, H, W) day-volume (bool or uint8 masks).
+
+    ``truth`` may be a :func:`reference` (scoring many predictions against one truth). ``grid`` is
+    the (S, H, W) of the whole volume when ``pred`` and ``truth`` are cut from it to a box holding
+    all their foreground: the distances are scaled by the whole volume, so the stats are those of
+    the uncut pair (rows outside the box are empty in both, and so never counted).
+    """
+    p, ref = as_uint8(pred), reference(truth)
+    if p.ndim != 4 or p.shape != ref.shape:
+        raise ValueError(f"volume_stats: prediction {p.shape} and truth {ref.shape} must be equal 4-D shapes")
     n_s, n_c, n_h, n_w = p.shape
-    runs_p, runs_t = class_runs(p), class_runs(t)
+    runs_p, runs_t = class_runs(p), ref.runs
     counts = dice_runs(*runs_p, *runs_t, n_h)
     total = counts[..., 0] + counts[..., 1]
     kept = total > 0
     dice = np.where(kept, 2.0 * counts[..., 2] / np.maximum(total, 1), 0.0)
     shape = (n_s, n_h, n_w)
-    merged = hausdorff_runs(union_runs(*runs_p), union_runs(*runs_t), shape)
+    scale = shape if grid is None else tuple(grid)
+    merged = hausdorff_runs(union_runs(*runs_p), ref.union, shape, scale)
     per = ()
     if per_class:
         per = tuple(
-            hausdorff_runs((runs_p[0][c], *runs_p[1:]), (runs_t[0][c], *runs_t[1:]), shape)
+            hausdorff_runs((runs_p[0][c], *runs_p[1:]), (runs_t[0][c], *runs_t[1:]), shape, scale)
             for c in range(n_c)
         )
     return VolumeStats(dice.sum(axis=0), kept.sum(axis=0), merged, per)

@@ -441,14 +441,20 @@ def _hausdorff_sq(ptr_a, sa, ea, ptr_b, sb, eb, n_h, w):  # pragma: no cover - c
     return cmax
 
 
-def hausdorff_runs(runs_a: tuple, runs_b: tuple, shape: tuple[int, int, int]) -> float | None:
-    """Normalised symmetric Hausdorff distance of two run sets on an (S, H, W) grid."""
+def hausdorff_runs(
+    runs_a: tuple, runs_b: tuple, shape: tuple[int, int, int], scale: tuple[int, int, int] | None = None
+) -> float | None:
+    """Normalised symmetric Hausdorff distance of two run sets on an (S, H, W) grid.
+
+    ``scale``: the (S, H, W) that normalises the coordinates when the grid is cut from a larger
+    volume (distances do not depend on where the cut lies); default ``shape``.
+    """
     empty_a, empty_b = runs_a[0][-1] == runs_a[0][0], runs_b[0][-1] == runs_b[0][0]
     if empty_a and empty_b:
         return None
     if empty_a or empty_b:
         return 1.0
-    n_s, n_h, n_w = shape
+    n_s, n_h, n_w = shape if scale is None else scale
     weights = (1.0 / n_s**2, 1.0 / n_h**2, 1.0 / n_w**2)
-    d2 = _hausdorff_sq(*runs_a, *runs_b, n_h, weights)
+    d2 = _hausdorff_sq(*runs_a, *runs_b, shape[1], weights)
     return math.sqrt(d2) / _SQRT3

@@ -68,6 +68,9 @@ class DatasetSpec:
     rle_order: ClassVar[str] = "C"
     labels_file: ClassVar[str | None] = None  # its size/mtime invalidate the decoded cache
     metric_keys: ClassVar[tuple[str, ...]] = ("score",)
+    # the metric of a volume is unchanged when it is cut to a box holding every predicted and true
+    # voxel (with the uncut grid passed to fast_stats): tuning then scores only that box
+    cuts_to_box: ClassVar[bool] = False
     config_defaults: ClassVar[Mapping[str, Any]] = {}
     truth_file: ClassVar[str] = "test_labels.csv"  # the phantom's hidden answers, kept apart
     kaggle_source: ClassVar[tuple[str, str]] = (
@@ -132,9 +135,17 @@ class DatasetSpec:
         """What one volume's (S, classes, H, W) prediction adds to the score (bool or uint8 masks)."""
         raise NotImplementedError
 
-    def fast_stats(self, pred: np.ndarray, truth: np.ndarray) -> Any:
-        """The stats for validation during training (a dataset may skip analysis-only parts)."""
+    def fast_stats(self, pred: np.ndarray, truth: Any, grid: tuple[int, int, int] | None = None) -> Any:
+        """The stats for validation and tuning (a dataset may skip analysis-only parts).
+
+        ``truth`` is a mask or its :meth:`reference`; ``grid`` the uncut (S, H, W) of a volume cut to
+        a box (only where ``cuts_to_box``).
+        """
         return self.volume_stats(pred, truth)
+
+    def reference(self, truth: np.ndarray) -> Any:
+        """The truth as :meth:`fast_stats` takes it, digested once for many predictions (default: as is)."""
+        return truth
 
     def aggregate(self, stats: Sequence[Any]) -> dict:  # pragma: no cover - interface
         """The metric dict (``score`` first, ``per_class`` {class: {"score": ...}}) of per-volume stats."""

@@ -31,6 +31,7 @@ class UWMadison(DatasetSpec):
     classes: ClassVar[tuple[str, ...]] = CLASSES
     channels: ClassVar[int] = 1
     volumetric: ClassVar[bool] = True
+    cuts_to_box: ClassVar[bool] = True  # Dice rows empty in both are skipped; distances scale by the grid
     rle_order: ClassVar[str] = "C"
     labels_file: ClassVar[str | None] = "train.csv"
     kaggle_source: ClassVar[tuple[str, str]] = ("competition", "uw-madison-gi-tract-image-segmentation")
@@ -71,9 +72,14 @@ class UWMadison(DatasetSpec):
     def volume_stats(self, pred: np.ndarray, truth: np.ndarray) -> metric.VolumeStats:
         return metric.volume_stats(pred, truth, per_class=True)
 
-    def fast_stats(self, pred: np.ndarray, truth: np.ndarray) -> metric.VolumeStats:
-        """The stats without the per-class distances (validation during training)."""
-        return metric.volume_stats(pred, truth, per_class=False)
+    def fast_stats(
+        self, pred: np.ndarray, truth: Any, grid: tuple[int, int, int] | None = None
+    ) -> metric.VolumeStats:
+        """The stats without the per-class distances (validation during training, tuning)."""
+        return metric.volume_stats(pred, truth, per_class=False, grid=grid)
+
+    def reference(self, truth: np.ndarray) -> metric.Reference:
+        return metric.reference(truth)
 
     def aggregate(self, stats: Any) -> dict:
         return metric.aggregate(stats, CLASSES)

@@ -14,6 +14,7 @@ the 2.5D one on another.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,8 @@ from pipeline.data.volumes import VolumeStore
 from pipeline.datasets import get_dataset, load_config
 from pipeline.datasets.base import DatasetSpec
 from pipeline.errors import DataError
-from pipeline.io import write_with
+from pipeline.infer.postprocess import foreground_box
+from pipeline.io import write_text, write_with
 from pipeline.paths import cache_dir, run_dir, runs_dir
 
 log = logging.getLogger(__name__)
@@ -196,6 +198,55 @@ def find_member_oof(member: MemberCfg) -> OOFMember:
     return OOFMember(name, folds, files)
 
 
+Box = tuple[slice, slice, slice]  # (S, H, W) slices of a day-volume
+
+
+@dataclass(frozen=True)
+class OOFEntry:
+    """One decoded out-of-fold file: its slice ids, its (S, classes, H, W) shape, and the (S, H, W)
+    box holding its non-zero probabilities (None: all zero); the cache holds that box only."""
+
+    ids: list[str]
+    shape: tuple[int, int, int, int]
+    box: Box | None
+    cache: Path
+
+    def crop(self) -> np.ndarray:
+        """The box's (s, classes, h, w) uint8 probabilities, memory-mapped."""
+        return np.load(self.cache, mmap_mode="r")
+
+    def cut(self, box: Box) -> np.ndarray:
+        """A C-contiguous (s, classes, h, w) copy of the probabilities in ``box`` (zeros outside this
+        file's own box, which must lie inside ``box``)."""
+        n_c = self.shape[1]
+        out = np.zeros(
+            (box[0].stop - box[0].start, n_c, box[1].stop - box[1].start, box[2].stop - box[2].start),
+            np.uint8,
+        )
+        if self.box is not None:
+            at = tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(self.box, box))
+            out[at[0], :, at[1], at[2]] = self.crop()
+        return out
+
+    def full(self) -> np.ndarray:
+        """The whole (S, classes, H, W) uint8 probabilities."""
+        n_s, _, n_h, n_w = self.shape
+        return self.cut((slice(0, n_s), slice(0, n_h), slice(0, n_w)))
+
+
+def volume_box(mask: np.ndarray) -> Box | None:
+    """The (S, H, W) box of the non-zero voxels of an (S, classes, H, W) array; None when all zero."""
+    return foreground_box(np.asarray(mask).any(axis=1))
+
+
+def union_box(boxes: list[Box | None], shape: tuple[int, ...]) -> Box:
+    """The smallest box holding every box given (one voxel at the origin when none is)."""
+    boxes = [b for b in boxes if b is not None]
+    if not boxes:
+        return (slice(0, 1), slice(0, 1), slice(0, 1))
+    return tuple(slice(min(b[i].start for b in boxes), max(b[i].stop for b in boxes)) for i in range(3))
+
+
 def _cache_path(npz: Path) -> Path:
     try:
         rel = npz.resolve().relative_to(runs_dir().resolve())
@@ -204,25 +255,58 @@ def _cache_path(npz: Path) -> Path:
     return cache_dir() / "oof" / rel.with_suffix(".npy")
 
 
-def read_oof_day(path: Path) -> tuple[np.ndarray, list[str]]:
-    """(probs uint8 (S, classes, H, W) memory-mapped from the decoded cache, ids) of one OOF file."""
+def _source(path: Path) -> dict:
+    stat = path.stat()
+    return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def oof_entry(path: Path) -> OOFEntry:
+    """The decoded cache of one OOF file, decoded (cut to its non-zero box) when absent or stale.
+
+    The cache sits at ``$CACHE_DIR/oof/<path under RUNS_DIR>.npy`` with a ``.json`` beside it that
+    names its source (absolute path, size, mtime): a cache made from another file (another
+    ``RUNS_DIR`` sharing the ``CACHE_DIR``, a rewritten OOF) is never served.
+    """
     cache = _cache_path(path)
+    meta_path = cache.with_suffix(".json")
     try:
-        with np.load(path) as npz:
-            ids = [str(i) for i in npz["ids"]]
-            fresh = cache.is_file() and cache.stat().st_mtime_ns >= path.stat().st_mtime_ns
-            if not fresh:
-                probs = npz["probs"]
-                if probs.dtype != np.uint8 or probs.ndim != 4:
-                    raise DataError(
-                        f"{path}: 'probs' must be uint8 (S, classes, H, W), got {probs.dtype} {probs.shape}"
-                    )
-                write_with(cache, lambda p: np.save(p, probs))
+        source = _source(path)
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if any(meta.get(k) != v for k, v in source.items()) or (meta.get("box") and not cache.is_file()):
+            meta = _decode(path, cache, meta_path, source)
     except (KeyError, OSError, ValueError) as exc:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"{path}: unreadable OOF file ({exc}); rerun the member's training or OOF") from None
-    return np.load(cache, mmap_mode="r"), ids
+    box = None if meta["box"] is None else tuple(slice(a, b) for a, b in meta["box"])
+    return OOFEntry(list(meta["ids"]), tuple(meta["shape"]), box, cache)
+
+
+def _decode(path: Path, cache: Path, meta_path: Path, source: dict) -> dict:
+    with np.load(path) as npz:
+        ids = [str(i) for i in npz["ids"]]
+        probs = npz["probs"]
+    if probs.dtype != np.uint8 or probs.ndim != 4:
+        raise DataError(f"{path}: 'probs' must be uint8 (S, classes, H, W), got {probs.dtype} {probs.shape}")
+    box = volume_box(probs)
+    if box is not None:
+        write_with(cache, lambda p: np.save(p, np.ascontiguousarray(probs[box[0], :, box[1], box[2]])))
+    else:
+        cache.unlink(missing_ok=True)
+    meta = {
+        **source,
+        "shape": list(probs.shape),
+        "box": None if box is None else [[b.start, b.stop] for b in box],
+        "ids": ids,
+    }
+    write_text(meta_path, json.dumps(meta))
+    return meta
+
+
+def read_oof_day(path: Path) -> tuple[np.ndarray, list[str]]:
+    """(probs uint8 (S, classes, H, W), ids) of one OOF file, from its decoded cache."""
+    entry = oof_entry(path)
+    return entry.full(), entry.ids
 
 
 def read_cls_oof(
@@ -245,6 +329,22 @@ def read_cls_oof(
     return table.astype(np.float32), used
 
 
+@dataclass(frozen=True)
+class DayView:
+    """One OOF day as tuning scores it: members, gate and truth cut to the same (S, H, W) box.
+
+    The box holds every member's non-zero probability and the truth, so every mask the
+    post-processing can make from a blend lies inside it (a threshold above 0 keeps no voxel
+    outside); ``grid`` is the uncut (S, H, W) that the metric scales by.
+    """
+
+    day: str
+    probs: list[np.ndarray]  # per member (s, classes, h, w) uint8, C-contiguous
+    gate: np.ndarray | None  # (s, classes) classifier probabilities
+    truth: np.ndarray  # (s, classes, h, w) uint8 masks
+    grid: tuple[int, int, int]
+
+
 @dataclass
 class OOFSet:
     """Everything tuning reads: member probabilities, gate probabilities and truth, per day."""
@@ -259,8 +359,31 @@ class OOFSet:
     ids: dict[str, list[str]] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)  # volume_id -> group (case, patient, subject)
 
+    entries: dict[str, list[OOFEntry]] = field(default_factory=dict)  # volume_id -> one per member
+    boxes: dict[str, Box] = field(
+        default_factory=dict
+    )  # volume_id -> box of every member's and the truth's voxels
+
     def member_probs(self, day: str) -> list[np.ndarray]:
-        return [read_oof_day(m.files[day])[0] for m in self.members]
+        return [e.full() for e in self.entries[day]]
+
+    def view(self, day: str, cut: bool = True) -> DayView:
+        """The day cut to its box (where the dataset's metric allows it and ``cut``), else whole."""
+        entries, truth = self.entries[day], self.truth[day].mask
+        n_s, _, n_h, n_w = truth.shape
+        box = (
+            self.boxes[day]
+            if cut and self.spec.cuts_to_box
+            else (slice(0, n_s), slice(0, n_h), slice(0, n_w))
+        )
+        gate = self.gate(day)
+        return DayView(
+            day,
+            [e.cut(box) for e in entries],
+            None if gate is None else np.ascontiguousarray(gate[box[0]]),
+            np.ascontiguousarray(truth[box[0], :, box[1], box[2]]),
+            (n_s, n_h, n_w),
+        )
 
     def gate(self, day: str) -> np.ndarray | None:
         return None if self.gates is None else self.gates[day]
@@ -307,16 +430,20 @@ def load_oof(cfg: EnsembleConfig, root: Path, progress: bool = True) -> OOFSet:
         cls_info = {"config": cls_name, "folds": cls_folds}
     ids_by_day: dict[str, list[str]] = {}
     gates: dict[str, np.ndarray] | None = {} if table is not None else None
+    entries: dict[str, list[OOFEntry]] = {}
+    boxes: dict[str, Box] = {}
     for day in tqdm(days, desc="check OOF", unit="day", disable=not progress):
         volume = store[day]
         truth_ids, shape = volume.ids, volume.mask.shape
-        for m in members:
-            probs, ids = read_oof_day(m.files[day])
-            if ids != truth_ids or probs.shape != shape:
+        entries[day] = [oof_entry(m.files[day]) for m in members]
+        for m, entry in zip(members, entries[day]):
+            if entry.ids != truth_ids or entry.shape != shape:
                 raise DataError(
-                    f"{m.files[day]}: covers {len(ids)} slices of shape {probs.shape[2:]}, but {day} has "
+                    f"{m.files[day]}: covers {len(entry.ids)} slices of shape {entry.shape[2:]}, but {day} has "
                     f"{len(truth_ids)} slices of shape {shape[2:]} in {root}; rerun the OOF of {m.name}"
                 )
+        if spec.cuts_to_box:
+            boxes[day] = union_box([e.box for e in entries[day]] + [volume_box(volume.mask)], shape)
         if gates is not None:
             missing = [i for i in truth_ids if i not in table.index]
             if missing:
@@ -329,4 +456,4 @@ def load_oof(cfg: EnsembleConfig, root: Path, progress: bool = True) -> OOFSet:
     n_slices = sum(len(v) for v in ids_by_day.values())
     log.info("OOF: %d day-volumes, %d slices, members %s", len(days), n_slices, [m.name for m in members])
     groups = store.catalog.groupby("volume_id", sort=False)["group"].first().astype(str).to_dict()
-    return OOFSet(days, members, store, spec, gates, cls_info, n_slices, ids_by_day, groups)
+    return OOFSet(days, members, store, spec, gates, cls_info, n_slices, ids_by_day, groups, entries, boxes)

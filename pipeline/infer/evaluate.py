@@ -2,8 +2,17 @@
 
 Every figure is the dataset's own metric (``DatasetSpec.fast_stats`` / ``volume_stats`` per
 volume, summed by ``aggregate``). A pass evaluates every candidate of one (class, stage) on a
-volume while that volume is in memory (uint8 probabilities, memory-mapped), so a tuning step reads
-the OOF once per class; volumes run on a thread pool (the metric kernels release the GIL).
+volume while that volume is in memory (:class:`DayWork`), so a tuning step reads the OOF once per
+class; volumes run on a thread pool (the kernels release the GIL). Work shared in a pass:
+
+- the volume is cut to the box of its members' non-zero probabilities and its truth
+  (:meth:`OOFSet.view`, where the dataset's metric allows it, ``cuts_to_box``): no threshold above
+  0 keeps a voxel outside, and the metric is scaled by the uncut grid, so the scores are exact;
+  on the synthetic full set the box is about a quarter of the volume;
+- the truth is digested once (``DatasetSpec.reference``: its runs) and each weight vector blended once;
+- several searches share a pass (:func:`evaluate_jobs`): the held-apart estimate's search on the
+  tuning part scores its candidates beside the search on every volume, and where both hold the
+  same settings (most steps) a day is scored once for both.
 
 Candidates share work (:func:`class_variants`): the slice stages (classifier gate, probability
 gate, z-continuity) threshold once and only re-run what follows them; the size step labels once.
@@ -16,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,6 +39,7 @@ from pipeline.infer.postprocess import (
     apply_class,
     apply_postprocess,
     empty_slices,
+    prob_level,
     remove_small_components,
     slice_keep,
     threshold_probs,
@@ -89,9 +100,19 @@ def class_variants(
     for earlier in SLICE_STAGES[:i]:
         empty_slices(pre, slice_keep(earlier, pre, probs_u8, gate, base, volumetric))
     occupied = pre.reshape(len(pre), -1).any(axis=1)
+    counts: dict[int, np.ndarray] = {}  # probability gate: pixels at each level per slice, counted once
+
+    def keep_of(params: ClassParams) -> np.ndarray | None:
+        if stage != "prob_gate" or params.prob_gate_pixels <= 0:
+            return slice_keep(stage, pre, probs_u8, gate, params, volumetric)
+        level = prob_level(params.prob_gate_level)
+        if level not in counts:
+            counts[level] = np.count_nonzero(probs_u8.reshape(len(probs_u8), -1) >= level, axis=1)
+        return counts[level] > params.prob_gate_pixels
+
     for v in values:
         params = base.with_value(stage, v)
-        keep = slice_keep(stage, pre, probs_u8, gate, params, volumetric)
+        keep = keep_of(params)
         key = (occupied if keep is None else occupied & keep).tobytes()  # the non-empty slices left
         if key in seen:
             yield key, None
@@ -103,55 +124,148 @@ def class_variants(
         yield key, remove_small_components(mask, params.min_component_size, volumetric)
 
 
+class DayWork:
+    """One OOF day in memory during a pass: its (cut) view, the truth digested once, blends by weights."""
+
+    def __init__(self, oof: OOFSet, day: str, cut: bool = True, per_class: bool = False) -> None:
+        self.spec = oof.spec
+        self.per_class = per_class
+        self.view = oof.view(day, cut=cut and not per_class)  # per-class stats take whole volumes
+        self.truth = self.view.truth if per_class else self.spec.reference(self.view.truth)
+        self._blends: dict[bytes, np.ndarray] = {}
+
+    def blend(self, weights: np.ndarray) -> np.ndarray:
+        key = np.asarray(weights, np.float64).tobytes() + bytes(str(np.shape(weights)), "ascii")
+        if key not in self._blends:
+            self._blends[key] = blend_uint8(self.view.probs, weights)
+        return self._blends[key]
+
+    def stats(self, mask: np.ndarray) -> Any:
+        if self.per_class:
+            return self.spec.volume_stats(mask, self.truth)
+        grid = self.view.grid if self.spec.cuts_to_box else None
+        return self.spec.fast_stats(mask, self.truth, grid)
+
+
 def day_stats(
-    oof: OOFSet,
-    day: str,
-    weight_list: list[np.ndarray],
-    params: list[ClassParams],
-    vary: Vary | None = None,
-    per_class: bool = False,
+    work: DayWork, weight_list: list[np.ndarray], params: list[ClassParams], vary: Vary | None = None
 ) -> list[Any]:
     """The dataset's stats of one volume for every (weights, candidate) variant, weights-major.
 
     ``vary = (c, "weights", [w, ...])`` tries (members,) blend weights for class ``c`` alone.
     """
-    spec = oof.spec
-    stats = spec.volume_stats if per_class else spec.fast_stats
-    probs = oof.member_probs(day)
-    gate = oof.gate(day)
-    truth = np.asarray(oof.truth_mask(day))
+    view, volumetric = work.view, work.spec.volumetric
     out = []
     for weights in weight_list:
-        q = blend_uint8(probs, weights)
-        mask = apply_postprocess(q, gate, params, spec.volumetric)
+        q = work.blend(weights)
         if vary is None:
-            out.append(stats(mask, truth))
+            out.append(work.stats(apply_postprocess(q, view.gate, params, volumetric)))
             continue
         c, stage, values = vary
-        gate_c = None if gate is None else gate[:, c]
+        mask = np.zeros(q.shape, dtype=bool)  # class c is set by each variant below
+        for k, p in enumerate(params):
+            if k != c:
+                mask[:, k] = apply_class(
+                    q[:, k], None if view.gate is None else view.gate[:, k], p, volumetric
+                )
+        gate_c = None if view.gate is None else view.gate[:, c]
         if stage == "weights":
-            class_probs = [np.ascontiguousarray(p[:, c]) for p in probs]
+            class_probs = [np.ascontiguousarray(p[:, c]) for p in view.probs]
             variants: Iterator = (
-                (None, apply_class(blend_uint8(class_probs, w), gate_c, params[c], spec.volumetric))
+                (None, apply_class(blend_uint8(class_probs, w), gate_c, params[c], volumetric))
                 for w in values
             )
         else:
-            variants = class_variants(q[:, c], gate_c, params[c], stage, values, spec.volumetric)
+            variants = class_variants(q[:, c], gate_c, params[c], stage, values, volumetric)
         scored: dict[Hashable, Any] = {}
         for key, variant in variants:
             if variant is None:
                 out.append(scored[key])
                 continue
             mask[:, c] = variant
-            out.append(stats(mask, truth))
+            out.append(work.stats(mask))
             if key is not None:
                 scored[key] = out[-1]
     return out
 
 
+def can_cut(params: list[ClassParams], vary: Vary | None = None) -> bool:
+    """Whether every threshold in play keeps no voxel of probability 0 (so a day may be cut to its box)."""
+    levels = [p.pixel_threshold for p in params] + [
+        p.prob_gate_level for p in params if p.prob_gate_pixels > 0
+    ]
+    if vary is not None and vary[1] == "pixel_threshold":
+        levels += [float(v) for v in vary[2]]
+    if vary is not None and vary[1] == "prob_gate":
+        levels += [float(t) for n, t in vary[2] if n > 0]
+    return min((prob_level(t) for t in levels), default=1) >= 1
+
+
+@dataclass(frozen=True)
+class Job:
+    """Variants to score over some days: ``weight_list`` x the candidates of ``vary`` (see :func:`day_stats`)."""
+
+    days: frozenset[str]
+    weight_list: list[np.ndarray]
+    params: list[ClassParams]
+    vary: Vary | None = None
+
+    def key(self) -> tuple:
+        """Equal keys score equal variants: a day both jobs cover is scored once."""
+        vary = None
+        if self.vary is not None:
+            c, stage, values = self.vary
+            vary = (c, stage, tuple(np.asarray(v, np.float64).tobytes() for v in values))
+        return (
+            tuple(np.asarray(w, np.float64).tobytes() for w in self.weight_list),
+            tuple(self.params),
+            vary,
+        )
+
+
 def _map_days(oof: OOFSet, one, days: list[str], workers: int, desc: str, progress: bool) -> list[list[Any]]:
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(tqdm(pool.map(one, days), total=len(days), desc=desc, unit="day", disable=not progress))
+
+
+def evaluate_jobs(
+    oof: OOFSet,
+    jobs: list[Job],
+    *,
+    per_class: bool = False,
+    workers: int = 1,
+    desc: str = "evaluate",
+    progress: bool = True,
+) -> list[list[dict]]:
+    """Each job's score dicts (``spec.aggregate`` over its days), every day read and blended once.
+
+    Jobs of several searches over overlapping days (a search on every volume and one on the tuning
+    part) share the pass: a day holds one view and one blend per weight vector, and jobs with equal
+    settings are scored once on the days they share.
+    """
+    days = [d for d in oof.days if any(d in j.days for j in jobs)]
+    keys = [j.key() for j in jobs]
+    cut = all(can_cut(j.params, j.vary) for j in jobs)
+
+    def one(day: str) -> list[list[Any] | None]:
+        work = DayWork(oof, day, cut, per_class)
+        done: dict[tuple, list[Any]] = {}
+        out: list[list[Any] | None] = []
+        for job, key in zip(jobs, keys):
+            if day not in job.days:
+                out.append(None)
+                continue
+            if key not in done:
+                done[key] = day_stats(work, job.weight_list, job.params, job.vary)
+            out.append(done[key])
+        return out
+
+    per_day = _map_days(oof, one, days, workers, desc, progress)
+    results = []
+    for j in range(len(jobs)):
+        rows = [row[j] for row in per_day if row[j] is not None]
+        results.append([oof.spec.aggregate([r[i] for r in rows]) for i in range(len(rows[0]))])
+    return results
 
 
 def evaluate(
@@ -167,12 +281,8 @@ def evaluate(
     progress: bool = True,
 ) -> list[dict]:
     """The dataset's score dict (``spec.aggregate``) of every variant over ``days`` (default: every OOF volume)."""
-    days = oof.days if days is None else days
-    per_day = _map_days(
-        oof, lambda d: day_stats(oof, d, weight_list, params, vary, per_class), days, workers, desc, progress
-    )
-    n_variants = len(per_day[0])
-    return [oof.spec.aggregate([stats[i] for stats in per_day]) for i in range(n_variants)]
+    job = Job(frozenset(oof.days if days is None else days), list(weight_list), list(params), vary)
+    return evaluate_jobs(oof, [job], per_class=per_class, workers=workers, desc=desc, progress=progress)[0]
 
 
 def evaluate_settings(
@@ -188,18 +298,15 @@ def evaluate_settings(
     if not settings:
         return []
     keys = [(np.asarray(w, np.float64).tobytes(), tuple(p)) for w, p in settings]
+    cut = all(can_cut(p) for _, p in settings)
 
     def one(day: str) -> list[Any]:
-        probs, gate = oof.member_probs(day), oof.gate(day)
-        truth = np.asarray(oof.truth_mask(day))
-        blends: dict[bytes, np.ndarray] = {}
+        work = DayWork(oof, day, cut)
         scored: dict[tuple, Any] = {}
         for key, (weights, params) in zip(keys, settings):
             if key not in scored:
-                if key[0] not in blends:
-                    blends[key[0]] = blend_uint8(probs, weights)
-                mask = apply_postprocess(blends[key[0]], gate, params, oof.spec.volumetric)
-                scored[key] = oof.spec.fast_stats(mask, truth)
+                mask = apply_postprocess(work.blend(weights), work.view.gate, params, oof.spec.volumetric)
+                scored[key] = work.stats(mask)
         return [scored[k] for k in keys]
 
     per_day = _map_days(oof, one, days, workers, desc, progress)

@@ -1,10 +1,11 @@
-"""The coordinate-wise search of ``make tune`` over some OOF volumes (see :mod:`pipeline.infer.tune`).
+"""The coordinate-wise search of ``make tune`` over sets of OOF volumes (see :mod:`pipeline.infer.tune`).
 
-:class:`Search` starts from the raw settings (the config's blend weights, threshold 0.5, every other
-stage off), then tunes the blend, each post-processing stage class by class (:data:`STAGES` order),
-further sweeps and the blend again, keeping a value unless a candidate scores strictly better, and
-records the score and the settings after every step (:class:`Record`), so that another set of
-volumes can score the same settings (the held-apart estimate).
+Each :class:`Track` starts from the raw settings (the config's blend weights, threshold 0.5, every
+other stage off), then tunes the blend, each post-processing stage class by class (:data:`STAGES`
+order), further sweeps and the blend again, keeping a value unless a candidate scores strictly
+better, and records the score and the settings after every step (:class:`Record`), so that another
+set of volumes can score the same settings (the held-apart estimate). :class:`Search` runs its
+tracks (every volume; the tuning part) in lockstep, sharing each pass over the days.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from pipeline.config import EnsembleConfig, TuneCfg
 from pipeline.infer.ensemble import OOFSet, start_weights
-from pipeline.infer.evaluate import evaluate, metric_values
+from pipeline.infer.evaluate import Job, evaluate_jobs, metric_values
 from pipeline.infer.postprocess import STAGES, ClassParams
 
 log = logging.getLogger(__name__)
@@ -87,35 +88,17 @@ class Record:
 
 
 @dataclass
-class Search:
-    """A whole coordinate-wise search over some OOF days."""
+class Track:
+    """One coordinate-wise search over some OOF days: its settings so far, its records and curves."""
 
-    oof: OOFSet
-    cfg: EnsembleConfig
     days: list[str]
-    workers: int = 1
-    progress: bool = True
-    tag: str = ""  # prefix of progress bars and log lines
+    weights: np.ndarray  # (classes, members)
+    params: list[ClassParams]
+    tag: str = ""  # prefix of log lines
+    best: dict = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)
     curves: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        n_classes = len(self.oof.spec.classes)
-        self.weights = np.tile(start_weights(self.cfg), (n_classes, 1))
-        self.params = raw_params(n_classes)
-        self.best: dict = {}
-
-    def evaluate(self, weight_list: list[np.ndarray], vary: Any = None, desc: str = "") -> list[dict]:
-        return evaluate(
-            self.oof,
-            weight_list,
-            self.params,
-            vary,
-            days=self.days,
-            workers=self.workers,
-            desc=f"{self.tag}tune {desc}",
-            progress=self.progress,
-        )
+    converged: bool = False
 
     def record(self, step: str, label: str | None = None, skipped: str = "") -> None:
         label = label or STEP_LABELS[step]
@@ -124,27 +107,72 @@ class Search:
         note = f" [{skipped}]" if skipped else ""
         log.info("%s%-40s score %.5f (%s)%s", self.tag, label, self.best["score"], others, note)
 
+
+@dataclass
+class Search:
+    """Coordinate-wise searches over sets of OOF days, run in lockstep (one :class:`Track` each).
+
+    Every step evaluates the candidates of all tracks in the same passes over the days
+    (:func:`~pipeline.infer.evaluate.evaluate_jobs`); each track still chooses on its own days from
+    its own settings, exactly as if it ran alone.
+    """
+
+    oof: OOFSet
+    cfg: EnsembleConfig
+    day_sets: list[tuple[str, list[str]]]  # (log tag, days) per track
+    workers: int = 1
+    progress: bool = True
+    tracks: list[Track] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n_classes = len(self.oof.spec.classes)
+        start = np.tile(start_weights(self.cfg), (n_classes, 1))
+        self.tracks = [
+            Track(list(days), start.copy(), raw_params(n_classes), tag) for tag, days in self.day_sets
+        ]
+
+    def evaluate(self, jobs: list[tuple[Track, list[np.ndarray], Any]], desc: str) -> list[list[dict]]:
+        """Score ``(track, weight list, vary)`` jobs in one pass; one result list per job."""
+        if not jobs:
+            return []
+        return evaluate_jobs(
+            self.oof,
+            [Job(frozenset(t.days), w, list(t.params), vary) for t, w, vary in jobs],
+            workers=self.workers,
+            desc=f"tune {desc}",
+            progress=self.progress,
+        )
+
     def run(self, warn_edges: bool = True) -> Search:
         classes = self.oof.spec.classes
-        self.best = self.evaluate([self.weights], desc="raw")[0]
-        self.record("raw")
+        for track, result in zip(
+            self.tracks, self.evaluate([(t, [t.weights], None) for t in self.tracks], "raw")
+        ):
+            track.best = result[0]
+            track.record("raw")
         self.tune_blend("blend_raw")
-        for sweep in range(1, max(1, self.cfg.tune.sweeps) + 1):
-            before = list(self.params)
-            for stage in STAGES:
-                self.tune_stage(stage, sweep)
-            if sweep > 1:
-                name = "refine" if sweep == 2 else f"refine_{sweep}"
-                self.record(name, f"+ per-class values re-tuned (sweep {sweep})")
-            if self.params == before:
-                for later in range(sweep + 1, max(1, self.cfg.tune.sweeps) + 1):
-                    name = "refine" if later == 2 else f"refine_{later}"
-                    self.record(name, f"+ per-class values re-tuned (sweep {later})", "converged")
+        n_sweeps = max(1, self.cfg.tune.sweeps)
+        for sweep in range(1, n_sweeps + 1):
+            active = [t for t in self.tracks if not t.converged]
+            if not active:
                 break
+            before = [list(t.params) for t in active]
+            for stage in STAGES:
+                self.tune_stage(stage, sweep, active)
+            for track, old in zip(active, before):
+                if sweep > 1:
+                    track.record(_refine(sweep), f"+ per-class values re-tuned (sweep {sweep})")
+                if track.params == old:
+                    track.converged = True
+                    for later in range(sweep + 1, n_sweeps + 1):
+                        track.record(
+                            _refine(later), f"+ per-class values re-tuned (sweep {later})", "converged"
+                        )
         if warn_edges:
             for c, cls in enumerate(classes):
                 for stage in STAGES:
-                    _warn_edge(cls, stage, self.params[c].setting(stage), stage_grid(stage, self.cfg.tune))
+                    grid = stage_grid(stage, self.cfg.tune)
+                    _warn_edge(cls, stage, self.tracks[0].params[c].setting(stage), grid)
         self.tune_blend("blend")
         return self
 
@@ -157,60 +185,78 @@ class Search:
             return "2D images"
         return ""
 
-    def tune_stage(self, stage: str, sweep: int) -> None:
+    def tune_stage(self, stage: str, sweep: int, tracks: list[Track]) -> None:
         """Class by class, every candidate of one stage; the first best (the current value on ties) kept."""
         classes = self.oof.spec.classes
         why = self.skip_reason(stage)
         grid = stage_grid(stage, self.cfg.tune)
-        values = [_candidates(self.params[c].setting(stage), grid) for c in range(len(classes))]
-        if not why and all(len(v) == 1 for v in values):
-            why = "one value in the grid"
-        if why:
-            if sweep == 1:
-                self.record(stage, skipped=why)
-            return
+        values = {
+            id(t): [_candidates(t.params[c].setting(stage), grid) for c in range(len(classes))]
+            for t in tracks
+        }
+        skipped = {}
+        for t in tracks:
+            skipped[id(t)] = why or (
+                "one value in the grid" if all(len(v) == 1 for v in values[id(t)]) else ""
+            )
+            if skipped[id(t)] and sweep == 1:
+                t.record(stage, skipped=skipped[id(t)])
+        live = [t for t in tracks if not skipped[id(t)]]
         for c, cls in enumerate(classes):
-            if len(values[c]) == 1:
-                continue
+            jobs = [(t, [t.weights], (c, stage, values[id(t)][c])) for t in live if len(values[id(t)][c]) > 1]
             desc = f"{stage} {cls}" + (f" (sweep {sweep})" if sweep > 1 else "")
-            results = self.evaluate([self.weights], (c, stage, values[c]), desc)
-            pick = int(np.argmax([r["score"] for r in results]))
-            self.params[c] = self.params[c].with_value(stage, values[c][pick])
-            self.best = results[pick]
-            self.curves.setdefault(stage, {})[cls] = _curve(values[c], results, values[c][pick])
-            log.debug("%s%s %s = %s (score %.5f)", self.tag, cls, stage, values[c][pick], self.best["score"])
+            for (t, _, (_, _, vals)), results in zip(jobs, self.evaluate(jobs, desc)):
+                pick = int(np.argmax([r["score"] for r in results]))
+                t.params[c] = t.params[c].with_value(stage, vals[pick])
+                t.best = results[pick]
+                t.curves.setdefault(stage, {})[cls] = _curve(vals, results, vals[pick])
+                log.debug("%s%s %s = %s (score %.5f)", t.tag, cls, stage, vals[pick], t.best["score"])
         if sweep == 1:
-            self.record(stage)
+            for t in live:
+                t.record(stage)
 
     def tune_blend(self, step: str) -> None:
         """Grid-search the member weights over the simplex with the per-class settings held."""
         names = self.oof.member_names()
         if len(names) < 2:
-            self.record(step, skipped="one member")
+            for t in self.tracks:
+                t.record(step, skipped="one member")
             return
         grid = simplex_grid(len(names), self.cfg.tune.blend_steps)
-        curve: dict[str, Any] = {"members": names}
+        curves: dict[int, dict[str, Any]] = {id(t): {"members": names} for t in self.tracks}
         if self.cfg.tune.per_class_blend:
             for c, cls in enumerate(self.oof.spec.classes):
-                values = _candidates(self.weights[c], grid)
-                results = self.evaluate([self.weights], (c, "weights", values), f"{step} {cls}")
-                pick = int(np.argmax([r["score"] for r in results]))
-                self.weights[c] = values[pick]
-                self.best = results[pick]
-                curve[cls] = _curve([v.tolist() for v in values], results, values[pick].tolist())
+                jobs = [
+                    (t, [t.weights], (c, "weights", _candidates(t.weights[c], grid))) for t in self.tracks
+                ]
+                for (t, _, (_, _, vals)), results in zip(jobs, self.evaluate(jobs, f"{step} {cls}")):
+                    pick = int(np.argmax([r["score"] for r in results]))
+                    t.weights[c] = vals[pick]
+                    t.best = results[pick]
+                    curves[id(t)][cls] = _curve([v.tolist() for v in vals], results, vals[pick].tolist())
         else:
-            values = _candidates(self.weights[0], grid)
-            tiled = [np.tile(v, (len(self.weights), 1)) for v in values]
-            results = self.evaluate(tiled, desc=step)
-            pick = int(np.argmax([r["score"] for r in results]))
-            self.weights = tiled[pick]
-            self.best = results[pick]
-            curve["all"] = _curve([v.tolist() for v in values], results, values[pick].tolist())
-        self.curves[step] = curve
+            tiled = {
+                id(t): [np.tile(v, (len(t.weights), 1)) for v in _candidates(t.weights[0], grid)]
+                for t in self.tracks
+            }
+            jobs = [(t, tiled[id(t)], None) for t in self.tracks]
+            for (t, cands, _), results in zip(jobs, self.evaluate(jobs, step)):
+                pick = int(np.argmax([r["score"] for r in results]))
+                t.weights = cands[pick].copy()
+                t.best = results[pick]
+                curves[id(t)]["all"] = _curve(
+                    [v[0].tolist() for v in cands], results, cands[pick][0].tolist()
+                )
         label = (
             STEP_LABELS[step].replace("blend", "per-class blend") if self.cfg.tune.per_class_blend else None
         )
-        self.record(step, label)
+        for t in self.tracks:
+            t.curves[step] = curves[id(t)]
+            t.record(step, label)
+
+
+def _refine(sweep: int) -> str:
+    return "refine" if sweep == 2 else f"refine_{sweep}"
 
 
 def _curve(values: list[Any], results: list[dict], chosen: Any) -> dict:

@@ -27,8 +27,10 @@ rest the tuning part. The whole search runs on the tuning part, and the settings
 each step are scored on the held-apart volumes (``held_out``, with ``held_gain`` step over step).
 The decisions that are saved come from a second search on every volume (``score``): they use all
 the data, and the held-apart column says how much of each step's gain survives on volumes the
-choice never saw. Nested folds would give every volume a held-apart score but cost a search per
-fold; one split costs about 1.7 searches. ``held_out`` and ``score`` are on different volume sets,
+choice never saw. The two searches run in lockstep and share their passes over the OOF (a day
+the tuning part holds is scored once where both hold the same settings), so the estimate costs far
+less than a second search. Nested folds would give every volume a held-apart score but cost a
+search per fold. ``held_out`` and ``score`` are on different volume sets,
 so their gap mixes optimism with how hard the held volumes are: compare the gains.
 
 With several members, every member alone (weight 1 in every class) at the tuned post-processing
@@ -51,7 +53,7 @@ from pipeline.config import EnsembleConfig
 from pipeline.infer.ensemble import OOFSet, load_oof
 from pipeline.infer.evaluate import default_workers, evaluate, evaluate_settings, metric_values
 from pipeline.infer.postprocess import STAGES, Decisions, decisions_path, write_decisions
-from pipeline.infer.search import STEP_LABELS, Search, raw_params, simplex_grid, stage_grid
+from pipeline.infer.search import STEP_LABELS, Search, Track, raw_params, simplex_grid, stage_grid
 
 __all__ = [
     "STEP_LABELS",
@@ -94,7 +96,7 @@ def split_days(oof: OOFSet, fraction: float, seed: int) -> tuple[list[str], list
     )
 
 
-def _step_rows(full: Search, held: list[dict] | None) -> list[dict]:
+def _step_rows(full: Track, held: list[dict] | None) -> list[dict]:
     rows: list[dict] = []
     for i, rec in enumerate(full.records):
         prev = full.records[i - 1].result["score"] if i else None
@@ -116,8 +118,13 @@ def tune_ensemble(
     oof = load_oof(cfg, root, progress)
     names, classes = oof.member_names(), oof.spec.classes
     kw = {"workers": workers, "progress": progress}
-    full = Search(oof, cfg, oof.days, **kw).run()
     tuning, held, held_groups = split_days(oof, cfg.tune.holdout, cfg.tune.holdout_seed)
+    if held:
+        log.info(
+            "held apart: %d of the OOF groups (%d of %d volumes)", len(held_groups), len(held), len(oof.days)
+        )
+    day_sets = [("", oof.days)] + ([("tuning part: ", tuning)] if held else [])
+    full, *part = Search(oof, cfg, day_sets, **kw).run().tracks
     alone = [one_hot(len(classes), len(names), m) for m in range(len(names))] if len(names) > 1 else []
 
     final = evaluate(oof, [full.weights], full.params, per_class=True, desc="final OOF", **kw)[0]
@@ -127,11 +134,8 @@ def tune_ensemble(
     held_steps = alone_held = None
     holdout: dict[str, Any] = {"fraction": cfg.tune.holdout, "seed": cfg.tune.holdout_seed}
     if held:
-        log.info(
-            "held apart: %d of the OOF groups (%d of %d volumes)", len(held_groups), len(held), len(oof.days)
-        )
-        part = Search(oof, cfg, tuning, tag="tuning part: ", **kw).run(warn_edges=False)
-        # both searches record the same steps by construction (skips depend on the config, not the data)
+        part = part[0]
+        # both tracks record the same steps by construction (skips depend on the config, not the data)
         settings = [(r.weights, r.params) for r in part.records] + [(w, part.params) for w in alone]
         scored = evaluate_settings(oof, settings, held, desc="held-apart", **kw)
         held_steps, alone_held = scored[: len(part.records)], scored[len(part.records) :]
