@@ -180,6 +180,9 @@ class TuneCfg:
     per_class_blend: bool = True  # blend weights chosen per class (else one set for every class)
     holdout: float = 0.3  # fraction of OOF volume groups held apart to report an honest tuned score (0: off)
     holdout_seed: int = 0
+    # with members and a held-apart split: when the blend chosen on the tuning part scores below one of
+    # its members alone on the held-apart groups, that member is kept alone (its post-processing re-tuned)
+    blend_guard: bool = True
 
 
 # --------------------------------------------------------------------------- stage configs

@@ -180,3 +180,33 @@ def test_decoded_cache_holds_the_box_and_follows_its_source(
     empty = np.zeros_like(probs)
     write_member("a", {day: empty}, {day: entry.ids})
     assert oof_entry(path2).box is None and not read_oof_day(path2)[0].any()
+
+
+def test_blend_guard_keeps_the_member_that_wins_held_apart(sparse_oof: Path) -> None:
+    """Member 'b' is the truth itself on the tuning part and noise on the held-apart groups: every
+    in-sample choice wants it, the held-apart groups do not, so the guard keeps 'a' alone."""
+    from pipeline.infer.postprocess import read_decisions
+    from pipeline.infer.tune import run_tune, split_days
+
+    cfg = _cfg(holdout=0.4, holdout_seed=1)
+    oof = load_oof(cfg, sparse_oof, progress=False)
+    tuning, held, _ = split_days(oof, 0.4, 1)
+    rng = np.random.default_rng(5)
+    probs = {d: np.where(oof.truth_mask(d), 230, 0).astype(np.uint8) for d in tuning}
+    probs |= {d: rng.integers(0, 256, SHAPE).astype(np.uint8) for d in held}
+    write_member("b", probs, oof.ids)
+    guarded = read_decisions("sparse", run_tune(cfg, sparse_oof, workers=2, progress=False))
+    guard = guarded.oof["blend_guard"]
+    assert guard["kept"] == "a" and guard["blend_held_out"] < guard["alone_held_out"]
+    assert guarded.used_members() == ["a"] and all(
+        w == {"a": 1.0, "b": 0.0} for w in guarded.weights.values()
+    )
+    steps = {s["step"]: s for s in guarded.steps}
+    assert steps["blend"]["skipped"] == steps["blend_raw"]["skipped"] == "weights held (blend guard)"
+    assert all(w == {"a": 1.0, "b": 0.0} for w in guarded.holdout["weights"].values())
+    # switched off, the blend (which leans on 'b') is kept, and it is what lost held apart
+    cfg_off = _cfg(holdout=0.4, holdout_seed=1, blend_guard=False)
+    blended = read_decisions("sparse", run_tune(cfg_off, sparse_oof, workers=2, progress=False))
+    assert blended.oof["blend_guard"] is None and "b" in blended.used_members()
+    assert blended.holdout["held_score"] == pytest.approx(guard["blend_held_out"])
+    assert blended.steps[:2] == guarded.steps[:2]  # the members-alone rows are the blend search's

@@ -144,6 +144,13 @@ def summary_lines(decisions: Decisions) -> list[str]:
     if gain:
         held = "" if gain.get("held_out") is None else f", {gain['held_out']:+.4f} held-apart"
         out.append(f"blend over the best member alone ({gain['over']}): {gain['score']:+.4f} in-sample{held}")
+    guard = (decisions.oof or {}).get("blend_guard")
+    if guard:
+        out.append(
+            f"blend guard: the blend loses held apart ({guard['blend_held_out']:.4f} against "
+            f"{guard['alone_held_out']:.4f}), so {guard['kept']} is kept alone (the steps below are its search; "
+            "tune.blend_guard=false keeps the blend)"
+        )
     return out
 
 

@@ -122,11 +122,12 @@ class Search:
     day_sets: list[tuple[str, list[str]]]  # (log tag, days) per track
     workers: int = 1
     progress: bool = True
+    fixed: np.ndarray | None = None  # (classes, members) weights held throughout (no blend step)
     tracks: list[Track] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n_classes = len(self.oof.spec.classes)
-        start = np.tile(start_weights(self.cfg), (n_classes, 1))
+        start = np.tile(start_weights(self.cfg), (n_classes, 1)) if self.fixed is None else self.fixed
         self.tracks = [
             Track(list(days), start.copy(), raw_params(n_classes), tag) for tag, days in self.day_sets
         ]
@@ -218,9 +219,9 @@ class Search:
     def tune_blend(self, step: str) -> None:
         """Grid-search the member weights over the simplex with the per-class settings held."""
         names = self.oof.member_names()
-        if len(names) < 2:
+        if len(names) < 2 or self.fixed is not None:
             for t in self.tracks:
-                t.record(step, skipped="one member")
+                t.record(step, skipped="one member" if len(names) < 2 else "weights held (blend guard)")
             return
         grid = simplex_grid(len(names), self.cfg.tune.blend_steps)
         curves: dict[int, dict[str, Any]] = {id(t): {"members": names} for t in self.tracks}

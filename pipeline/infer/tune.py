@@ -36,6 +36,14 @@ so their gap mixes optimism with how hard the held volumes are: compare the gain
 With several members, every member alone (weight 1 in every class) at the tuned post-processing
 is scored too (rows ``alone:<member>``), so the blend's own gain shows.
 
+**Blend guard** (``tune.blend_guard``, on by default). In-sample, a blend never scores below its
+best member (the member alone is on the weight grid), so an overfitted blend is only seen held
+apart. When the tuning part's blend scores below one of its members alone on the held-apart groups
+(both at the tuning part's post-processing, which favours the blend), that member is kept alone:
+the search runs again with its weight held at 1 in every class (its own thresholds and gates), and
+those decisions are saved, with the verdict under ``oof.blend_guard``; the members-alone rows stay
+those of the blend's search.
+
 The search itself is :class:`pipeline.infer.search.Search`; the scoring with shared work between
 candidates is :mod:`pipeline.infer.evaluate`.
 """
@@ -43,7 +51,7 @@ candidates is :mod:`pipeline.infer.evaluate`.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,70 +118,126 @@ def _step_rows(full: Track, held: list[dict] | None) -> list[dict]:
     return rows
 
 
-def tune_ensemble(
-    cfg: EnsembleConfig, root: Path, *, workers: int | None = None, progress: bool = True
-) -> Decisions:
-    """Run the search on the OOF of ``cfg``'s members (and on its tuning part) and return the decisions."""
-    workers = workers or default_workers()
-    oof = load_oof(cfg, root, progress)
-    names, classes = oof.member_names(), oof.spec.classes
-    kw = {"workers": workers, "progress": progress}
-    tuning, held, held_groups = split_days(oof, cfg.tune.holdout, cfg.tune.holdout_seed)
-    if held:
-        log.info(
-            "held apart: %d of the OOF groups (%d of %d volumes)", len(held_groups), len(held), len(oof.days)
-        )
-    day_sets = [("", oof.days)] + ([("tuning part: ", tuning)] if held else [])
-    full, *part = Search(oof, cfg, day_sets, **kw).run().tracks
-    alone = [one_hot(len(classes), len(names), m) for m in range(len(names))] if len(names) > 1 else []
+@dataclass
+class _Run:
+    """One tuning run: the search on every volume, its held-apart twin, and the members alone."""
 
+    full: Track
+    final: dict
+    alone_all: list[dict]
+    held_steps: list[dict] | None = None
+    alone_held: list[dict] | None = None
+    holdout: dict[str, Any] = field(default_factory=dict)
+
+
+def _tune_run(oof: OOFSet, cfg: EnsembleConfig, split: tuple, fixed: np.ndarray | None, kw: dict) -> _Run:
+    """Both searches in lockstep (weights held at ``fixed`` when given), then the scores of their settings."""
+    tuning, held, held_groups = split
+    names, classes = oof.member_names(), oof.spec.classes
+    day_sets = [("", oof.days)] + ([("tuning part: ", tuning)] if held else [])
+    full, *part = Search(oof, cfg, day_sets, fixed=fixed, **kw).run().tracks
+    blended = len(names) > 1 and fixed is None
+    alone = [one_hot(len(classes), len(names), m) for m in range(len(names))] if blended else []
     final = evaluate(oof, [full.weights], full.params, per_class=True, desc="final OOF", **kw)[0]
     alone_all = evaluate_settings(
         oof, [(w, full.params) for w in alone], oof.days, desc="members alone", **kw
     )
-    held_steps = alone_held = None
-    holdout: dict[str, Any] = {"fraction": cfg.tune.holdout, "seed": cfg.tune.holdout_seed}
-    if held:
-        part = part[0]
-        # both tracks record the same steps by construction (skips depend on the config, not the data)
-        settings = [(r.weights, r.params) for r in part.records] + [(w, part.params) for w in alone]
-        scored = evaluate_settings(oof, settings, held, desc="held-apart", **kw)
-        held_steps, alone_held = scored[: len(part.records)], scored[len(part.records) :]
-        holdout |= {
-            "groups": held_groups,
-            "days_tuning": len(tuning),
-            "days_held": len(held),
-            "tuning_score": part.records[-1].result["score"],
-            "held_score": held_steps[-1]["score"],
-            "weights": _weights_json(part.weights, classes, names),
-            "classes": {cls: asdict(p) for cls, p in zip(classes, part.params)},
-        }
-    else:
-        holdout["skipped"] = "tune.holdout is 0" if cfg.tune.holdout <= 0 else "the OOF spans one group"
-        log.info("no held-apart estimate: %s", holdout["skipped"])
+    run = _Run(full, final, alone_all, holdout={"fraction": cfg.tune.holdout, "seed": cfg.tune.holdout_seed})
+    if not held:
+        run.holdout["skipped"] = "tune.holdout is 0" if cfg.tune.holdout <= 0 else "the OOF spans one group"
+        log.info("no held-apart estimate: %s", run.holdout["skipped"])
+        return run
+    part = part[0]
+    # both tracks record the same steps by construction (skips depend on the config, not the data)
+    settings = [(r.weights, r.params) for r in part.records] + [(w, part.params) for w in alone]
+    scored = evaluate_settings(oof, settings, held, desc="held-apart", **kw)
+    run.held_steps, run.alone_held = scored[: len(part.records)], scored[len(part.records) :]
+    run.holdout |= {
+        "groups": held_groups,
+        "days_tuning": len(tuning),
+        "days_held": len(held),
+        "tuning_score": part.records[-1].result["score"],
+        "held_score": run.held_steps[-1]["score"],
+        "weights": _weights_json(part.weights, classes, names),
+        "classes": {cls: asdict(p) for cls, p in zip(classes, part.params)},
+    }
+    return run
 
+
+def _guard(cfg: EnsembleConfig, names: list[str], run: _Run) -> dict | None:
+    """The blend guard's verdict when a member alone beats the blend held apart (None: the blend stands)."""
+    if not (cfg.tune.blend_guard and run.alone_held and run.held_steps):
+        return None
+    best = int(np.argmax([r["score"] for r in run.alone_held]))
+    blend_held, alone_held = run.held_steps[-1]["score"], run.alone_held[best]["score"]
+    if blend_held >= alone_held:
+        return None
+    return {"kept": names[best], "member": best, "blend_held_out": blend_held, "alone_held_out": alone_held}
+
+
+def tune_ensemble(
+    cfg: EnsembleConfig, root: Path, *, workers: int | None = None, progress: bool = True
+) -> Decisions:
+    """Run the search on the OOF of ``cfg``'s members (and on its tuning part) and return the decisions.
+
+    With the blend guard on (``tune.blend_guard``), a blend that loses on the held-apart groups to one
+    of its members alone (both at the tuning part's settings) is not kept: the search runs again with
+    that member's weight held at 1 in every class, and its decisions are saved.
+    """
+    workers = workers or default_workers()
+    oof = load_oof(cfg, root, progress)
+    names, classes = oof.member_names(), oof.spec.classes
+    kw = {"workers": workers, "progress": progress}
+    split = split_days(oof, cfg.tune.holdout, cfg.tune.holdout_seed)
+    if split[1]:
+        log.info(
+            "held apart: %d of the OOF groups (%d of %d volumes)", len(split[2]), len(split[1]), len(oof.days)
+        )
+    run = _tune_run(oof, cfg, split, None, kw)
+    guard = _guard(cfg, names, run)
+    blend_run = run
+    if guard is not None:
+        log.warning(
+            "blend guard: the blend scores %.5f on the held-apart groups, %s alone %.5f: keeping %s alone "
+            "(post-processing re-tuned; tune.blend_guard=false keeps the blend)",
+            guard["blend_held_out"],
+            guard["kept"],
+            guard["alone_held_out"],
+            guard["kept"],
+        )
+        run = _tune_run(oof, cfg, split, one_hot(len(classes), len(names), guard["member"]), kw)
+        guard |= {
+            "blend_score": blend_run.final["score"],
+            "blend_weights": _weights_json(blend_run.full.weights, classes, names),
+        }
+        del guard["member"]
+    full = run.full
     rows = []
-    for m, result in enumerate(alone_all):  # empty with one member: it is the blend
+    for m, result in enumerate(blend_run.alone_all):  # empty with one member: it is the blend
         rows.append(
             {
                 "step": f"alone:{names[m]}",
                 "label": f"{names[m]} alone (tuned post-processing)",
                 **metric_values(result),
                 "gain": None,
-                "held_out": None if alone_held is None else alone_held[m]["score"],
+                "held_out": None if blend_run.alone_held is None else blend_run.alone_held[m]["score"],
                 "held_gain": None,
             }
         )
-    rows += _step_rows(full, held_steps)
+    rows += _step_rows(full, run.held_steps)
     blend_gain = None
-    if alone:
-        best = int(np.argmax([r["score"] for r in alone_all]))
+    if blend_run.alone_all:
+        best = int(np.argmax([r["score"] for r in blend_run.alone_all]))
+        held_gain = None
+        if blend_run.alone_held is not None:
+            held_gain = blend_run.held_steps[-1]["score"] - blend_run.alone_held[best]["score"]
         blend_gain = {
             "over": names[best],
-            "score": final["score"] - alone_all[best]["score"],
-            "held_out": None if alone_held is None else held_steps[-1]["score"] - alone_held[best]["score"],
+            "score": blend_run.final["score"] - blend_run.alone_all[best]["score"],
+            "held_out": held_gain,
         }
         log.info("blend over %s alone: %+.5f in-sample", names[best], blend_gain["score"])
+    final = run.final
     per_class = {cls: {**final["per_class"][cls], **asdict(full.params[c])} for c, cls in enumerate(classes)}
     grids = {
         stage: [list(v) if isinstance(v, tuple) else v for v in stage_grid(stage, cfg.tune)]
@@ -192,8 +256,9 @@ def tune_ensemble(
             "days": len(oof.days),
             "slices": oof.n_slices,
             **metric_values(final),
-            "held_out": holdout.get("held_score"),
+            "held_out": run.holdout.get("held_score"),
             "blend_gain": blend_gain,
+            "blend_guard": guard,
             "grids": grids
             | {
                 "blend_steps": cfg.tune.blend_steps,
@@ -203,7 +268,7 @@ def tune_ensemble(
         },
         dataset=oof.spec.name,
         volumetric=oof.spec.volumetric,
-        holdout=holdout,
+        holdout=run.holdout,
     )
 
 
