@@ -15,8 +15,9 @@ from pipeline.config import EnsembleConfig, MemberCfg, TuneCfg
 from pipeline.data.volumes import VolumeStore
 from pipeline.datasets import get_dataset
 from pipeline.datasets.uwmgi_files import CLASSES
-from pipeline.infer.ensemble import load_oof, oof_entry, read_oof_day
+from pipeline.infer.ensemble import load_oof
 from pipeline.infer.evaluate import evaluate
+from pipeline.infer.oof_cache import oof_entry, read_oof_day
 from pipeline.infer.postprocess import ClassParams, apply_postprocess
 from pipeline.infer.search import Search
 from pipeline.metric import reference, score_volumes, volume_stats
