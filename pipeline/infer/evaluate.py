@@ -297,17 +297,7 @@ def evaluate_settings(
     """The score dict of each (weights, params) setting over ``days``, in one pass (repeats scored once)."""
     if not settings:
         return []
-    keys = [(np.asarray(w, np.float64).tobytes(), tuple(p)) for w, p in settings]
-    cut = all(can_cut(p) for _, p in settings)
-
-    def one(day: str) -> list[Any]:
-        work = DayWork(oof, day, cut)
-        scored: dict[tuple, Any] = {}
-        for key, (weights, params) in zip(keys, settings):
-            if key not in scored:
-                mask = apply_postprocess(work.blend(weights), work.view.gate, params, oof.spec.volumetric)
-                scored[key] = work.stats(mask)
-        return [scored[k] for k in keys]
-
-    per_day = _map_days(oof, one, days, workers, desc, progress)
-    return [oof.spec.aggregate([stats[i] for stats in per_day]) for i in range(len(settings))]
+    day_set = frozenset(days)
+    jobs = [Job(day_set, [np.asarray(w)], list(p)) for w, p in settings]
+    results = evaluate_jobs(oof, jobs, workers=workers, desc=desc, progress=progress)
+    return [r[0] for r in results]
