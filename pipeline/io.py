@@ -1,4 +1,5 @@
-"""Atomic writes (a file is either absent or complete, never half written) and run-folder locks."""
+"""Atomic writes (a file is either absent or complete, never half written), run-folder locks, and
+``.npy`` / ``.npz`` reads that are safe in threads."""
 
 from __future__ import annotations
 
@@ -7,15 +8,26 @@ import json
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.errors import RunLockedError
 
 LOCK_FILE = ".lock"
+# NumPy parses every .npy header with ast.literal_eval, and CPython 3.11 (ours: 3.11.7) raises a
+# spurious "SystemError: AST constructor recursion depth mismatch" when two threads build an AST at
+# the same time (python/cpython#106905): every header is parsed under this one lock
+_NPY_HEADER_LOCK = threading.Lock()
+_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
 
 
 def _umask() -> int:
@@ -97,3 +109,42 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- arrays in threads
+
+
+def load_npy(path: str | os.PathLike, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` of one ``.npy`` file, safe in any thread (see ``_NPY_HEADER_LOCK``).
+
+    The header is parsed under a process-wide lock; the data is memory-mapped (``mmap_mode``, an
+    ``np.memmap`` as ``np.load`` gives) or read outside it. Object arrays (pickles) are refused.
+    """
+    with open(path, "rb") as fp:
+        version = np.lib.format.read_magic(fp)
+        reader = _HEADER_READERS.get(version)
+        if reader is None:  # format 3.0 (non-latin-1 field names): numpy's own reader, all of it locked
+            with _NPY_HEADER_LOCK:
+                return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+        with _NPY_HEADER_LOCK:
+            shape, fortran_order, dtype = reader(fp)
+        if dtype.hasobject:
+            raise ValueError(f"{path}: holds Python objects; only plain arrays are read")
+        order = "F" if fortran_order else "C"
+        if mmap_mode is not None:
+            return np.memmap(path, dtype=dtype, mode=mmap_mode, shape=shape, order=order, offset=fp.tell())
+        count = int(np.prod(shape, dtype=np.int64))
+        data = np.fromfile(fp, dtype=dtype, count=count)
+    if data.size != count:
+        raise ValueError(f"{path}: truncated, {data.size} of {count} values of a {shape} array")
+    return data.reshape(shape, order=order)
+
+
+def load_npz(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of an ``.npz`` archive, safe in any thread.
+
+    Each member's header sits inside its (compressed) stream, so the whole read holds the lock of
+    :func:`load_npy`: keep it for archives read once (an OOF file decoded into its cache).
+    """
+    with _NPY_HEADER_LOCK, np.load(path, allow_pickle=False) as npz:
+        return {key: npz[key] for key in keys}

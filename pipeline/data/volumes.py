@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from pipeline.io import write_json, write_with
+from pipeline.io import load_npy, write_json, write_with
 from pipeline.paths import cache_dir
 from pipeline.runtime import available_cores
 
@@ -156,7 +156,7 @@ class VolumeStore:
             self._write(volume_id)
         image_path, mask_path, _ = self._paths(volume_id)
         rows = self._groups[volume_id].sort_values("slice")
-        image = np.load(image_path, mmap_mode="r")
-        mask = np.load(mask_path, mmap_mode="r") if self.has_labels else None
+        image = load_npy(image_path, mmap_mode="r")  # thread-safe: tuning maps volumes over threads
+        mask = load_npy(mask_path, mmap_mode="r") if self.has_labels else None
         spacing = (float(rows["py"].iloc[0]), float(rows["px"].iloc[0]))
         return Volume(volume_id, list(rows["id"]), image, mask, spacing)

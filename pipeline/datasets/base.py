@@ -91,6 +91,13 @@ class DatasetSpec:
                 f"no {self.title} images under {Path(root) / self.train_folder} "
                 f"(run `make data DATASET={self.name}`, or point DATA_DIR at the Kaggle download)"
             )
+        return self.check_volumes(catalog)
+
+    def check_volumes(self, catalog: pd.DataFrame) -> pd.DataFrame:
+        """The catalog, once every volume of a ``volumetric`` dataset holds its slices 1..N
+        (:func:`check_slices`); 2D datasets pass as they are."""
+        if self.volumetric:
+            check_slices(catalog)
         return catalog
 
     train_folder: ClassVar[str] = "train"
@@ -112,13 +119,7 @@ class DatasetSpec:
     def read_volume(self, rows: pd.DataFrame, with_masks: bool | None = None) -> Volume:
         """One volume straight from its files (``rows``: that volume's catalog rows, any order)."""
         rows = rows.sort_values("slice", kind="stable")
-        sizes = rows[["height", "width"]].drop_duplicates()
-        if len(sizes) != 1:
-            raise DataError(
-                f"{rows['volume_id'].iloc[0]}: images of one volume have different sizes "
-                f"{sizes.to_dict('records')}; every image of a volume must share its size"
-            )
-        height, width = int(rows["height"].iloc[0]), int(rows["width"].iloc[0])
+        height, width = check_one_size(rows)
         image = np.stack([self.read_image(p, height, width) for p in rows["path"]])
         labelled = self.has_labels(rows) if with_masks is None else with_masks
         mask = self.read_masks(rows) if labelled else None
@@ -184,8 +185,8 @@ class DatasetSpec:
                 len(keep),
                 len(catalog),
             )
-            return catalog.assign(debug=True)
-        return self.scan(root, "test")
+            return self.check_volumes(catalog).assign(debug=True)
+        return self.check_volumes(self.scan(root, "test"))
 
     def submission_writer(
         self, root: Path, out: Path, catalog: pd.DataFrame, encode: Encoder, force: bool = False
@@ -218,6 +219,52 @@ def sort_catalog(
             f"{where}: two image files for id {dup['id'].iloc[0]}: {', '.join(map(str, dup['path']))}"
         )
     return frame.sort_values(list(keys), kind="stable").reset_index(drop=True)
+
+
+def check_slices(catalog: pd.DataFrame) -> None:
+    """Every volume must hold its slices 1..N, each once (both Kaggle sets number them so).
+
+    A missing slice would let 2.5D stacks and 3D patches join slices that are not neighbours, and the
+    volumetric metrics measure a volume with a hole; the first damaged volume is named with its
+    missing (or repeated) slice numbers.
+    """
+    for volume_id, rows in catalog.groupby("volume_id", sort=False):
+        numbers = rows["slice"].astype(int)
+        repeated = sorted(set(numbers[numbers.duplicated()]))
+        missing = sorted(set(range(1, int(numbers.max()) + 1)) - set(numbers))
+        if not (missing or repeated):
+            continue
+        folder = Path(rows["path"].iloc[0]).parent
+        if missing:
+            problem = f"lacks slice(s) {_numbers(missing)} of 1..{int(numbers.max())}"
+            fix = "restore the missing images (and their masks)"
+        else:
+            problem = f"has slice(s) {_numbers(repeated)} twice"
+            fix = "keep one file per slice"
+        raise DataError(
+            f"{volume_id} ({folder}) {problem}: 2.5D stacks and 3D patches would join slices that are "
+            f"not neighbours; {fix}, or move the whole volume out of the split"
+        )
+
+
+def _numbers(values: Sequence[int], shown: int = 10) -> str:
+    text = ", ".join(str(v) for v in values[:shown])
+    return text + (f" ... ({len(values)} in all)" if len(values) > shown else "")
+
+
+def check_one_size(rows: pd.DataFrame) -> tuple[int, int]:
+    """The (height, width) every image of one volume's ``rows`` shares; an odd image is named."""
+    sizes = list(zip(rows["height"].astype(int), rows["width"].astype(int)))
+    common = max(dict.fromkeys(sizes), key=sizes.count)  # ties: the first
+    odd = [i for i, size in enumerate(sizes) if size != common]
+    if odd:
+        first = rows.iloc[odd[0]]
+        raise DataError(
+            f"{first['path']}: image is {int(first['width'])}x{int(first['height'])}, but the other images of "
+            f"{first['volume_id']} are {common[1]}x{common[0]} ({len(odd)} of {len(rows)} differ); every "
+            "image of a volume must share its size: replace the file or move it out"
+        )
+    return common
 
 
 def slice_dice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:

@@ -8,9 +8,10 @@ as 1-indexed **column-major** RLE (the label source used here); ``test/<img>.tif
 
 One class (``nerve``); group = subject; no volumes: images are 2D (``data.k = 0``), a subject's
 frames are batched together as a "volume" only for caching, and test images in blocks of
-:data:`TEST_BLOCK`. Metric: mean over images of Dice, where an empty prediction of an empty truth
-scores 1 (an all-empty submission scored about 0.53 on the real leaderboard). The writer refuses a
-submission whose masks are all full or all identical (the all-white ``1 243600`` failure) unless forced.
+:data:`TEST_BLOCK` frames of one size (a frame of another size is predicted at its own size).
+Metric: mean over images of Dice, where an empty prediction of an empty truth scores 1 (an
+all-empty submission scored about 0.53 on the real leaderboard). The writer refuses a submission
+whose masks are all full or all identical (the all-white ``1 243600`` failure) unless forced.
 """
 
 from __future__ import annotations
@@ -44,12 +45,12 @@ log = logging.getLogger(__name__)
 CLASSES = ("nerve",)
 TRAIN_RE = re.compile(r"^(?P<subject>\d+)_(?P<img>\d+)$")
 TEST_RE = re.compile(r"^(?P<img>\d+)$")
-TEST_BLOCK = 32  # test images batched per "volume"
+TEST_BLOCK = 32  # test images of one size batched per "volume"
 COLUMNS = ["id", "group", "volume_id", "slice", "path", "height", "width", "px", "py"]
 
 
 def scan_nerve(root: Path, split: str = "train") -> pd.DataFrame:
-    """``train/<subject>_<img>.tif`` (group = subject) or ``test/<img>.tif`` (blocks of TEST_BLOCK)."""
+    """``train/<subject>_<img>.tif`` (group = subject) or ``test/<img>.tif`` (:func:`batch_names`)."""
     base = Path(root) / split
     rows = []
     pattern = TRAIN_RE if split == "train" else TEST_RE
@@ -69,8 +70,27 @@ def scan_nerve(root: Path, split: str = "train") -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=COLUMNS)
     if split != "train" and not frame.empty:
         frame = frame.sort_values("slice", kind="stable").reset_index(drop=True)
-        frame["volume_id"] = [f"test{i // TEST_BLOCK:04d}" for i in range(len(frame))]
+        frame["volume_id"] = batch_names(frame)
     return sort_catalog(frame, base, ("group", "slice") if split == "train" else ("slice",))
+
+
+def batch_names(frame: pd.DataFrame) -> list[str]:
+    """Batch names ``test<NNNN>`` of test frames in img order: blocks of TEST_BLOCK frames of one size.
+
+    Frames are independent images, so a frame of another size (a cut or re-exported file) gets its
+    own block and is predicted and encoded at its size; sizes are numbered in order of first frame.
+    """
+    sizes = list(zip(frame["height"].astype(int), frame["width"].astype(int)))
+    count = dict.fromkeys(sizes, 0)
+    rank = []
+    for size in sizes:
+        rank.append(count[size])
+        count[size] += 1
+    first, start = 0, {}
+    for size, n in count.items():
+        start[size] = first
+        first += -(-n // TEST_BLOCK)
+    return [f"test{start[size] + r // TEST_BLOCK:04d}" for size, r in zip(sizes, rank)]
 
 
 def read_train_masks(root: Path) -> pd.DataFrame:
@@ -132,11 +152,15 @@ def nerve_aggregate(stats: list[NerveStats]) -> dict:
     }
 
 
-def check_masks_sane(rles: list[str], size: int, where: str) -> None:
-    """Refuse the tell-tale failures: every mask full (``1 <H*W>``), or every mask the same."""
-    if len(rles) > 1 and all(r == f"1 {size}" for r in rles):
+def check_masks_sane(rles: list[str], size: int | list[int], where: str) -> None:
+    """Refuse the tell-tale failures: every mask full (``1 <H*W>``), or every mask the same.
+
+    ``size``: H*W of every image, or of each image in ``rles``' order.
+    """
+    sizes = [size] * len(rles) if isinstance(size, int) else list(size)
+    if len(rles) > 1 and all(r == f"1 {n}" for r, n in zip(rles, sizes)):
         raise SubmissionError(
-            f"{where}: every predicted mask is the whole image ('1 {size}'): the model or its threshold "
+            f"{where}: every predicted mask is the whole image ('1 {sizes[0]}'): the model or its threshold "
             "is broken (check the tuned threshold and the input scaling); pass --force to write it anyway"
         )
     if len(rles) > 1 and len(set(rles)) == 1:
@@ -157,7 +181,7 @@ class NerveSubmissionWriter(SubmissionWriter):
             self.rows = list(read_csv_strings(sample, ("img", "pixels"), "sample_submission.csv")["img"])
         else:
             self.rows = list(catalog["id"])
-        self.size = int(catalog["height"].iloc[0] * catalog["width"].iloc[0]) if len(catalog) else 0
+        self.sizes = dict(zip(catalog["id"], (catalog["height"] * catalog["width"]).astype(int)))
         self.predicted: dict[str, str] = {}
 
     def add(self, volume: Volume, masks: np.ndarray) -> None:
@@ -171,7 +195,7 @@ class NerveSubmissionWriter(SubmissionWriter):
             )
         pixels = [self.predicted.get(i, "") for i in self.rows]
         if not self.force:
-            check_masks_sane(pixels, self.size, str(self.out))
+            check_masks_sane(pixels, [self.sizes.get(i, 0) for i in self.rows], str(self.out))
         with atomic_path(self.out) as tmp:
             pd.DataFrame({"img": self.rows, "pixels": pixels}).to_csv(tmp, index=False)
         log.info("%s: %d images, %d with a nerve", self.out, len(pixels), sum(1 for p in pixels if p))

@@ -51,7 +51,7 @@ class UWMadison(DatasetSpec):
         return scan_split(root, split)
 
     def load_split(self, root: Path, split: str = "train") -> pd.DataFrame:
-        return load_split(root, split)
+        return self.check_volumes(load_split(root, split))
 
     def has_labels(self, catalog: pd.DataFrame) -> bool:
         return all(name in catalog.columns for name in CLASSES)
@@ -101,7 +101,7 @@ class UWMadison(DatasetSpec):
     def prediction_catalog(self, root: Path, debug_volumes: int = 0) -> pd.DataFrame:
         if debug_volumes > 0:
             return super().prediction_catalog(root, debug_volumes)
-        return uwmgi_submission.test_catalog(root)
+        return self.check_volumes(uwmgi_submission.test_catalog(root))
 
     def submission_writer(
         self, root: Path, out: Path, catalog: pd.DataFrame, encode: Encoder, force: bool = False

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.infer.postprocess import foreground_box
-from pipeline.io import write_text, write_with
+from pipeline.infer.masks import foreground_box
+from pipeline.io import load_npy, load_npz, write_text, write_with
 from pipeline.paths import cache_dir, runs_dir
 
-Box = tuple[slice, slice, slice]  # (S, H, W) slices of a day-volume
+Box = tuple[slice, slice, slice]  # (S, H, W) slices of a volume
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class OOFEntry:
 
     def crop(self) -> np.ndarray:
         """The box's (s, classes, h, w) uint8 probabilities, memory-mapped."""
-        return np.load(self.cache, mmap_mode="r")
+        return load_npy(self.cache, mmap_mode="r")  # thread-safe: tuning reads days over threads
 
     def cut(self, box: Box) -> np.ndarray:
         """A C-contiguous (s, classes, h, w) copy of the probabilities in ``box`` (zeros outside this
@@ -63,10 +63,11 @@ def volume_box(mask: np.ndarray) -> Box | None:
 
 def union_box(boxes: list[Box | None], shape: tuple[int, ...]) -> Box:
     """The smallest box holding every box given (one voxel at the origin when none is)."""
-    boxes = [b for b in boxes if b is not None]
-    if not boxes:
+    given = [b for b in boxes if b is not None]
+    if not given:
         return (slice(0, 1), slice(0, 1), slice(0, 1))
-    return tuple(slice(min(b[i].start for b in boxes), max(b[i].stop for b in boxes)) for i in range(3))
+    s, h, w = (slice(min(b[i].start for b in given), max(b[i].stop for b in given)) for i in range(3))
+    return s, h, w
 
 
 def _cache_path(npz: Path) -> Path:
@@ -100,14 +101,16 @@ def oof_entry(path: Path) -> OOFEntry:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"{path}: unreadable OOF file ({exc}); rerun the member's training or OOF") from None
-    box = None if meta["box"] is None else tuple(slice(a, b) for a, b in meta["box"])
+    box: Box | None = None
+    if meta["box"] is not None:
+        (s0, s1), (h0, h1), (w0, w1) = meta["box"]
+        box = (slice(s0, s1), slice(h0, h1), slice(w0, w1))
     return OOFEntry(list(meta["ids"]), tuple(meta["shape"]), box, cache)
 
 
 def _decode(path: Path, cache: Path, meta_path: Path, source: dict) -> dict:
-    with np.load(path) as npz:
-        ids = [str(i) for i in npz["ids"]]
-        probs = npz["probs"]
+    arrays = load_npz(path, ("ids", "probs"))
+    ids, probs = [str(i) for i in arrays["ids"]], arrays["probs"]
     if probs.dtype != np.uint8 or probs.ndim != 4:
         raise DataError(f"{path}: 'probs' must be uint8 (S, classes, H, W), got {probs.dtype} {probs.shape}")
     box = volume_box(probs)
@@ -125,7 +128,7 @@ def _decode(path: Path, cache: Path, meta_path: Path, source: dict) -> dict:
     return meta
 
 
-def read_oof_day(path: Path) -> tuple[np.ndarray, list[str]]:
+def read_oof_volume(path: Path) -> tuple[np.ndarray, list[str]]:
     """(probs uint8 (S, classes, H, W), ids) of one OOF file, from its decoded cache."""
     entry = oof_entry(path)
     return entry.full(), entry.ids
