@@ -1,4 +1,5 @@
-"""The LGG phantom: the real Kaggle layout, numeric slice order, labels, tumour realism, determinism."""
+"""The LGG phantom: the real Kaggle layout, numeric slice order, labels, determinism, and the real
+scans' statistics (tumour size, shape and contrast, head size, intensities) within tolerances."""
 
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ from pipeline.data.phantom_lgg import (
     Preset,
     format_stats,
     generate_lgg,
+    patient_setup,
     plan_patients,
     render_patient,
 )
+from pipeline.data.stats import DataStats, dataset_stats
 from pipeline.data.synthetic_io import SyntheticDataError
+from pipeline.datasets import get_dataset
 from pipeline.rle import rle_decode
 
 TINY = PRESETS["tiny"]
@@ -111,9 +115,9 @@ def test_train_masks_on_disk_are_the_rendered_ones(tiny: tuple[Path, dict]) -> N
     assert np.array_equal(np.stack(on_disk), masks[:2])
 
 
-def test_tumour_is_contiguous_and_bright_in_flair() -> None:
+def test_tumour_is_contiguous_and_brighter_in_flair() -> None:
     demo_like = dataclasses.replace(PRESETS["demo"], size=64, train_patients=10, test_patients=0)
-    with_tumour, slices = 0, 0
+    with_tumour, slices, ratios = 0, 0, []
     for job in plan_patients(demo_like, seed=5):
         images, masks = render_patient(job)
         on = np.flatnonzero(masks.any(axis=(1, 2)))
@@ -125,10 +129,12 @@ def test_tumour_is_contiguous_and_bright_in_flair() -> None:
         tumour = masks > 0
         ring = ndimage.binary_dilation(tumour, np.ones((1, 5, 5), bool)) & ~tumour
         flair = images[..., 1].astype(float)
-        assert flair[tumour].mean() > flair[ring].mean() + 20, job.volume
+        ratios.append(np.median(flair[tumour]) / np.median(flair[ring]))
         pre = images[..., 0].astype(float)
-        if not np.array_equal(pre, flair):  # a missing pre-contrast is replaced by FLAIR
-            assert pre[tumour].mean() < flair[tumour].mean()
+        if not np.array_equal(pre, flair) and not patient_setup(job)["grey"]:
+            assert np.median(pre[tumour]) < np.median(pre[ring]), job.volume  # dark before contrast
+    assert min(ratios) > 1.0  # always brighter than the brain around it in FLAIR ...
+    assert np.median(ratios) < 2.0 and min(ratios) < 1.4  # ... but often faintly, as in the real scans
     assert 0.2 <= with_tumour / slices <= 0.5
 
 
@@ -167,3 +173,33 @@ def test_refuses_real_data_and_other_specs(tiny: tuple[Path, dict], tmp_path: Pa
         generate_lgg(root, "tiny", seed=7)
     with pytest.raises(SyntheticDataError, match="unknown preset"):
         generate_lgg(tmp_path / "x", "huge")
+
+
+# --------------------------------------------------------------------------- calibrated to the real scans
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> DataStats:
+    """The statistics of 20 demo-like patients at 128 px (areas are given at 256x256)."""
+    root = tmp_path_factory.mktemp("calibrated") / "lgg"
+    preset = dataclasses.replace(
+        PRESETS["demo"], name="calibrated", size=128, train_patients=20, test_patients=0
+    )
+    generate_lgg(root, preset, seed=0)
+    return dataset_stats(get_dataset("lgg"), root)
+
+
+def test_tumours_are_as_large_and_irregular_as_the_real_ones(calibrated: DataStats) -> None:
+    # real dev set (15 patients): 170 / 1,494 / 5,459 px a tumour slice; the old phantom 165 / 1,031 / 2,131
+    _, area_p50, area_p95 = calibrated.value("tumour area per tumour slice")
+    assert 1_200 <= area_p50 <= 2_400 and 3_500 <= area_p95 <= 12_000
+    _, share_p50, _ = calibrated.value("share of slices with tumour")
+    assert 0.25 <= share_p50 <= 0.45  # real 0.35
+    assert 0.72 <= calibrated.value("tumour solidity")[1] <= 0.92  # real 0.84, the old ellipsoids 0.96
+
+
+def test_tumours_are_often_faint_and_the_head_fills_the_frame(calibrated: DataStats) -> None:
+    contrast_p10, contrast_p50, _ = calibrated.value("FLAIR tumour / rest of head")
+    assert contrast_p10 < 1.6 and 1.4 <= contrast_p50 <= 2.1  # real 1.28 / 1.75, the old phantom 1.82 / 1.97
+    assert 0.5 <= calibrated.value("head box share")[1] <= 0.65  # real 0.54, the old phantom 0.47
+    assert 35 <= calibrated.value("median FLAIR of the head")[1] <= 70  # real 48 of 255, the old phantom 102

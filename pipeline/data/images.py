@@ -23,6 +23,7 @@ def tiff_shape(path: Path) -> tuple[int, ...]:
 
 
 def read_tiff(path: str | Path) -> np.ndarray:
+    """The pixels of a TIFF; compressed files (the real nerve frames are LZW) need ``imagecodecs``."""
     import tifffile
 
     path = Path(path)
@@ -31,6 +32,11 @@ def read_tiff(path: str | Path) -> np.ndarray:
     try:
         return tifffile.imread(path)
     except (OSError, ValueError, tifffile.TiffFileError) as exc:
+        if "imagecodecs" in str(exc):  # tifffile decodes compressed TIFF only through that package
+            raise DataError(
+                f"{path}: a compressed TIFF ({exc}): install the codecs pinned in requirements.txt "
+                "(`make install`, or `pip install imagecodecs`)"
+            ) from None
         raise DataError(
             f"{path}: not a readable TIFF ({exc}); replace the file or remove the slice"
         ) from None

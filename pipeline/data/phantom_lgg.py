@@ -8,11 +8,14 @@ row-major RLE). ``<VOL>`` is ``TCGA_<inst>_<pid>_<YYYYMMDD>``; ``k`` counts from
 sorted as a number (``_10`` sorts before ``_2`` as text). Each patient is seeded from
 ``(seed, patient index)``, so the bytes do not depend on the number of workers.
 
-The head is an ellipsoid with scalp, a two-table skull, CSF, grey and white matter (smooth noise
-folds the cortex), sulci, deep grey nuclei and two lateral ventricles; slices shrink towards the
-ends of the stack. The tumour is a wobbly ellipsoid: bright in FLAIR, slightly dark before
-contrast, a faint enhancing rim after. A patient-level scale, a bias field and Rician noise
-finish each image; as in the real data, a missing sequence is sometimes replaced by FLAIR.
+The head is an ellipsoid that fills most of the frame, with scalp, a two-table skull, CSF, grey
+and white matter (smooth noise folds the cortex), sulci, deep grey nuclei and two lateral
+ventricles; slices shrink towards the ends of the stack. The tumour is a lobed, wobbly union of
+ellipsoids, as large and irregular as the real ones (``stages.data_stats`` compares them): brighter
+than the brain in FLAIR by a patient-level factor that is often faint, slightly dark before
+contrast, a faint enhancing rim after. The images are as dark as the real ones, with a per-patient,
+per-sequence scale, a bias field and Rician noise; as in the real data, a missing sequence is
+sometimes replaced by FLAIR, and some patients' pre-contrast comes on a grey background.
 """
 
 from __future__ import annotations
@@ -29,10 +32,18 @@ import cv2
 import numpy as np
 import pandas as pd
 import tifffile
-from scipy import ndimage
 from tqdm.auto import tqdm
 
-from pipeline.data.synthetic_io import SyntheticDataError, init_worker, write_dataset_folder, resolve_preset
+from pipeline.data.phantom_lgg_anatomy import (
+    GREY,
+    WHITE,
+    anatomy,
+    smooth_noise,
+    tumour,
+    tumour_axes,
+    tumour_lobes,
+)
+from pipeline.data.synthetic_io import init_worker, resolve_preset, write_dataset_folder
 from pipeline.io import write_csv, write_json, write_with
 from pipeline.rle import rle_encode_numpy
 
@@ -48,28 +59,28 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: calibrated to the real dev set (sizes, shapes, contrast, head, intensities)
 CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")
 INSTITUTIONS = ("CS", "DU", "EZ", "FG", "HT")
 INSTITUTION_WEIGHTS = (0.15, 0.45, 0.05, 0.15, 0.20)  # about the real mix of the 110 patients
 FILLED_SHARE = 0.08  # per missing-able sequence: replaced by FLAIR, as in the real data
-T_RANGE = (-0.92, 0.88)  # the stack runs from the skull base to near the vertex (head radius 1)
-MIN_TUMOUR_PX = 8  # at 256x256: smaller cross-sections are left unlabelled
-# tissue codes and their (pre-contrast, FLAIR, post-contrast) intensity on a 0..1 scale
-BACKGROUND, FAT, BONE, CSF, GREY, WHITE = range(6)
+GREY_SHARE = 0.67  # FG patients whose pre-contrast comes on a grey background (2 of 3 in the real set)
+# (pre-contrast, FLAIR, post-contrast) intensity of each tissue code on a 0..1 scale
+# (real slices are dark: the brain near 50 of 255, the scalp near 160-250)
 CONTRAST = np.array(
     [
         [0.0, 0.0, 0.0],
-        [0.80, 0.50, 0.82],
-        [0.08, 0.07, 0.10],
-        [0.15, 0.09, 0.19],
-        [0.46, 0.58, 0.50],
-        [0.62, 0.44, 0.64],
+        [0.80, 0.62, 0.78],
+        [0.04, 0.04, 0.05],
+        [0.07, 0.05, 0.09],
+        [0.19, 0.23, 0.21],
+        [0.25, 0.18, 0.26],
     ],
     np.float32,
 )
-TUMOUR = np.array([0.37, 0.86, 0.46], np.float32)  # FLAIR-bright, slightly T1-dark
-RIM = np.array([0.0, 0.0, 0.16], np.float32)  # faint enhancing rim after contrast
+TUMOUR_T1 = (0.7, 0.95)  # tumour / grey matter before and after contrast (T1-dark)
+FLAIR_RATIO = (0.85, 1.85)  # tumour FLAIR / grey matter FLAIR, per patient: often faint
+RIM = np.array([0.0, 0.0, 0.06], np.float32)  # faint enhancing rim after contrast
 # data.csv: column -> (lowest code, highest code, blank share); age is drawn apart
 CLINICAL = {
     "RNASeqCluster": (1, 4, 0.12), "MethylationCluster": (1, 5, 0.01), "miRNACluster": (1, 4, 0.0),
@@ -96,7 +107,8 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", 4, 2, (6, 10), size=64),
-    "demo": Preset("demo", 24, 12, (20, 36)),  # 12 test patients: a per-patient mean over 6 is one patient's luck
+    # 12 test patients: a per-patient mean over 6 is one patient's luck
+    "demo": Preset("demo", 24, 12, (20, 36)),
     "full": Preset("full", 90, 20, (20, 88), skew=3.3),  # about 3,900 slices, as in the real set
 }
 
@@ -149,93 +161,29 @@ def patient_setup(job: PatientJob) -> dict:
     """The patient's head placement, contrast, tumour and scanner settings (scalars only: cheap)."""
     rng = np.random.default_rng([job.seed, job.index])
     small = bool(rng.random() < job.small_tumour_share)
-    ab = rng.uniform(0.04, 0.08, 2) if small else rng.uniform(0.12, 0.27, 2)
+    extent = tumour_axes(rng, small)
     side = rng.choice([-1.0, 1.0])
+    centre = (side * rng.uniform(0.12, 0.38), rng.uniform(-0.45, 0.35), rng.uniform(-0.3, 0.4))
+    level = np.exp(rng.normal(0.1, 0.15))  # the whole patient brighter or darker ...
+    grey = job.volume.split("_")[1] == "FG" and rng.random() < GREY_SHARE
     return {
         "centre": (0.5 + rng.normal(0, 0.015), 0.5 + rng.normal(0, 0.02)),
         "rotation": float(rng.normal(0, 0.06)),
-        "axes": (rng.uniform(0.60, 0.70), rng.uniform(0.76, 0.86)),
+        "axes": (rng.uniform(0.64, 0.74), rng.uniform(0.80, 0.90)),
         "outline": rng.uniform(0, 2 * np.pi, 2),
         "contrast": CONTRAST * rng.normal(1.0, 0.05, CONTRAST.shape).astype(np.float32),
-        "tumour_centre": (side * rng.uniform(0.12, 0.38), rng.uniform(-0.45, 0.35), rng.uniform(-0.3, 0.45)),
-        "tumour_axes": (*ab, rng.uniform(0.05, 0.12) if small else rng.uniform(0.22, 0.45)),
-        "tumour_angle": float(rng.uniform(0, np.pi)),
+        "tumour_centre": centre,
+        "lobes": tumour_lobes(rng, centre, extent),
+        "wobble": float(rng.uniform(0.25, 0.45)),
+        "tumour_t1": rng.uniform(*TUMOUR_T1, 2),
+        "flair_ratio": float(rng.uniform(*FLAIR_RATIO)),
         "small_tumour": small,
-        "scale": rng.uniform(0.82, 1.1, 3).astype(np.float32),
+        "scale": (level * np.exp(rng.normal(0, 0.2, 3))).astype(np.float32),  # ... and each sequence
         "bias": rng.normal(0, 0.12, (3, 3)).astype(np.float32),
-        "noise": float(rng.uniform(0.012, 0.03)),
+        "noise": float(rng.uniform(0.002, 0.01)),
         "filled": tuple(bool(x) for x in rng.random(2) < FILLED_SHARE),  # pre, post replaced by FLAIR
+        "grey": float(rng.uniform(70, 110)) if grey else 0.0,  # pre-contrast background level, 0 = none
     }
-
-
-def _smooth_noise(
-    rng: np.random.Generator, shape: tuple[int, int, int], cell: float, z_sigma: float
-) -> np.ndarray:
-    """Unit-variance noise smooth over ``cell`` pixels in-plane and ``z_sigma`` slices."""
-    s, h, w = shape
-    coarse = rng.standard_normal((s, max(2, round(h / cell)), max(2, round(w / cell)))).astype(np.float32)
-    coarse = ndimage.gaussian_filter(coarse, (z_sigma, 0.7, 0.7))
-    coarse /= coarse.std() + 1e-6
-    return np.stack([cv2.resize(c, (w, h), interpolation=cv2.INTER_CUBIC) for c in coarse])
-
-
-def _ellipse(x: np.ndarray, y: np.ndarray, cx, cy, ax, ay) -> np.ndarray:
-    return ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2 < 1
-
-
-def _anatomy(setup: dict, rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
-    """Tissue codes (S, H, W), the in-plane coordinates and the slice heights ``t``."""
-    s, h, w = shape
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    x, y = (x - setup["centre"][0] * w) / (w / 2), (y - setup["centre"][1] * h) / (h / 2)
-    c, si = np.cos(setup["rotation"]), np.sin(setup["rotation"])
-    x, y = c * x + si * y, -si * x + c * y
-    t = np.linspace(*T_RANGE, s, dtype=np.float32)
-    radius = np.sqrt(np.clip(1 - np.abs(t) ** 2.4, 0.03, None))[:, None, None]
-    phi = np.arctan2(y, x)
-    p1, p2 = setup["outline"]
-    rho = np.hypot(x / setup["axes"][0], y / setup["axes"][1])
-    rho *= 1 + 0.025 * np.cos(2 * phi + p1) + 0.015 * np.cos(3 * phi + p2)
-    d = rho[None] / radius
-    folds = _smooth_noise(rng, shape, cell=w / 64, z_sigma=0.02 * s + 0.5)
-    sulci = _smooth_noise(rng, shape, cell=w / 60, z_sigma=0.02 * s + 0.5)
-    tissue = np.zeros(shape, np.uint8)
-    for edge, code in ((1.0, FAT), (0.945, BONE), (0.915, FAT), (0.895, BONE), (0.87, CSF)):
-        tissue[d < edge] = code
-    brain = d + 0.012 * folds < 0.85
-    tissue[brain] = GREY
-    tissue[brain & (d + 0.045 * folds < 0.73)] = WHITE
-    tissue[brain & (sulci > 1.6) & (d > 0.66)] = CSF
-    k = setup["axes"][0] / 0.65  # inner structures scale with the head
-    xs, ys = x / k, y / k
-    deep = (np.abs(t - 0.05) < 0.2)[:, None, None]
-    tissue[deep & (_ellipse(np.abs(xs), ys, 0.10, 0.08, 0.07, 0.10) & brain)] = GREY  # thalami
-    v = np.clip(1 - ((t - 0.12) / 0.36) ** 2, 0, None)[:, None, None]  # ventricle size per slice
-    for side in (-1.0, 1.0):
-        centre = side * (0.07 + 0.07 * (ys + 0.25) / 0.5)
-        body = ((xs - centre) / (0.05 * np.sqrt(v) + 1e-6)) ** 2 + ((ys + 0.02) / (0.25 * v + 1e-6)) ** 2 < 1
-        caudate = _ellipse(xs, ys, side * 0.13, -0.12, 0.05, 0.12)
-        tissue[body & ~caudate & (v > 0)] = CSF
-    return tissue, x / k, y / k, t
-
-
-def _tumour(setup: dict, rng: np.random.Generator, x, y, t, brain: np.ndarray) -> np.ndarray:
-    """Boolean tumour volume: a wobbly ellipsoid inside the brain, one contiguous run of slices."""
-    s, _, w = brain.shape
-    (cx, cy, cz), (a, b, c) = setup["tumour_centre"], setup["tumour_axes"]
-    co, si = np.cos(setup["tumour_angle"]), np.sin(setup["tumour_angle"])
-    u, v = co * (x - cx) + si * (y - cy), -si * (x - cx) + co * (y - cy)
-    f = np.sqrt((u / a)[None] ** 2 + (v / b)[None] ** 2 + ((t - cz) / c)[:, None, None] ** 2)
-    wobble = _smooth_noise(rng, brain.shape, cell=w / 12, z_sigma=0.06 * s + 0.5)
-    inside = (f < 1 + 0.16 * wobble) & brain
-    area = inside.sum(axis=(1, 2))
-    inside[area < max(1, round(MIN_TUMOUR_PX * (w / 256) ** 2))] = False
-    on = np.flatnonzero(inside.any(axis=(1, 2)))
-    if len(on):  # keep the run of slices holding the largest cross-section
-        runs = np.split(on, np.flatnonzero(np.diff(on) > 1) + 1)
-        keep = max(runs, key=lambda r: int(area[r].sum()))
-        inside[np.setdiff1d(np.arange(s), keep)] = False
-    return inside
 
 
 def render_patient(job: PatientJob) -> tuple[np.ndarray, np.ndarray]:
@@ -243,16 +191,18 @@ def render_patient(job: PatientJob) -> tuple[np.ndarray, np.ndarray]:
     setup = patient_setup(job)
     rng = np.random.default_rng([job.seed, job.index, 1])
     shape = (job.n_slices, job.size, job.size)
-    tissue, x, y, t = _anatomy(setup, rng, shape)
-    mask = _tumour(setup, rng, x, y, t, np.isin(tissue, (GREY, WHITE)))
+    tissue, x, y, t = anatomy(setup, rng, shape)
+    mask = tumour(setup, rng, x, y, t, np.isin(tissue, (GREY, WHITE)))
     blur = max(0.5, 0.8 * job.size / 256)
     image = setup["contrast"][tissue]  # (S, H, W, 3)
     brain = np.isin(tissue, (GREY, WHITE))[..., None]
-    texture = _smooth_noise(rng, shape, cell=job.size / 90, z_sigma=0.5)[..., None]
+    texture = smooth_noise(rng, shape, cell=job.size / 90, z_sigma=0.5)[..., None]
     image *= np.where(brain, 1 + 0.035 * texture, 1)
-    soft = np.stack([cv2.GaussianBlur(m.astype(np.float32), (0, 0), 1.2 * blur) for m in mask])[..., None]
-    hetero = 1 + 0.07 * _smooth_noise(rng, shape, cell=job.size / 30, z_sigma=1.0)[..., None]
-    image = image * (1 - soft) + TUMOUR * hetero * soft + RIM * 4 * soft * (1 - soft)
+    soft = np.stack([cv2.GaussianBlur(m.astype(np.float32), (0, 0), 1.5 * blur) for m in mask])[..., None]
+    hetero = 1 + 0.12 * smooth_noise(rng, shape, cell=job.size / 30, z_sigma=1.0)[..., None]
+    pre, post = setup["tumour_t1"]
+    colour = setup["contrast"][GREY] * np.array([pre, setup["flair_ratio"], post], np.float32)
+    image = image * (1 - soft) + colour * hetero * soft + RIM * 4 * soft * (1 - soft)
     image = np.stack([cv2.GaussianBlur(im, (0, 0), blur) for im in image])
     bias = setup["bias"]
     field = (
@@ -265,6 +215,8 @@ def render_patient(job: PatientJob) -> tuple[np.ndarray, np.ndarray]:
     sigma = setup["noise"]
     n1, n2 = (rng.standard_normal(image.shape, dtype=np.float32) * sigma for _ in range(2))
     image = np.sqrt((image + n1) ** 2 + n2**2)  # Rician magnitude noise
+    if setup["grey"]:  # the pre-contrast of some real patients: a grey frame, the head lighter on it
+        image[..., 0] = setup["grey"] / 255 + 0.6 * image[..., 0]
     image = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
     for channel, filled in zip((0, 2), setup["filled"]):
         if filled:

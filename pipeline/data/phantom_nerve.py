@@ -5,12 +5,16 @@
 held-out subjects in shuffled order, ``sample_submission.csv``, the hidden answers
 ``test_labels.csv``, ``dataset.json`` and ``preview.png``.
 
-Each subject is one ultrasound scene (speckle on curved tissue layers, fascia lines, depth
-attenuation, often an anechoic vessel) holding a hypoechoic brachial plexus with a bright rim.
-Its frames are clips of a video: the probe shifts a little, speckle partly decorrelates and the
-nerve leaves the imaging plane in about 59% of frames. A few frames copy a nerve frame almost
-exactly but carry no mask: the contradictory duplicates of the real set. Every subject is
-seeded from ``(seed, subject)``, so the bytes do not depend on the number of workers.
+Each subject is one ultrasound scene (:mod:`pipeline.data.phantom_nerve_scene`: speckle on curved
+tissue layers, fascia lines, depth attenuation, often an anechoic vessel) holding the brachial
+plexus: an oval a little brighter than the tissue around it, with a broken bright rim and a
+honeycomb inside, placed, sized and shaped as in the real masks. Its frames are clips of a video:
+the probe shifts, the nerve's size changes a little with each clip, speckle partly decorrelates and
+the nerve leaves the imaging plane in 59% of frames on average (from 11% to 98% per subject, as in
+the real set). A few frames copy a nerve frame almost exactly but carry no mask: the contradictory
+duplicates of the real set. Every subject is seeded from ``(seed, subject)``, so the bytes do not
+depend on the number of workers. ``Preset.visibility`` scales the nerve's departure from the tissue
+around it: 1 is the real contrast (``make data-stats`` compares them).
 """
 
 from __future__ import annotations
@@ -27,19 +31,28 @@ import cv2
 import numpy as np
 import pandas as pd
 import tifffile
-from scipy.ndimage import gaussian_filter1d
 from scipy.special import expit
 from tqdm.auto import tqdm
 
-from pipeline.data.synthetic_io import SyntheticDataError, write_dataset_folder, resolve_preset
+from pipeline.data.phantom_nerve_scene import (
+    SHAPE,
+    Nerve,
+    add_artery,
+    draw_nerve,
+    nerve_factor,
+    smooth_field,
+    speckle,
+    tissue_echo,
+)
+from pipeline.data.synthetic_io import resolve_preset, write_dataset_folder
 from pipeline.io import write_csv, write_json, write_with
 from pipeline.rle import rle_encode_numpy
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
-SHAPE = (420, 580)  # rows, columns of every real frame
-MARGIN = 20  # probe shift room around the frame, px at 420x580
+GENERATOR_VERSION = 2  # 2: calibrated to the real masks and frames (share, size, place, contrast)
+MARGIN = (31, 62)  # probe shift room around the frame, px at 420x580 (real: the nerve moves 18 / 36 px)
+BRIGHTNESS = 0.78  # the real frames' mean grey level is about 95
 
 
 @dataclass(frozen=True)
@@ -54,12 +67,12 @@ class Preset:
     size: tuple[int, int] = SHAPE
     nerve_share: float = 0.41  # labelled frames (the real train set: 41%)
     duplicate_rate: float = 0.05  # contradictory duplicates per frame
-    visibility: float = 1.0  # nerve contrast: 1 = the real data's faint oval; the CPU demo needs more
+    visibility: float = 1.0  # nerve contrast: 1 = as real (faint, a little bright)
 
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", 3, 15, 2, 6, size=(84, 116)),
-    "demo": Preset("demo", 12, 240, 3, 60, visibility=2.2),  # learnable by a small CPU model in minutes
+    "demo": Preset("demo", 12, 240, 3, 60),  # the real contrast, as `full`
     "full": Preset("full", 47, 5635, 46, 5508),  # 46 test subjects: an assumption, not published
 }
 
@@ -94,110 +107,34 @@ def plan_subjects(preset: Preset, seed: int) -> list[SubjectJob]:
     return jobs
 
 
-# --------------------------------------------------------------------------- the scene
-
-
-def _field(rng: np.random.Generator, shape: tuple[int, ...], sx: float, sy: float) -> np.ndarray:
-    """Gaussian noise smoothed with (sx, sy) px, scaled to unit standard deviation."""
-    noise = rng.standard_normal(shape, dtype=np.float32)
-    field = cv2.GaussianBlur(noise, (0, 0), sigmaX=max(sx, 0.4), sigmaY=max(sy, 0.4),
-                             borderType=cv2.BORDER_REFLECT)  # fmt: skip
-    return field / (field.std() + 1e-6)
-
-
-def _ellipse_radius(shape: tuple[int, int], cy: float, cx: float, a: float, b: float, angle: float):
-    """Normalised radius (1 on the ellipse) and cos(2 * polar angle) of every pixel."""
-    dy = np.arange(shape[0], dtype=np.float32)[:, None] - cy
-    dx = np.arange(shape[1], dtype=np.float32)[None, :] - cx
-    u = (dx * np.cos(angle) + dy * np.sin(angle)) / a
-    v = (dy * np.cos(angle) - dx * np.sin(angle)) / b
-    r2 = u * u + v * v
-    return np.sqrt(r2), (u * u - v * v) / (r2 + 1e-6)
-
-
-def _scene(
-    rng: np.random.Generator, canvas: tuple[int, int], k: float, vis: float = 1.0
-) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """Tissue echogenicity, the nerve's multiplicative factor and the nerve ellipse (canvas px)."""
-    h, w = canvas
-    x = np.arange(w, dtype=np.float32)
-    y = np.arange(h, dtype=np.float32)[:, None]
-    bases = np.sort(rng.uniform([0.03, 0.11, 0.27, 0.47, 0.68], [0.07, 0.2, 0.4, 0.6, 0.8])) * h
-    bends = gaussian_filter1d(rng.standard_normal((len(bases), w)), 60 * k + 1, axis=1, mode="reflect")
-    bends = bends / bends.std(axis=1, keepdims=True) * rng.uniform(0.01, 0.04, (len(bases), 1)) * h
-    bends += np.linspace(-1, 1, w) * rng.uniform(-0.04, 0.04, (len(bases), 1)) * h  # tilted layers
-    bounds = (bases[:, None] + bends).astype(np.float32)  # (layers, w)
-    layer = (y[None] >= bounds[:, None, :]).sum(axis=0)
-    levels = np.array([0.9, 0.55, 0.6, 0.5, 0.55, 0.42]) * rng.uniform(0.8, 1.2, 6)
-    tissue = levels.astype(np.float32)[layer]
-    # fibres and short bright streaks that follow the curved layers
-    map_x = np.broadcast_to(x, (h, w)).astype(np.float32)
-    map_y = (y - bends.mean(axis=0)[None, :]).astype(np.float32)
-    fibres = cv2.remap(
-        _field(rng, canvas, 14 * k, 1.6 * k), map_x, map_y, cv2.INTER_LINEAR, cv2.BORDER_REFLECT
-    )
-    streaks = cv2.remap(
-        _field(rng, canvas, 18 * k, 1.6 * k), map_x, map_y, cv2.INTER_LINEAR, cv2.BORDER_REFLECT
-    )
-    tissue *= np.exp(0.25 * fibres + 0.3 * _field(rng, canvas, 22 * k, 7 * k))  # fibres, muscle bundles
-    tissue += 1.2 * np.clip(streaks - 1.5, 0, None)
-    tissue *= np.exp(0.25 * _field(rng, canvas, 50 * k, 30 * k))
-    # fascia: bright specular lines on the layer boundaries, broken along their length
-    strength = rng.uniform(0.8, 1.8, len(bases))
-    strength[0] = 2.0  # the skin line
-    gaps = np.clip(
-        0.6 + gaussian_filter1d(rng.standard_normal((len(bases), w)), 25 * k + 1, axis=1) * 8, 0, 1
-    )
-    for i in range(len(bases)):
-        line = np.exp(-(((y - bounds[i][None, :]) / (2.6 * k + 0.5)) ** 2))
-        tissue += (strength[i] * gaps[i])[None, :].astype(np.float32) * line
-    # the nerve: an oval at a subject-specific spot in the mid field
-    nerve = (rng.uniform(0.32, 0.6) * h, rng.uniform(0.3, 0.75) * w, rng.uniform(38, 60) * k,
-             rng.uniform(28, 42) * k, rng.uniform(-0.4, 0.4))  # fmt: skip
-    r, c2 = _ellipse_radius(canvas, *nerve)
-    inside = expit((1 - r) / 0.04)
-    inner = rng.uniform(0.68, 0.8) * np.exp(0.2 * _field(rng, canvas, 2.5 * k, 2.5 * k))  # fascicles
-    rim = np.exp(-(((r - 1) / 0.09) ** 2)) * (0.55 - 0.45 * c2)  # strongest on top and bottom
-    factor = 1 + inside * vis * (inner - 1) + vis * rng.uniform(0.35, 0.6) * rim
-    factor = np.maximum(factor, 0.05)
-    # often an anechoic artery with a bright wall, away from the nerve
-    if rng.random() < 0.7:
-        radius = rng.uniform(14, 24) * k
-        for _ in range(20):
-            cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.08, 0.92) * w
-            if np.hypot(cy - nerve[0], cx - nerve[1]) > nerve[2] + radius + 15 * k:
-                break
-        d, _ = _ellipse_radius(canvas, cy, cx, radius, radius, 0.0)
-        tissue *= 1 - 0.85 * expit((1 - d) / 0.05)
-        tissue += 0.8 * np.exp(-(((d - 1) / 0.1) ** 2))
-        tissue *= 1 + 0.3 * np.exp(-(((x - cx) / radius) ** 2))[None, :] * (y > cy + radius)
-    return tissue.astype(np.float32), factor.astype(np.float32), nerve
-
-
-def _speckle(rng: np.random.Generator, shape: tuple[int, int], k: float) -> np.ndarray:
-    """A complex Gaussian field (H, W, 2) with laterally elongated grains."""
-    return _field(rng, (*shape, 2), 2.4 * k, 1.2 * k)
-
-
 @dataclass
 class Frame:
     offset: tuple[int, int]
     visible: bool  # the nerve is in the imaging plane
     labelled: bool
     source: int = -1  # a contradictory duplicate copies this frame
+    scale: float = 1.0  # the nerve's size in this frame (probe pressure and angle)
 
 
-def _plan_frames(rng: np.random.Generator, n: int, preset: Preset, margin: int) -> tuple[list[Frame], int]:
-    """Video clips with small probe shifts; the nerve in view in the first ``share`` of them."""
+def _plan_frames(
+    rng: np.random.Generator, n: int, preset: Preset, margin: tuple[int, int]
+) -> tuple[list[Frame], int]:
+    """Video clips with small probe shifts; the nerve in view in the first ``share`` of them.
+
+    The share of frames with a nerve differs a lot between subjects (real: 2% to 89%, mean 41%):
+    a Beta draw around ``preset.nerve_share``, leaving every subject at least one frame of each kind.
+    """
     frames = []
     while len(frames) < n:
-        base = rng.integers(0, 2 * margin + 1, 2)
+        base = rng.integers(0, 2 * np.asarray(margin) + 1)
+        scale = float(np.exp(rng.normal(0, 0.08)))
         for _ in range(int(rng.integers(2, 9))):
-            offset = np.clip(base + rng.integers(-2, 3, 2), 0, 2 * margin)
-            frames.append(Frame((int(offset[0]), int(offset[1])), False, False))
+            offset = np.clip(base + rng.integers(-2, 3, 2), 0, 2 * np.asarray(margin))
+            jitter = float(np.exp(rng.normal(0, 0.03)))
+            frames.append(Frame((int(offset[0]), int(offset[1])), False, False, scale=scale * jitter))
     frames = frames[:n]
-    share = np.clip(rng.normal(preset.nerve_share, 0.08), 0.2, 0.65)
-    n_nerve = int(np.rint(n * share))
+    share = rng.beta(3.2 * preset.nerve_share, 3.2 * (1 - preset.nerve_share))
+    n_nerve = int(np.clip(np.rint(n * share), 1, max(n - 1, 1)))
     for f in frames[:n_nerve]:
         f.visible = f.labelled = True
     n_dup = int(np.floor(preset.duplicate_rate * n + rng.random()))
@@ -205,18 +142,35 @@ def _plan_frames(rng: np.random.Generator, n: int, preset: Preset, margin: int) 
     sources = rng.choice(n_nerve, n_dup, replace=False) if n_dup else []
     targets = rng.choice(np.arange(n_nerve, n), n_dup, replace=False) if n_dup else []
     for i, j in zip(sources, targets):
-        frames[j] = Frame(frames[i].offset, True, False, int(i))
+        frames[j] = Frame(frames[i].offset, True, False, int(i), frames[i].scale)
     return frames, n_dup
+
+
+def _paint_nerve(echo: np.ndarray, f: Frame, nerve: Nerve, texture: np.ndarray, vis: float) -> None:
+    """Multiply the frame's echo by the nerve's factor in a window around it (in place)."""
+    h, w = echo.shape
+    (oy, ox), half = f.offset, 1.5 * max(nerve.a, nerve.b) * f.scale + 4
+    y0, y1 = max(int(nerve.cy - oy - half), 0), min(int(nerve.cy - oy + half) + 1, h)
+    x0, x1 = max(int(nerve.cx - ox - half), 0), min(int(nerve.cx - ox + half) + 1, w)
+    if y1 <= y0 or x1 <= x0:
+        return
+    r, theta = nerve.radius((y1 - y0, x1 - x0), oy + y0, ox + x0, f.scale)
+    window = texture[oy + y0 : oy + y1, ox + x0 : ox + x1]
+    echo[y0:y1, x0:x1] *= nerve_factor(nerve, r, theta, window, vis)
 
 
 def render_subject(job: SubjectJob) -> tuple[np.ndarray, np.ndarray, int]:
     """Images (n, H, W) uint8, masks (n, H, W) uint8 0/255 in ``job.names`` order, duplicate count."""
     h, w = job.preset.size
     k = h / SHAPE[0]
-    margin = max(2, round(MARGIN * k))
+    margin = (max(2, round(MARGIN[0] * k)), max(2, round(MARGIN[1] * k)))
+    canvas = (h + 2 * margin[0], w + 2 * margin[1])
     rng = np.random.default_rng([job.seed, 2016, job.subject])
-    tissue, factor, nerve = _scene(rng, (h + 2 * margin, w + 2 * margin), k, job.preset.visibility)
-    scene_speckle = _speckle(rng, tissue.shape, k)
+    tissue = tissue_echo(rng, canvas, k)
+    nerve = draw_nerve(rng, k, margin)
+    texture = smooth_field(rng, canvas, 5.0 * k, 1.6 * k)  # the nerve's fascicles and septa, lying across
+    add_artery(rng, tissue, nerve, k)
+    scene_speckle = speckle(rng, tissue.shape, k)
     frames, n_dup = _plan_frames(rng, len(job.names), job.preset, margin)
     depth = np.linspace(0, 1, h, dtype=np.float32)[:, None]
     across = np.linspace(-1, 1, w, dtype=np.float32)[None, :]
@@ -230,22 +184,22 @@ def render_subject(job: SubjectJob) -> tuple[np.ndarray, np.ndarray, int]:
         f = frames[i]
         frng = np.random.default_rng([job.seed, 2016, job.subject, i])
         (oy, ox), crop = f.offset, np.s_[f.offset[0] : f.offset[0] + h, f.offset[1] : f.offset[1] + w]
-        own = _speckle(frng, (h, w), k)
+        own = speckle(frng, (h, w), k)
         if f.source >= 0:
             field = 0.97 * fields[f.source] + 0.25 * own
         else:
             field = 0.9 * scene_speckle[crop] + 0.44 * own
             fields[i] = field
         rayleigh = np.sqrt((field * field).sum(axis=2))
-        echo = tissue[crop] * (factor[crop] if f.visible else 1) * gain
+        echo = tissue[crop] * gain
+        if f.visible:
+            _paint_nerve(echo, f, nerve, texture, job.preset.visibility)
         grain = cv2.GaussianBlur(rayleigh / rayleigh.mean(), (0, 0), 0.7 * k + 0.3) ** 0.6
-        image = 255 * 0.7 * echo * (0.25 + 0.75 * grain)
+        image = 255 * BRIGHTNESS * echo * (0.25 + 0.75 * grain)
         images[i] = np.clip(image, 0, 255).astype(np.uint8)
-        if f.labelled:  # the annotator's oval: the nerve outline with a little hand noise
-            cy, cx, a, b, angle = nerve
+        if f.labelled:  # the annotator's outline: the nerve's, with a little hand noise
             jitter = frng.normal(0, [1.0 * k, 1.0 * k, 0.04, 0.04])
-            r, _ = _ellipse_radius((h, w), cy - oy + jitter[0], cx - ox + jitter[1],
-                                   a * (1 + jitter[2]), b * (1 + jitter[3]), angle)  # fmt: skip
+            r, _ = nerve.radius((h, w), oy, ox, f.scale, jitter)
             masks[i] = (r <= 1) * np.uint8(255)
     return images[order], masks[order], n_dup
 

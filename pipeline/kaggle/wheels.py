@@ -38,6 +38,7 @@ KERNEL_PACKAGES = (
     "albucore",
     "numba-cuda",
     "tifffile",  # LGG and Ultrasound Nerve slices are TIFF files
+    "imagecodecs",  # tifffile's codecs: the real nerve frames are LZW-compressed
     "monai",  # the 3D members' networks and sliding-window inference
     "einops",  # MONAI's SwinUNETR
 )
