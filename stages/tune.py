@@ -9,10 +9,12 @@ import argparse
 import logging
 from pathlib import Path
 
+from pipeline.config import dump_config
 from pipeline.datasets import load_config
 from pipeline.infer.tune import run_tune
-from pipeline.paths import data_dir
-from pipeline.runtime import configure_runtime
+from pipeline.io import write_text
+from pipeline.paths import data_dir, run_dir
+from pipeline.runtime import configure_runtime, record_machine
 from stages._cli import run_cli
 
 log = logging.getLogger("stages.tune")
@@ -26,13 +28,14 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument("--data-dir", default=None, help="dataset root (default: config data_dir, $DATA_DIR)")
     parser.add_argument(
-        "--workers", type=int, default=None, help="threads over day-volumes (default: cores, max 8)"
+        "--workers", type=int, default=None, help="threads over volumes (default: cores, max 8)"
     )
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set, stage="ensemble")
     configure_runtime()
     out = run_tune(cfg, data_dir(args.data_dir or cfg.data_dir, cfg.dataset), workers=args.workers)
-    log.info("wrote %s", out)
+    write_text(run_dir("ensemble", cfg.name) / "config.yaml", record_machine(dump_config(cfg)))
+    log.info("wrote %s (and config.yaml with this machine's fingerprint)", out)
     return out
 
 

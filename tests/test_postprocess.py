@@ -10,23 +10,27 @@ import pytest
 from scipy import ndimage
 
 from pipeline.infer.ensemble import blend_uint8, blend_uint8_numpy
-from pipeline.infer.postprocess import (
-    ClassParams,
+from pipeline.infer.masks import (
     Components,
-    Decisions,
-    DecisionsError,
-    apply_class,
-    apply_postprocess,
     gate_slices,
     prob_gate_keep,
-    read_decisions,
     remove_small_components,
     threshold_probs,
     to_uint8,
-    write_decisions,
     z_keep,
     z_range,
 )
+from pipeline.infer.postprocess import (
+    ClassParams,
+    Decisions,
+    DecisionsError,
+    OOFSummary,
+    apply_class,
+    apply_postprocess,
+    read_decisions,
+    write_decisions,
+)
+from pipeline.infer.steps import with_value
 from pipeline.paths import run_dir
 
 
@@ -111,7 +115,7 @@ def test_decisions_json_round_trip(isolated_dirs: Path) -> None:
         ensemble="rt",
         steps=[{"step": "raw", "score": 0.8, "gain": None}],
         curves={"pixel_threshold": {"stomach": {"values": [0.3], "score": [0.81], "chosen": 0.3}}},
-        oof={"days": 3, "score": float("nan")},
+        oof=OOFSummary(days=3, metrics={"score": float("nan")}),
         dataset="uwmgi",
         volumetric=True,
     )
@@ -124,7 +128,7 @@ def test_decisions_json_round_trip(isolated_dirs: Path) -> None:
         decisions.classifier,
     )
     assert back.curves == decisions.curves and back.steps == decisions.steps
-    assert back.oof == {"days": 3, "score": None}  # NaN is not JSON: written as null
+    assert back.oof == OOFSummary(days=3, metrics={"score": None})  # NaN is not JSON: written as null
     assert (back.dataset, back.volumetric) == ("uwmgi", True)
     assert back.params() == [decisions.classes[name] for name in ("large_bowel", "small_bowel", "stomach")]
     flat = Decisions(classes=decisions.classes, weights={}, members=[], dataset="lgg", volumetric=False)
@@ -155,9 +159,9 @@ def test_probability_gate_counts_pixels_at_the_level() -> None:
     assert prob_gate_keep(probs, 0, 0.6) is None  # N = 0: off
     base = ClassParams(0.5, 0.0, 0)
     assert _slices_with(apply_class(probs, None, base)) == [0, 1, 2, 3]
-    gated = apply_class(probs, None, base.with_value("prob_gate", (12, 0.6)))
+    gated = apply_class(probs, None, with_value(base, "prob_gate", (12, 0.6)))
     assert _slices_with(gated) == [0] and gated[0].sum() == 13  # the kept slice keeps its whole 0.5 mask
-    assert base.with_value("prob_gate", (0, 0.7)) == base  # off is one state whatever t
+    assert with_value(base, "prob_gate", (0, 0.7)) == base  # off is one state whatever t
 
 
 def test_z_range_by_runs_of_k_slices() -> None:

@@ -329,14 +329,14 @@ def test_tiny_trained_chain_tune_cv_submit(
     assert [m["config"] for m in decisions.members] == ["chain_seg"]
     assert decisions.weights == {c: {"chain_seg": 1.0} for c in CLASSES}
     assert decisions.classifier == {"config": "chain_cls", "folds": [0]}
-    assert decisions.steps[0]["step"] == "raw" and decisions.oof["days"] == 2  # fold 0: one case, two days
+    assert decisions.steps[0]["step"] == "raw" and decisions.oof.days == 2  # fold 0: one case, two days
     scores = [s["score"] for s in decisions.steps]
     assert scores == sorted(scores)  # coordinate ascent never loses score
 
     report = cv.main(["--config", str(config), "--workers", "1"])
     table = pd.read_csv(report / "cv_table.csv")
     assert table["class"].tolist() == [*CLASSES, "all"]
-    assert table["score"].iloc[-1] == pytest.approx(decisions.oof["score"])
+    assert table["score"].iloc[-1] == pytest.approx(decisions.oof.score)
     assert {"pixel_threshold.png", "overlays.png", "steps.png"} <= {p.name for p in report.iterdir()}
     steps = pd.read_csv(report / "cv_steps.csv")
     assert {"score", "held_out", "gain", "held_gain", "gap", "note"} <= set(steps.columns)

@@ -65,7 +65,7 @@ def test_tune_finds_planted_threshold_and_blend(planted_oof: Path) -> None:
     assert path == run_dir("ensemble", "planted") / "postprocess.json"
     assert decisions.weights == {c: {"good": 1.0, "bad": 0.0} for c in CLASSES}
     assert decisions.used_members() == ["good"]
-    assert decisions.oof["score"] == pytest.approx(1.0)
+    assert decisions.oof.score == pytest.approx(1.0)
     assert all(decisions.classes[c].pixel_threshold in (0.5, 0.65, 0.8) for c in CLASSES)
     steps = {s["step"]: s for s in decisions.steps}
     assert list(steps) == [
@@ -86,8 +86,8 @@ def test_tune_finds_planted_threshold_and_blend(planted_oof: Path) -> None:
     assert steps["prob_gate"]["skipped"] == steps["z_run"]["skipped"] == "one value in the grid"
     assert steps["alone:good"]["score"] == pytest.approx(1.0)
     assert steps["alone:bad"]["score"] < 0.9
-    assert decisions.oof["blend_gain"]["over"] == "good"
-    assert decisions.oof["blend_gain"]["score"] == pytest.approx(0.0)
+    assert decisions.oof.blend_gain.over == "good"
+    assert decisions.oof.blend_gain.score == pytest.approx(0.0)
     assert all(s["held_out"] is not None for s in decisions.steps)  # 4 cases: one held apart
 
 
@@ -101,7 +101,7 @@ def test_tune_single_member_picks_known_threshold(planted_oof: Path) -> None:
     )
     decisions = read_decisions("single", run_tune(cfg, planted_oof, workers=1, progress=False))
     assert {c: decisions.classes[c].pixel_threshold for c in CLASSES} == dict.fromkeys(CLASSES, 0.65)
-    assert decisions.oof["score"] == pytest.approx(1.0)
+    assert decisions.oof.score == pytest.approx(1.0)
     assert decisions.steps[0]["score"] < 1.0  # raw 0.5 keeps the planted false positives
 
 
@@ -169,9 +169,11 @@ def test_tune_finds_planted_gate_and_component_size(gated_oof: Path) -> None:
 
 
 def test_evaluate_equals_score_volumes(planted_oof: Path) -> None:
-    """The per-day, per-variant evaluation of tuning is the metric itself (score_volumes twin)."""
+    """The per-volume, per-variant evaluation of tuning is the metric itself (score_volumes twin)."""
     from pipeline.infer.ensemble import load_oof
+    from pipeline.infer.evaluate import VaryStep
     from pipeline.infer.postprocess import ClassParams, apply_postprocess
+    from pipeline.infer.steps import with_value
     from pipeline.infer.tune import evaluate
     from pipeline.metric import score_volumes
 
@@ -180,11 +182,11 @@ def test_evaluate_equals_score_volumes(planted_oof: Path) -> None:
     params = [ClassParams(0.55, 0.0, 0), ClassParams(0.3, 0.0, 4), ClassParams(0.8, 0.0, 0)]
     weights = [np.array([0.6, 0.4]), np.array([1.0, 0.0])]
     values = [0.2, 0.5, 0.9]
-    got = evaluate(oof, weights, params, (1, "pixel_threshold", values), workers=2, progress=False)
-    truths = {d: np.asarray(oof.truth_mask(d)) for d in oof.days}
+    got = evaluate(oof, weights, params, VaryStep(1, "pixel_threshold", values), workers=2, progress=False)
+    truths = {d: np.asarray(oof.truth_mask(d)) for d in oof.volumes}
     for i, (w, v) in enumerate((w, v) for w in weights for v in values):
-        varied = [*params[:1], params[1].with_value("pixel_threshold", v), *params[2:]]
-        preds = {d: apply_postprocess(oof.blend(d, w), None, varied) for d in oof.days}
+        varied = [*params[:1], with_value(params[1], "pixel_threshold", v), *params[2:]]
+        preds = {d: apply_postprocess(oof.blend(d, w), None, varied) for d in oof.volumes}
         want = score_volumes(preds, truths, CLASSES, per_class=False)
         assert got[i]["score"] == pytest.approx(want["score"], abs=1e-12)
         assert got[i]["dice"] == pytest.approx(want["dice"], abs=1e-12)
@@ -293,10 +295,11 @@ def test_class_variants_equal_applying_each_candidate(planted_oof: Path) -> None
     from pipeline.infer.ensemble import load_oof
     from pipeline.infer.evaluate import class_variants
     from pipeline.infer.postprocess import ClassParams, apply_class
+    from pipeline.infer.steps import with_value
 
     cfg = EnsembleConfig(name="cv", members=(MemberCfg(config="good"), MemberCfg(config="bad")))
     oof = load_oof(cfg, planted_oof, progress=False)
-    q = oof.blend(oof.days[0], [0.7, 0.3])[:, 1]
+    q = oof.blend(oof.volumes[0], [0.7, 0.3])[:, 1]
     gate = np.linspace(0, 1, len(q))
     base = ClassParams(0.55, 0.3, 3, prob_gate_pixels=2, prob_gate_level=0.6, z_run=2)
     stages = {
@@ -313,7 +316,7 @@ def test_class_variants_equal_applying_each_candidate(planted_oof: Path) -> None
                 mask = by_key[key]
             elif key is not None:
                 by_key[key] = mask
-            assert np.array_equal(mask, apply_class(q, gate, base.with_value(stage, value))), (stage, value)
+            assert np.array_equal(mask, apply_class(q, gate, with_value(base, stage, value))), (stage, value)
 
 
 # --------------------------------------------------------------------------- per-class blend, held apart
@@ -353,43 +356,43 @@ def test_per_class_blend_picks_each_class_member(split_oof: Path) -> None:
         "small_bowel": {"a": 0.0, "b": 1.0},
         "stomach": {"a": 0.0, "b": 1.0},
     }
-    assert decisions.oof["score"] == pytest.approx(1.0)
+    assert decisions.oof.score == pytest.approx(1.0)
     steps = {s["step"]: s for s in decisions.steps}
     assert max(steps["alone:a"]["score"], steps["alone:b"]["score"]) < 0.95
-    assert decisions.oof["blend_gain"]["score"] > 0.05 and decisions.oof["blend_gain"]["held_out"] > 0.05
+    assert decisions.oof.blend_gain.score > 0.05 and decisions.oof.blend_gain.held_out > 0.05
     assert set(decisions.curves["blend_raw"]) == {"members", *CLASSES}
 
     one = EnsembleConfig(name="one", members=members, tune=TuneCfg(**tune, per_class_blend=False))
     shared = read_decisions("one", run_tune(one, split_oof, workers=2, progress=False))
     rows = list(shared.weights.values())
-    assert all(r == rows[0] for r in rows) and shared.oof["score"] < decisions.oof["score"]
+    assert all(r == rows[0] for r in rows) and shared.oof.score < decisions.oof.score
 
 
-def test_split_days_holds_whole_groups_apart_seeded() -> None:
+def test_split_volumes_holds_whole_groups_apart_seeded() -> None:
     from types import SimpleNamespace
 
-    from pipeline.infer.tune import split_days
+    from pipeline.infer.tune import split_volumes
 
     days = [f"case{c}_day{d}" for c in range(10) for d in range(3)]
-    oof = SimpleNamespace(days=days, groups={d: d.split("_")[0] for d in days})
-    tuning, held, groups = split_days(oof, 0.3, seed=0)
+    oof = SimpleNamespace(volumes=days, groups={d: d.split("_")[0] for d in days})
+    tuning, held, groups = split_volumes(oof, 0.3, seed=0)
     assert len(groups) == 3 and len(held) == 9 and sorted(tuning + held) == sorted(days)
     assert {d.split("_")[0] for d in held} == set(groups) and not set(groups) & {
         d.split("_")[0] for d in tuning
     }
-    assert split_days(oof, 0.3, seed=0) == (tuning, held, groups)
-    assert split_days(oof, 0.3, seed=1)[2] != groups
-    assert split_days(oof, 0.0, seed=0) == (days, [], [])
-    assert len(split_days(oof, 0.99, seed=0)[2]) == 9  # at least one group is left to tune on
-    one_group = SimpleNamespace(days=days[:3], groups={d: "case0" for d in days[:3]})
-    assert split_days(one_group, 0.5, seed=0) == (days[:3], [], [])
+    assert split_volumes(oof, 0.3, seed=0) == (tuning, held, groups)
+    assert split_volumes(oof, 0.3, seed=1)[2] != groups
+    assert split_volumes(oof, 0.0, seed=0) == (days, [], [])
+    assert len(split_volumes(oof, 0.99, seed=0)[2]) == 9  # at least one group is left to tune on
+    one_group = SimpleNamespace(volumes=days[:3], groups={d: "case0" for d in days[:3]})
+    assert split_volumes(one_group, 0.5, seed=0) == (days[:3], [], [])
 
 
 def test_held_out_scores_are_the_tuning_part_choices_on_held_days(planted_oof: Path) -> None:
     from pipeline.infer.ensemble import load_oof
     from pipeline.infer.evaluate import evaluate_settings
     from pipeline.infer.postprocess import ClassParams
-    from pipeline.infer.tune import raw_params, split_days
+    from pipeline.infer.tune import raw_params, split_volumes
 
     tune = TuneCfg(
         pixel_thresholds=(0.5, 0.65, 0.8),
@@ -402,7 +405,7 @@ def test_held_out_scores_are_the_tuning_part_choices_on_held_days(planted_oof: P
     cfg = EnsembleConfig(name="held", members=(MemberCfg(config="good"), MemberCfg(config="bad")), tune=tune)
     decisions = read_decisions("held", run_tune(cfg, planted_oof, workers=2, progress=False))
     oof = load_oof(cfg, planted_oof, progress=False)
-    tuning, held, groups = split_days(oof, 0.5, 3)
+    tuning, held, groups = split_volumes(oof, 0.5, 3)
     h = decisions.holdout
     assert (h["groups"], h["days_held"], h["days_tuning"]) == (groups, len(held), len(tuning)) and len(
         groups
@@ -414,7 +417,7 @@ def test_held_out_scores_are_the_tuning_part_choices_on_held_days(planted_oof: P
     steps = {s["step"]: s for s in decisions.steps}
     assert steps["raw"]["held_out"] == pytest.approx(got[0]["score"])
     assert steps["blend"]["held_out"] == pytest.approx(got[1]["score"]) == pytest.approx(h["held_score"])
-    assert decisions.oof["held_out"] == pytest.approx(h["held_score"])
+    assert decisions.oof.held_out == pytest.approx(h["held_score"])
     gains = [s["held_gain"] for s in decisions.steps if s["step"] not in ("alone:good", "alone:bad", "raw")]
     assert sum(gains) == pytest.approx(steps["blend"]["held_out"] - steps["raw"]["held_out"])
 

@@ -16,10 +16,11 @@ from pipeline.data.volumes import VolumeStore
 from pipeline.datasets import get_dataset
 from pipeline.datasets.uwmgi_files import CLASSES
 from pipeline.infer.ensemble import load_oof
-from pipeline.infer.evaluate import evaluate
-from pipeline.infer.oof_cache import oof_entry, read_oof_day
+from pipeline.infer.evaluate import VaryStep, VaryWeights, evaluate
+from pipeline.infer.oof_cache import oof_entry, read_oof_volume
 from pipeline.infer.postprocess import ClassParams, apply_postprocess
 from pipeline.infer.search import Search
+from pipeline.infer.steps import with_value
 from pipeline.metric import reference, score_volumes, volume_stats
 from pipeline.paths import run_dir
 
@@ -81,13 +82,13 @@ def _cfg(**tune) -> EnsembleConfig:
     )
 
 
-def test_days_are_cut_to_a_box_smaller_than_the_volume(sparse_oof: Path) -> None:
+def test_volumes_are_cut_to_a_box_smaller_than_the_volume(sparse_oof: Path) -> None:
     oof = load_oof(_cfg(), sparse_oof, progress=False)
-    for day in oof.days:
-        view = oof.view(day)
-        full = oof.view(day, cut=False)
+    for volume in oof.volumes:
+        view = oof.view(volume)
+        full = oof.view(volume, cut=False)
         assert view.truth.size < 0.5 * full.truth.size and view.grid == (SHAPE[0], SHAPE[2], SHAPE[3])
-        box = oof.boxes[day]
+        box = oof.boxes[volume]
         for cut, whole in zip(view.probs, full.probs):
             assert np.array_equal(cut, whole[box[0], :, box[1], box[2]])
             outside = whole.copy()
@@ -122,7 +123,7 @@ def test_cut_stats_with_grid_equal_whole_volume_stats() -> None:
         ("weights", [np.array([1.0, 0.0]), np.array([0.25, 0.75])]),
     ],
 )
-def test_evaluate_on_cut_days_equals_the_metric_on_whole_volumes(sparse_oof: Path, stage, values) -> None:
+def test_evaluate_on_cut_volumes_equals_the_metric_on_whole_volumes(sparse_oof: Path, stage, values) -> None:
     oof = load_oof(_cfg(), sparse_oof, progress=False)
     params = [
         ClassParams(0.4, 0.0, 2, 3, 0.6, 2),
@@ -130,15 +131,16 @@ def test_evaluate_on_cut_days_equals_the_metric_on_whole_volumes(sparse_oof: Pat
         ClassParams(0.5, 0.0, 5, 0, 0.0, 3),
     ]
     weights = np.array([[0.5, 0.5], [0.75, 0.25], [0.0, 1.0]])
-    got = evaluate(oof, [weights], params, (1, stage, values), workers=2, progress=False)
-    truths = {d: np.asarray(oof.truth_mask(d)) for d in oof.days}
+    vary = VaryWeights(1, values) if stage == "weights" else VaryStep(1, stage, values)
+    got = evaluate(oof, [weights], params, vary, workers=2, progress=False)
+    truths = {d: np.asarray(oof.truth_mask(d)) for d in oof.volumes}
     for value, result in zip(values, got, strict=True):
         w, p = weights.copy(), list(params)
         if stage == "weights":
             w[1] = value
         else:
-            p[1] = p[1].with_value(stage, value)
-        preds = {d: apply_postprocess(oof.blend(d, w), None, p) for d in oof.days}
+            p[1] = with_value(p[1], stage, value)
+        preds = {d: apply_postprocess(oof.blend(d, w), None, p) for d in oof.volumes}
         want = score_volumes(preds, truths, CLASSES, per_class=False)
         assert result["score"] == pytest.approx(want["score"], abs=1e-12)
         assert result["hausdorff"] == pytest.approx(want["hausdorff"], abs=1e-12)
@@ -147,58 +149,58 @@ def test_evaluate_on_cut_days_equals_the_metric_on_whole_volumes(sparse_oof: Pat
 def test_lockstep_tracks_equal_searches_run_alone(sparse_oof: Path) -> None:
     cfg = _cfg(sweeps=3)
     oof = load_oof(cfg, sparse_oof, progress=False)
-    part = oof.days[:3]
-    both = Search(oof, cfg, [("", oof.days), ("part: ", part)], workers=2, progress=False).run().tracks
-    alone = [Search(oof, cfg, [("", days)], progress=False).run().tracks[0] for days in (oof.days, part)]
+    part = oof.volumes[:3]
+    both = Search(oof, cfg, [("", oof.volumes), ("part: ", part)], workers=2, progress=False).run().tracks
+    alone = [Search(oof, cfg, [("", v)], progress=False).run().tracks[0] for v in (oof.volumes, part)]
     for lock, solo in zip(both, alone, strict=True):
         assert [r.step for r in lock.records] == [r.step for r in solo.records]
         assert [r.skipped for r in lock.records] == [r.skipped for r in solo.records]
         assert [r.result["score"] for r in lock.records] == [r.result["score"] for r in solo.records]
         assert [r.params for r in lock.records] == [r.params for r in solo.records]
         assert np.array_equal(lock.weights, solo.weights) and lock.curves == solo.curves
-    assert both[0].records[-1].result["score"] != both[1].records[-1].result["score"]  # different days
+    assert both[0].records[-1].result["score"] != both[1].records[-1].result["score"]  # different volumes
 
 
 def test_decoded_cache_holds_the_box_and_follows_its_source(
     sparse_oof: Path, isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    day = load_oof(_cfg(), sparse_oof, progress=False).days[0]
-    path = run_dir("seg", "a", 0) / "oof" / f"{day}.npz"
+    volume = load_oof(_cfg(), sparse_oof, progress=False).volumes[0]
+    path = run_dir("seg", "a", 0) / "oof" / f"{volume}.npz"
     with np.load(path) as npz:
         probs = npz["probs"]
     entry = oof_entry(path)
-    assert entry.crop().size < probs.size and np.array_equal(read_oof_day(path)[0], probs)
-    # a second RUNS_DIR with the same member and day but other predictions, sharing the CACHE_DIR
+    assert entry.crop().size < probs.size and np.array_equal(read_oof_volume(path)[0], probs)
+    # a second RUNS_DIR with the same member and volume but other predictions, sharing the CACHE_DIR
     other = isolated_dirs / "runs2"
     monkeypatch.setenv("RUNS_DIR", str(other))
-    path2 = run_dir("seg", "a", 0) / "oof" / f"{day}.npz"
+    path2 = run_dir("seg", "a", 0) / "oof" / f"{volume}.npz"
     flipped = probs[:, ::-1].copy()
-    write_member("a", {day: flipped}, {day: entry.ids})
+    write_member("a", {volume: flipped}, {volume: entry.ids})
     assert oof_entry(path2).cache == entry.cache  # the same cache file: only its source tells them apart
     os.utime(path2, ns=(path.stat().st_mtime_ns, path.stat().st_mtime_ns))  # even with the same mtime
-    assert np.array_equal(read_oof_day(path2)[0], flipped)
-    assert np.array_equal(read_oof_day(path)[0], probs)  # and back
+    assert np.array_equal(read_oof_volume(path2)[0], flipped)
+    assert np.array_equal(read_oof_volume(path)[0], probs)  # and back
     empty = np.zeros_like(probs)
-    write_member("a", {day: empty}, {day: entry.ids})
-    assert oof_entry(path2).box is None and not read_oof_day(path2)[0].any()
+    write_member("a", {volume: empty}, {volume: entry.ids})
+    assert oof_entry(path2).box is None and not read_oof_volume(path2)[0].any()
 
 
 def test_blend_guard_keeps_the_member_that_wins_held_apart(sparse_oof: Path) -> None:
     """Member 'b' is the truth itself on the tuning part and noise on the held-apart groups: every
     in-sample choice wants it, the held-apart groups do not, so the guard keeps 'a' alone."""
     from pipeline.infer.postprocess import read_decisions
-    from pipeline.infer.tune import run_tune, split_days
+    from pipeline.infer.tune import run_tune, split_volumes
 
     cfg = _cfg(holdout=0.4, holdout_seed=1)
     oof = load_oof(cfg, sparse_oof, progress=False)
-    tuning, held, _ = split_days(oof, 0.4, 1)
+    tuning, held, _ = split_volumes(oof, 0.4, 1)
     rng = np.random.default_rng(5)
     probs = {d: np.where(oof.truth_mask(d), 230, 0).astype(np.uint8) for d in tuning}
     probs |= {d: rng.integers(0, 256, SHAPE).astype(np.uint8) for d in held}
     write_member("b", probs, oof.ids)
     guarded = read_decisions("sparse", run_tune(cfg, sparse_oof, workers=2, progress=False))
-    guard = guarded.oof["blend_guard"]
-    assert guard["kept"] == "a" and guard["blend_held_out"] < guard["alone_held_out"]
+    guard = guarded.oof.blend_guard
+    assert guard is not None and guard.kept == "a" and guard.blend_held_out < guard.alone_held_out
     assert guarded.used_members() == ["a"] and all(
         w == {"a": 1.0, "b": 0.0} for w in guarded.weights.values()
     )
@@ -208,6 +210,6 @@ def test_blend_guard_keeps_the_member_that_wins_held_apart(sparse_oof: Path) -> 
     # switched off, the blend (which leans on 'b') is kept, and it is what lost held apart
     cfg_off = _cfg(holdout=0.4, holdout_seed=1, blend_guard=False)
     blended = read_decisions("sparse", run_tune(cfg_off, sparse_oof, workers=2, progress=False))
-    assert blended.oof["blend_guard"] is None and "b" in blended.used_members()
-    assert blended.holdout["held_score"] == pytest.approx(guard["blend_held_out"])
+    assert blended.oof.blend_guard is None and "b" in blended.used_members()
+    assert blended.holdout["held_score"] == pytest.approx(guard.blend_held_out)
     assert blended.steps[:2] == guarded.steps[:2]  # the members-alone rows are the blend search's

@@ -5,8 +5,14 @@ the same to this module; its folds are the ones listed in the ensemble config or
 every ``fold_<k>`` found. Out-of-fold files (``oof/<volume_id>.npz``: ``probs`` uint8 (S, classes,
 H, W), ``ids``) are decoded once into a ``.npy`` cache under ``$CACHE_DIR/oof/`` holding only their
 non-zero box (:mod:`pipeline.infer.oof_cache`) and memory-mapped afterwards, so the many passes of
-tuning neither re-decode nor hold the whole set in memory; :meth:`OOFSet.view` cuts a day to the box
-of every member's and the truth's voxels.
+tuning neither re-decode nor hold the whole set in memory; :meth:`OOFSet.view` cuts a volume to the
+box of every member's and the truth's voxels.
+
+A member is named by its run: ``config: demo_seg`` (or ``configs/demo_seg.yaml``) is the run folder
+``runs/seg/demo_seg/`` that ``make train-seg CONFIG=configs/demo_seg.yaml`` writes (:func:`run_name`);
+what a member was trained with is the resolved ``config.yaml`` in that folder (read where it is
+needed, by :func:`pipeline.infer.predict.load_member`), never the YAML in ``configs/``, which may
+have changed since.
 
 The blend is a weighted mean of the members' uint8 probabilities with one weight vector per class
 (:func:`blend_uint8` with a (classes, members) matrix): a 3D member may be better on one organ and
@@ -24,12 +30,13 @@ import pandas as pd
 from numba import njit
 from tqdm.auto import tqdm
 
-from pipeline.config import ConfigError, EnsembleConfig, MemberCfg, resolve_config_path
-from pipeline.data.volumes import VolumeStore
-from pipeline.datasets import get_dataset, load_config
+from pipeline.config import ConfigError, EnsembleConfig, MemberCfg
+from pipeline.data.volumes import Volume, VolumeStore
+from pipeline.datasets import get_dataset
 from pipeline.datasets.base import DatasetSpec
 from pipeline.errors import DataError
 from pipeline.infer.oof_cache import Box, OOFEntry, oof_entry, union_box, volume_box
+from pipeline.infer.predict import train_command
 from pipeline.paths import run_dir
 
 log = logging.getLogger(__name__)
@@ -38,12 +45,18 @@ OOF_DIR = "oof"
 CLS_OOF_FILE = "oof.csv"
 
 
-def config_name(config: str, stage: str) -> str:
-    """The run-folder name of a config given by bare name or path (its ``name``, else its file stem)."""
-    try:
-        return load_config(resolve_config_path(config), stage=stage).name
-    except ConfigError:
-        return Path(config).stem
+def run_name(config: str) -> str:
+    """The run folder a member reference names: ``demo_seg`` and ``configs/demo_seg.yaml`` are ``demo_seg``.
+
+    A config's name is its file stem, so this is the folder its training wrote; nothing is read
+    from ``configs/`` (what the member was trained with is its run's ``config.yaml``).
+    """
+    return Path(config).stem
+
+
+def config_name(config: str, stage: str = "") -> str:
+    """:func:`run_name` under its former name (``stage`` is not needed any more; kept for callers)."""
+    return run_name(config)
 
 
 def find_folds(stage: str, name: str, needs: str, folds: tuple[int, ...] | None = None) -> list[int]:
@@ -54,7 +67,7 @@ def find_folds(stage: str, name: str, needs: str, folds: tuple[int, ...] | None 
         if missing:
             raise DataError(
                 f"{base}: fold(s) {missing} have no {needs}; train them first "
-                f"(make train-{stage} FOLDS='{' '.join(map(str, missing))}') or drop them from the ensemble config"
+                f"(`{train_command(stage, name, missing)}`) or drop them from the ensemble config"
             )
         return sorted(int(k) for k in folds)
     found = []
@@ -63,25 +76,23 @@ def find_folds(stage: str, name: str, needs: str, folds: tuple[int, ...] | None 
         if suffix.isdigit() and (path / needs).exists():
             found.append(int(suffix))
     if not found:
-        raise DataError(
-            f"no trained fold with {needs} under {base}; run `make train-{stage}` for config '{name}'"
-        )
+        raise DataError(f"no trained fold with {needs} under {base}; run `{train_command(stage, name)}`")
     return sorted(found)
 
 
 def check_members(cfg: EnsembleConfig) -> list[MemberCfg]:
     if not cfg.members:
         raise ConfigError(f"ensemble config '{cfg.name}' lists no members (members: [{{config: ...}}])")
-    names = [config_name(m.config, "seg") for m in cfg.members]
+    names = [run_name(m.config) for m in cfg.members]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"ensemble config '{cfg.name}': member(s) {dup} listed twice")
     return list(cfg.members)
 
 
-def start_weights(cfg: EnsembleConfig) -> np.ndarray:
-    """The config's member weights normalised to sum 1 (equal when they are all 0)."""
-    w = np.array([m.weight for m in cfg.members], dtype=np.float64)
+def start_weights(members: tuple[MemberCfg, ...]) -> np.ndarray:
+    """The members' configured weights normalised to sum 1 (equal when they are all 0)."""
+    w = np.array([m.weight for m in members], dtype=np.float64)
     return w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / len(w))
 
 
@@ -131,7 +142,7 @@ def blend_uint8(probs: list[np.ndarray], weights: np.ndarray | list) -> np.ndarr
 
     ``weights``: (members,) for the whole array, or (classes, members) along axis 1 of (S, C, H, W)
     arrays; each class's row is normalised to sum 1 (an all-zero row gives zeros). One fused pass
-    (numba) instead of a float32 temporary per member: tuning blends every OOF day once per
+    (numba) instead of a float32 temporary per member: tuning blends every OOF volume once per
     candidate. Bit-identical to :func:`blend_uint8_numpy`.
     """
     arrays, w, shape = _blend_plan(probs, weights)
@@ -180,7 +191,7 @@ class OOFMember:
 
 
 def find_member_oof(member: MemberCfg) -> OOFMember:
-    name = config_name(member.config, "seg")
+    name = run_name(member.config)
     folds = find_folds("seg", name, OOF_DIR, member.folds)
     files: dict[str, Path] = {}
     for fold in folds:
@@ -218,15 +229,15 @@ def read_cls_oof(
 
 
 @dataclass(frozen=True)
-class DayView:
-    """One OOF day as tuning scores it: members, gate and truth cut to the same (S, H, W) box.
+class VolumeView:
+    """One OOF volume as tuning scores it: members, gate and truth cut to the same (S, H, W) box.
 
     The box holds every member's non-zero probability and the truth, so every mask the
     post-processing can make from a blend lies inside it (a threshold above 0 keeps no voxel
     outside); ``grid`` is the uncut (S, H, W) that the metric scales by.
     """
 
-    day: str
+    volume: str
     probs: list[np.ndarray]  # per member (s, classes, h, w) uint8, C-contiguous
     gate: np.ndarray | None  # (s, classes) classifier probabilities
     truth: np.ndarray  # (s, classes, h, w) uint8 masks
@@ -235,113 +246,141 @@ class DayView:
 
 @dataclass
 class OOFSet:
-    """Everything tuning reads: member probabilities, gate probabilities and truth, per day."""
+    """Everything tuning reads: member probabilities, gate probabilities and truth, per volume."""
 
-    days: list[str]
+    volumes: list[str]
     members: list[OOFMember]
     truth: VolumeStore
     spec: DatasetSpec
-    gates: dict[str, np.ndarray] | None  # volume_id -> (S, 3) float32 classifier probabilities
+    gates: dict[str, np.ndarray] | None  # volume_id -> (S, classes) float32 classifier probabilities
     classifier: dict | None = None  # {"config": name, "folds": [...]}
     n_slices: int = 0
     ids: dict[str, list[str]] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)  # volume_id -> group (case, patient, subject)
-
     entries: dict[str, list[OOFEntry]] = field(default_factory=dict)  # volume_id -> one per member
     boxes: dict[str, Box] = field(
         default_factory=dict
     )  # volume_id -> box of every member's and the truth's voxels
 
-    def member_probs(self, day: str) -> list[np.ndarray]:
-        return [e.full() for e in self.entries[day]]
+    def member_probs(self, volume: str) -> list[np.ndarray]:
+        return [e.full() for e in self.entries[volume]]
 
-    def view(self, day: str, cut: bool = True) -> DayView:
-        """The day cut to its box (where the dataset's metric allows it and ``cut``), else whole."""
-        entries, truth = self.entries[day], self.truth[day].mask
+    def view(self, volume: str, cut: bool = True) -> VolumeView:
+        """The volume cut to its box (where the dataset's metric allows it and ``cut``), else whole."""
+        entries, truth = self.entries[volume], self.truth_mask(volume)
         n_s, _, n_h, n_w = truth.shape
-        box = (
-            self.boxes[day]
-            if cut and self.spec.cuts_to_box
-            else (slice(0, n_s), slice(0, n_h), slice(0, n_w))
-        )
-        gate = self.gate(day)
-        return DayView(
-            day,
+        whole = (slice(0, n_s), slice(0, n_h), slice(0, n_w))
+        box = self.boxes[volume] if cut and self.spec.cuts_to_box else whole
+        gate = self.gate(volume)
+        return VolumeView(
+            volume,
             [e.cut(box) for e in entries],
             None if gate is None else np.ascontiguousarray(gate[box[0]]),
             np.ascontiguousarray(truth[box[0], :, box[1], box[2]]),
             (n_s, n_h, n_w),
         )
 
-    def gate(self, day: str) -> np.ndarray | None:
-        return None if self.gates is None else self.gates[day]
+    def gate(self, volume: str) -> np.ndarray | None:
+        return None if self.gates is None else self.gates[volume]
 
-    def truth_mask(self, day: str) -> np.ndarray:
-        return self.truth[day].mask
+    def truth_mask(self, volume: str) -> np.ndarray:
+        return labels_of(self.truth[volume])
 
-    def blend(self, day: str, weights: np.ndarray) -> np.ndarray:
-        """The day's blended (S, classes, H, W) uint8 probabilities: weights (members,) or (classes, members)."""
-        return blend_uint8(self.member_probs(day), weights)
+    def blend(self, volume: str, weights: np.ndarray) -> np.ndarray:
+        """The volume's blended (S, classes, H, W) uint8 probabilities: weights (members,) or (classes, members)."""
+        return blend_uint8(self.member_probs(volume), weights)
 
     def member_names(self) -> list[str]:
         return [m.name for m in self.members]
 
 
-def load_oof(cfg: EnsembleConfig, root: Path, progress: bool = True) -> OOFSet:
-    """Find, check and cache the OOF of every member (and the classifier) on the days all of them cover."""
-    members = [find_member_oof(m) for m in check_members(cfg)]
-    spec = get_dataset(cfg.dataset)
-    store = VolumeStore(root, spec.load_split(root, "train"), "train", spec)
-    order = {d: i for i, d in enumerate(store.days)}
+def labels_of(volume: Volume) -> np.ndarray:
+    """The (S, classes, H, W) truth of a train volume (an error when it was read without labels)."""
+    if volume.mask is None:
+        raise DataError(
+            f"{volume.volume_id} has no masks: out-of-fold scoring needs the train split's labels"
+        )
+    return volume.mask
+
+
+def _common_volumes(
+    members: list[OOFMember], store: VolumeStore, cfg: EnsembleConfig, root: Path
+) -> list[str]:
+    """The train volumes every member has OOF for, in the store's order (others are left out, with a word)."""
+    order = {v: i for i, v in enumerate(store.days)}
     common = set.intersection(*(set(m.files) for m in members))
     unknown = sorted(common - set(order))
     if unknown:
         raise DataError(
-            f"OOF days {unknown[:5]} are not train day-volumes of {root}; were the members trained on another DATA_DIR?"
+            f"OOF volumes {unknown[:5]} are not train volumes of {root}; were the members trained on another DATA_DIR?"
         )
     for m in members:
         extra = sorted(set(m.files) - common)
         if extra:
             log.warning(
-                "%s: %d OOF days not covered by every member are left out (%s ...)",
+                "%s: %d OOF volumes not covered by every member are left out (%s ...)",
                 m.name,
                 len(extra),
                 extra[0],
             )
-    days = sorted(common, key=order.__getitem__)
-    if not days:
-        raise DataError(f"the members of '{cfg.name}' share no out-of-fold day; train them on the same folds")
-    table, cls_info = None, None
+    volumes = sorted(common, key=order.__getitem__)
+    if not volumes:
+        raise DataError(
+            f"the members of '{cfg.name}' share no out-of-fold volume; train them on the same folds"
+        )
+    return volumes
+
+
+def _check_entries(members: list[OOFMember], volume: Volume, root: Path) -> list[OOFEntry]:
+    """The decoded OOF of every member for one volume, which must cover its slices."""
+    entries = [oof_entry(m.files[volume.volume_id]) for m in members]
+    shape = labels_of(volume).shape
+    for m, entry in zip(members, entries):
+        if entry.ids != volume.ids or entry.shape != shape:
+            raise DataError(
+                f"{m.files[volume.volume_id]}: covers {len(entry.ids)} slices of shape {entry.shape[2:]}, but "
+                f"{volume.volume_id} has {len(volume.ids)} slices of shape {shape[2:]} in {root}; "
+                f"rerun the OOF of {m.name}"
+            )
+    return entries
+
+
+def _volume_gate(
+    table: pd.DataFrame, classifier: str, volume: Volume, classes: tuple[str, ...]
+) -> np.ndarray:
+    """(S, classes) classifier OOF probabilities of a volume's slices."""
+    missing = [i for i in volume.ids if i not in table.index]
+    if missing:
+        raise DataError(
+            f"classifier OOF of '{classifier}' lacks {len(missing)} slices of {volume.volume_id} "
+            f"(first {missing[0]}); train the classifier on the same folds as the segmenters"
+        )
+    return table.loc[volume.ids, list(classes)].to_numpy(np.float32)
+
+
+def load_oof(cfg: EnsembleConfig, root: Path, progress: bool = True) -> OOFSet:
+    """Find, check and cache the OOF of every member (and the classifier) on the volumes all of them cover."""
+    members = [find_member_oof(m) for m in check_members(cfg)]
+    spec = get_dataset(cfg.dataset)
+    store = VolumeStore(root, spec.load_split(root, "train"), "train", spec)
+    volumes = _common_volumes(members, store, cfg, root)
+    table, cls_info, cls_name = None, None, ""
     if cfg.classifier:
-        cls_name = config_name(cfg.classifier, "cls")
+        cls_name = run_name(cfg.classifier)
         table, cls_folds = read_cls_oof(cls_name, spec.classes)
         cls_info = {"config": cls_name, "folds": cls_folds}
-    ids_by_day: dict[str, list[str]] = {}
-    gates: dict[str, np.ndarray] | None = {} if table is not None else None
-    entries: dict[str, list[OOFEntry]] = {}
-    boxes: dict[str, Box] = {}
-    for day in tqdm(days, desc="check OOF", unit="day", disable=not progress):
-        volume = store[day]
-        truth_ids, shape = volume.ids, volume.mask.shape
-        entries[day] = [oof_entry(m.files[day]) for m in members]
-        for m, entry in zip(members, entries[day]):
-            if entry.ids != truth_ids or entry.shape != shape:
-                raise DataError(
-                    f"{m.files[day]}: covers {len(entry.ids)} slices of shape {entry.shape[2:]}, but {day} has "
-                    f"{len(truth_ids)} slices of shape {shape[2:]} in {root}; rerun the OOF of {m.name}"
-                )
+    oof = OOFSet(volumes, members, store, spec, None if table is None else {}, cls_info)
+    for volume_id in tqdm(volumes, desc="check OOF", unit="vol", disable=not progress):
+        volume = store[volume_id]
+        oof.entries[volume_id] = _check_entries(members, volume, root)
         if spec.cuts_to_box:
-            boxes[day] = union_box([e.box for e in entries[day]] + [volume_box(volume.mask)], shape)
-        if gates is not None:
-            missing = [i for i in truth_ids if i not in table.index]
-            if missing:
-                raise DataError(
-                    f"classifier OOF of '{cls_info['config']}' lacks {len(missing)} slices of {day} (first {missing[0]}); "
-                    "train the classifier on the same folds as the segmenters"
-                )
-            gates[day] = table.loc[truth_ids, list(spec.classes)].to_numpy(np.float32)
-        ids_by_day[day] = truth_ids
-    n_slices = sum(len(v) for v in ids_by_day.values())
-    log.info("OOF: %d day-volumes, %d slices, members %s", len(days), n_slices, [m.name for m in members])
-    groups = store.catalog.groupby("volume_id", sort=False)["group"].first().astype(str).to_dict()
-    return OOFSet(days, members, store, spec, gates, cls_info, n_slices, ids_by_day, groups, entries, boxes)
+            truth = labels_of(volume)
+            boxes = [e.box for e in oof.entries[volume_id]] + [volume_box(truth)]
+            oof.boxes[volume_id] = union_box(boxes, truth.shape)
+        if oof.gates is not None and table is not None:
+            oof.gates[volume_id] = _volume_gate(table, cls_name, volume, spec.classes)
+        oof.ids[volume_id] = volume.ids
+    oof.n_slices = sum(len(v) for v in oof.ids.values())
+    log.info("OOF: %d volumes, %d slices, members %s", len(volumes), oof.n_slices, oof.member_names())
+    oof.groups = store.catalog.groupby("volume_id", sort=False)["group"].first().astype(str).to_dict()
+    return oof

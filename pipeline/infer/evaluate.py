@@ -1,8 +1,8 @@
 """Scoring blends and post-processing variants on out-of-fold predictions: the inner loop of ``make tune``.
 
 Every figure is the dataset's own metric (``DatasetSpec.fast_stats`` / ``volume_stats`` per
-volume, summed by ``aggregate``). A pass evaluates every candidate of one (class, stage) on a
-volume while that volume is in memory (:class:`DayWork`), so a tuning step reads the OOF once per
+volume, summed by ``aggregate``). A pass evaluates every candidate of one (class, step) on a
+volume while that volume is in memory (:class:`VolumeWork`), so a tuning step reads the OOF once per
 class; volumes run on a thread pool (the kernels release the GIL). Work shared in a pass:
 
 - the volume is cut to the box of its members' non-zero probabilities and its truth
@@ -12,10 +12,11 @@ class; volumes run on a thread pool (the kernels release the GIL). Work shared i
 - the truth is digested once (``DatasetSpec.reference``: its runs) and each weight vector blended once;
 - several searches share a pass (:func:`evaluate_jobs`): the held-apart estimate's search on the
   tuning part scores its candidates beside the search on every volume, and where both hold the
-  same settings (most steps) a day is scored once for both.
+  same settings (most steps) a volume is scored once for both.
 
-Candidates share work (:func:`class_variants`): the slice stages (classifier gate, probability
-gate, z-continuity) threshold once and only re-run what follows them; the size step labels once.
+Candidates share work (:func:`class_variants`, each step's kind says how): the slice steps
+(classifier gate, probability gate, z-continuity) threshold once and only re-run what follows them;
+the size step labels once.
 Two candidates that leave the same mask (the same non-empty slices kept, the same number of
 components kept) are scored once.
 """
@@ -23,7 +24,7 @@ components kept) are scored once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -32,23 +33,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.infer.ensemble import OOFSet, blend_uint8
-from pipeline.infer.postprocess import (
-    SLICE_STAGES,
-    ClassParams,
-    Components,
-    apply_class,
-    apply_postprocess,
-    empty_slices,
-    prob_level,
-    remove_small_components,
-    slice_keep,
-    threshold_probs,
-)
+from pipeline.infer.masks import prob_level
+from pipeline.infer.postprocess import apply_class, apply_postprocess
+from pipeline.infer.step_base import ClassInput, ClassParams, StepValue, Variant
+from pipeline.infer.steps import registry
 from pipeline.runtime import available_cores
 
 log = logging.getLogger(__name__)
 
-Vary = tuple[int, str, list[Any]]  # (class index, stage of STAGES or "weights", candidate values)
 Setting = tuple[np.ndarray, list[ClassParams]]  # (classes, members) blend weights, per-class params
 
 
@@ -66,71 +58,53 @@ def class_variants(
     probs_u8: np.ndarray,
     gate: np.ndarray | None,
     base: ClassParams,
-    stage: str,
-    values: list[Any],
+    step: str,
+    values: Sequence[StepValue],
     volumetric: bool = True,
-) -> Iterator[tuple[Hashable | None, np.ndarray | None]]:
-    """``(key, mask)``: one class's (S, H, W) mask for each value of ``stage`` (the rest from ``base``).
+) -> Iterator[Variant]:
+    """``(key, mask)``: one class's (S, H, W) mask for each value of one step (the rest from ``base``).
 
     ``key`` names the mask for reuse (None: never reused); a value whose mask an earlier one
-    already gave yields ``(key, None)``. The pixel step re-runs everything; a slice stage (gate,
-    probability gate, z-continuity) thresholds and applies the stages before it once; the size
-    step labels components once.
+    already gave yields ``(key, None)``. The steps before ``step`` run once; how its candidates
+    share the rest is the step's own (:meth:`~pipeline.infer.step_base.Step.variants`).
     """
-    if stage == "pixel_threshold":
-        for v in values:
-            yield None, apply_class(probs_u8, gate, base.with_value(stage, v), volumetric)
-        return
-    seen: set[Hashable] = set()
-    if stage == "min_component_size":
-        mask = apply_class(probs_u8, gate, base.with_value(stage, 0), volumetric)
-        components = Components.of(mask, volumetric)
-        for v in values:
-            key = components.n_kept(int(v))
-            if key in seen:
-                yield key, None
-                continue
-            seen.add(key)
-            yield key, mask if v <= 1 else components.keep(int(v))
-        return
-    if stage not in SLICE_STAGES:
-        raise ValueError(f"unknown post-processing stage '{stage}'")
-    i = SLICE_STAGES.index(stage)
-    pre = threshold_probs(probs_u8, base.pixel_threshold)
-    for earlier in SLICE_STAGES[:i]:
-        empty_slices(pre, slice_keep(earlier, pre, probs_u8, gate, base, volumetric))
-    occupied = pre.reshape(len(pre), -1).any(axis=1)
-    counts: dict[int, np.ndarray] = {}  # probability gate: pixels at each level per slice, counted once
-
-    def keep_of(params: ClassParams) -> np.ndarray | None:
-        if stage != "prob_gate" or params.prob_gate_pixels <= 0:
-            return slice_keep(stage, pre, probs_u8, gate, params, volumetric)
-        level = prob_level(params.prob_gate_level)
-        if level not in counts:
-            counts[level] = np.count_nonzero(probs_u8.reshape(len(probs_u8), -1) >= level, axis=1)
-        return counts[level] > params.prob_gate_pixels
-
-    for v in values:
-        params = base.with_value(stage, v)
-        keep = keep_of(params)
-        key = (occupied if keep is None else occupied & keep).tobytes()  # the non-empty slices left
-        if key in seen:
-            yield key, None
-            continue
-        seen.add(key)
-        mask = empty_slices(pre.copy(), keep)
-        for later in SLICE_STAGES[i + 1 :]:
-            empty_slices(mask, slice_keep(later, mask, probs_u8, gate, params, volumetric))
-        yield key, remove_small_components(mask, params.min_component_size, volumetric)
+    steps = registry()
+    return steps.variants(ClassInput(probs_u8, gate, volumetric), base, steps.named(step), values)
 
 
-class DayWork:
-    """One OOF day in memory during a pass: its (cut) view, the truth digested once, blends by weights."""
+@dataclass(frozen=True, eq=False)
+class VaryStep:
+    """The candidate values of one post-processing step for one class, every other setting held."""
 
-    def __init__(self, oof: OOFSet, day: str, cut: bool = True, per_class: bool = False) -> None:
+    cls: int  # class index
+    step: str  # a step of the registry
+    values: list[StepValue]
+
+    def key(self) -> tuple:
+        return ("step", self.cls, self.step, tuple(np.asarray(v, np.float64).tobytes() for v in self.values))
+
+
+@dataclass(frozen=True, eq=False)
+class VaryWeights:
+    """Candidate (members,) blend weight vectors for one class, every other setting held."""
+
+    cls: int  # class index
+    values: list[np.ndarray]
+
+    def key(self) -> tuple:
+        return ("weights", self.cls, tuple(np.asarray(v, np.float64).tobytes() for v in self.values))
+
+
+Vary = VaryStep | VaryWeights
+
+
+class VolumeWork:
+    """One OOF volume in memory during a pass: its (cut) view, the truth digested once, blends by weights."""
+
+    def __init__(self, oof: OOFSet, volume: str, cut: bool = True, per_class: bool = False) -> None:
         self.spec = oof.spec
         self.per_class = per_class
-        self.view = oof.view(day, cut=cut and not per_class)  # per-class stats take whole volumes
+        self.view = oof.view(volume, cut=cut and not per_class)  # per-class stats take whole volumes
         self.truth = self.view.truth if per_class else self.spec.reference(self.view.truth)
         self._blends: dict[bytes, np.ndarray] = {}
 
@@ -147,42 +121,43 @@ class DayWork:
         return self.spec.fast_stats(mask, self.truth, grid)
 
 
-def day_stats(
-    work: DayWork, weight_list: list[np.ndarray], params: list[ClassParams], vary: Vary | None = None
-) -> list[Any]:
-    """The dataset's stats of one volume for every (weights, candidate) variant, weights-major.
+def _class_gate(work: VolumeWork, c: int) -> np.ndarray | None:
+    return None if work.view.gate is None else work.view.gate[:, c]
 
-    ``vary = (c, "weights", [w, ...])`` tries (members,) blend weights for class ``c`` alone.
-    """
-    view, volumetric = work.view, work.spec.volumetric
+
+def _variants(work: VolumeWork, q: np.ndarray, params: list[ClassParams], vary: Vary) -> Iterator[Variant]:
+    """Class ``vary.cls``'s mask for each candidate of ``vary`` (blend ``q`` for a step's candidates)."""
+    c, volumetric = vary.cls, work.spec.volumetric
+    if isinstance(vary, VaryWeights):
+        class_probs = [np.ascontiguousarray(p[:, c]) for p in work.view.probs]
+        return (
+            (None, apply_class(blend_uint8(class_probs, w), _class_gate(work, c), params[c], volumetric))
+            for w in vary.values
+        )
+    return class_variants(q[:, c], _class_gate(work, c), params[c], vary.step, vary.values, volumetric)
+
+
+def variant_stats(
+    work: VolumeWork, weight_list: list[np.ndarray], params: list[ClassParams], vary: Vary | None = None
+) -> list[Any]:
+    """The dataset's stats of one volume for every (weights, candidate) variant, weights-major."""
+    volumetric = work.spec.volumetric
     out = []
     for weights in weight_list:
         q = work.blend(weights)
         if vary is None:
-            out.append(work.stats(apply_postprocess(q, view.gate, params, volumetric)))
+            out.append(work.stats(apply_postprocess(q, work.view.gate, params, volumetric)))
             continue
-        c, stage, values = vary
-        mask = np.zeros(q.shape, dtype=bool)  # class c is set by each variant below
+        mask = np.zeros(q.shape, dtype=bool)  # class vary.cls is set by each variant below
         for k, p in enumerate(params):
-            if k != c:
-                mask[:, k] = apply_class(
-                    q[:, k], None if view.gate is None else view.gate[:, k], p, volumetric
-                )
-        gate_c = None if view.gate is None else view.gate[:, c]
-        if stage == "weights":
-            class_probs = [np.ascontiguousarray(p[:, c]) for p in view.probs]
-            variants: Iterator = (
-                (None, apply_class(blend_uint8(class_probs, w), gate_c, params[c], volumetric))
-                for w in values
-            )
-        else:
-            variants = class_variants(q[:, c], gate_c, params[c], stage, values, volumetric)
+            if k != vary.cls:
+                mask[:, k] = apply_class(q[:, k], _class_gate(work, k), p, volumetric)
         scored: dict[Hashable, Any] = {}
-        for key, variant in variants:
+        for key, variant in _variants(work, q, params, vary):
             if variant is None:
                 out.append(scored[key])
                 continue
-            mask[:, c] = variant
+            mask[:, vary.cls] = variant
             out.append(work.stats(mask))
             if key is not None:
                 scored[key] = out[-1]
@@ -190,42 +165,40 @@ def day_stats(
 
 
 def can_cut(params: list[ClassParams], vary: Vary | None = None) -> bool:
-    """Whether every threshold in play keeps no voxel of probability 0 (so a day may be cut to its box)."""
-    levels = [p.pixel_threshold for p in params] + [
-        p.prob_gate_level for p in params if p.prob_gate_pixels > 0
-    ]
-    if vary is not None and vary[1] == "pixel_threshold":
-        levels += [float(v) for v in vary[2]]
-    if vary is not None and vary[1] == "prob_gate":
-        levels += [float(t) for n, t in vary[2] if n > 0]
+    """Whether every threshold in play keeps no voxel of probability 0 (so a volume may be cut to its box)."""
+    steps = registry()
+    levels = [t for p in params for step in steps for t in step.levels(p)]
+    if isinstance(vary, VaryStep):
+        step = steps.named(vary.step)
+        levels += [t for v in vary.values for t in step.levels(step.set(params[vary.cls], v))]
     return min((prob_level(t) for t in levels), default=1) >= 1
 
 
 @dataclass(frozen=True)
 class Job:
-    """Variants to score over some days: ``weight_list`` x the candidates of ``vary`` (see :func:`day_stats`)."""
+    """Variants to score over some volumes: ``weight_list`` x the candidates of ``vary`` (see :func:`variant_stats`)."""
 
-    days: frozenset[str]
+    volumes: frozenset[str]
     weight_list: list[np.ndarray]
     params: list[ClassParams]
     vary: Vary | None = None
 
     def key(self) -> tuple:
-        """Equal keys score equal variants: a day both jobs cover is scored once."""
-        vary = None
-        if self.vary is not None:
-            c, stage, values = self.vary
-            vary = (c, stage, tuple(np.asarray(v, np.float64).tobytes() for v in values))
+        """Equal keys score equal variants: a volume both jobs cover is scored once."""
         return (
             tuple(np.asarray(w, np.float64).tobytes() for w in self.weight_list),
             tuple(self.params),
-            vary,
+            None if self.vary is None else self.vary.key(),
         )
 
 
-def _map_days(oof: OOFSet, one, days: list[str], workers: int, desc: str, progress: bool) -> list[list[Any]]:
+def _map_volumes(
+    one: Callable[[str], list[list[Any] | None]], volumes: list[str], workers: int, desc: str, progress: bool
+) -> list[list[list[Any] | None]]:
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(tqdm(pool.map(one, days), total=len(days), desc=desc, unit="day", disable=not progress))
+        return list(
+            tqdm(pool.map(one, volumes), total=len(volumes), desc=desc, unit="vol", disable=not progress)
+        )
 
 
 def evaluate_jobs(
@@ -237,33 +210,33 @@ def evaluate_jobs(
     desc: str = "evaluate",
     progress: bool = True,
 ) -> list[list[dict]]:
-    """Each job's score dicts (``spec.aggregate`` over its days), every day read and blended once.
+    """Each job's score dicts (``spec.aggregate`` over its volumes), every volume read and blended once.
 
-    Jobs of several searches over overlapping days (a search on every volume and one on the tuning
-    part) share the pass: a day holds one view and one blend per weight vector, and jobs with equal
-    settings are scored once on the days they share.
+    Jobs of several searches over overlapping volumes (a search on every volume and one on the
+    tuning part) share the pass: a volume holds one view and one blend per weight vector, and jobs
+    with equal settings are scored once on the volumes they share.
     """
-    days = [d for d in oof.days if any(d in j.days for j in jobs)]
+    volumes = [v for v in oof.volumes if any(v in j.volumes for j in jobs)]
     keys = [j.key() for j in jobs]
     cut = all(can_cut(j.params, j.vary) for j in jobs)
 
-    def one(day: str) -> list[list[Any] | None]:
-        work = DayWork(oof, day, cut, per_class)
+    def one(volume: str) -> list[list[Any] | None]:
+        work = VolumeWork(oof, volume, cut, per_class)
         done: dict[tuple, list[Any]] = {}
         out: list[list[Any] | None] = []
         for job, key in zip(jobs, keys):
-            if day not in job.days:
+            if volume not in job.volumes:
                 out.append(None)
                 continue
             if key not in done:
-                done[key] = day_stats(work, job.weight_list, job.params, job.vary)
+                done[key] = variant_stats(work, job.weight_list, job.params, job.vary)
             out.append(done[key])
         return out
 
-    per_day = _map_days(oof, one, days, workers, desc, progress)
+    per_volume = _map_volumes(one, volumes, workers, desc, progress)
     results = []
     for j in range(len(jobs)):
-        rows = [row[j] for row in per_day if row[j] is not None]
+        rows = [r for r in (row[j] for row in per_volume) if r is not None]
         results.append([oof.spec.aggregate([r[i] for r in rows]) for i in range(len(rows[0]))])
     return results
 
@@ -274,30 +247,30 @@ def evaluate(
     params: list[ClassParams],
     vary: Vary | None = None,
     *,
-    days: list[str] | None = None,
+    volumes: list[str] | None = None,
     per_class: bool = False,
     workers: int = 1,
     desc: str = "evaluate",
     progress: bool = True,
 ) -> list[dict]:
-    """The dataset's score dict (``spec.aggregate``) of every variant over ``days`` (default: every OOF volume)."""
-    job = Job(frozenset(oof.days if days is None else days), list(weight_list), list(params), vary)
+    """The dataset's score dict (``spec.aggregate``) of every variant over ``volumes`` (default: every OOF volume)."""
+    job = Job(frozenset(oof.volumes if volumes is None else volumes), list(weight_list), list(params), vary)
     return evaluate_jobs(oof, [job], per_class=per_class, workers=workers, desc=desc, progress=progress)[0]
 
 
 def evaluate_settings(
     oof: OOFSet,
     settings: list[Setting],
-    days: list[str],
+    volumes: list[str],
     *,
     workers: int = 1,
     desc: str = "evaluate",
     progress: bool = True,
 ) -> list[dict]:
-    """The score dict of each (weights, params) setting over ``days``, in one pass (repeats scored once)."""
+    """The score dict of each (weights, params) setting over ``volumes``, in one pass (repeats scored once)."""
     if not settings:
         return []
-    day_set = frozenset(days)
-    jobs = [Job(day_set, [np.asarray(w)], list(p)) for w, p in settings]
+    volume_set = frozenset(volumes)
+    jobs = [Job(volume_set, [np.asarray(w)], list(p)) for w, p in settings]
     results = evaluate_jobs(oof, jobs, workers=workers, desc=desc, progress=progress)
     return [r[0] for r in results]

@@ -1,97 +1,150 @@
 """Post-processing decided on out-of-fold predictions, and the file that carries the decisions.
 
-Per class, in this order (:data:`STAGES`), each step a tuned option that ``make tune`` may leave off:
-
-1. ``pixel_threshold``: a pixel is foreground when its (blended) uint8 probability ``q >= round(t * 255)``;
-2. ``gate_threshold``: the classifier gate; a slice whose classifier probability for the class is below
-   it is emptied (0 = off);
-3. ``prob_gate`` (``prob_gate_pixels`` N, ``prob_gate_level`` t): the gate on the blended probability
-   itself (1st place, N = 12, t = 0.6 by hand); a slice keeps the class only if more than N of its
-   pixels have ``q >= round(t * 255)`` (N = 0 = off);
-4. ``z_run`` (k): z-continuity over a volume (3rd place), volumetric datasets only; the class's first
-   slice is the start of the first run of >= k consecutive non-empty slices, its last slice the end of
-   the last such run, and every slice outside [first, last] is emptied (gaps inside stay as they are).
-   A volume with no run of k slices has the class emptied altogether: an organ seen on fewer than k
-   consecutive slices is taken as a false positive (the option is switched off by tuning where that
-   costs score). k <= 1 = off;
-5. ``min_component_size``: connected components smaller than this many voxels are removed: 3D and
-   26-connected within a volume for volumetric datasets, 2D and 8-connected within each image otherwise.
-
-Steps 2-4 only empty whole slices, so their order among themselves changes nothing except for the
-z-continuity, which sees the slices the gates left. Probabilities travel as uint8 (``round(p * 255)``,
-the out-of-fold format), so what was tuned on OOF files is applied bit for bit the same way at
-submission time.
+Each class of a volume goes through the steps of :mod:`pipeline.infer.steps` in their order
+(pixel threshold, classifier gate, probability gate, z-continuity, small components), each a tuned
+option that ``make tune`` may leave off: :func:`apply_class` is that loop. Probabilities travel as
+uint8 (``round(p * 255)``, the out-of-fold format), so what was tuned on OOF files is applied bit
+for bit the same way at submission time.
 
 Every number comes from ``runs/ensemble/<cfg>/postprocess.json`` (written by ``make tune``): per class
-the :class:`ClassParams` and the member blend weights (``{class: {member: weight}}``). Files of format 1
-(one weight per member, no probability gate or z-continuity) are still read: their weights apply to
-every class and the new options are off.
+the :class:`ClassParams` and the member blend weights (``{class: {member: weight}}``), with how the
+search scored (the step rows, the curves, :class:`OOFSummary`). Files of format 1 (one weight per
+member, no probability gate or z-continuity) are still read: their weights apply to every class and
+the new options are off.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from pipeline.errors import PipelineError
+from pipeline.infer.masks import to_uint8
+from pipeline.infer.step_base import ClassInput, ClassParams
+from pipeline.infer.steps import registry
 from pipeline.io import write_json
 from pipeline.paths import run_dir
 
+__all__ = [  # to_uint8 lives in masks; imported from here by callers outside infer
+    "ClassParams",
+    "Decisions",
+    "DecisionsError",
+    "OOFSummary",
+    "apply_class",
+    "apply_postprocess",
+    "decisions_path",
+    "read_decisions",
+    "to_uint8",
+    "write_decisions",
+]
+
 POSTPROCESS_FILE = "postprocess.json"
 FORMAT_VERSION = 2  # 2: per-class blend weights, probability gate, z-continuity
-STAGES = ("pixel_threshold", "gate_threshold", "prob_gate", "z_run", "min_component_size")
-SLICE_STAGES = ("gate_threshold", "prob_gate", "z_run")  # the stages that empty whole slices
-_INT_FIELDS = ("min_component_size", "prob_gate_pixels", "z_run")
-_STRUCTURE_26 = ndimage.generate_binary_structure(3, 3)
-_STRUCTURE_2D = np.zeros((3, 3, 3), bool)
-_STRUCTURE_2D[1] = True  # 8-connected in-plane, never across slices
+
+Weights = dict[str, dict[str, float]]  # class -> member config name -> blend weight (each class sums to 1)
 
 
 class DecisionsError(PipelineError, ValueError):
     """postprocess.json is missing or does not fit the ensemble config; the message says what to run."""
 
 
-@dataclass(frozen=True)
-class ClassParams:
-    """What turns one class's probabilities into its mask (the stages of the module doc, in order).
-
-    The fields added in format 2 default to "off", which is what a format-1 file meant.
-    """
-
-    pixel_threshold: float
-    gate_threshold: float
-    min_component_size: int
-    prob_gate_pixels: int = 0  # N: keep a slice only if more than N pixels have q >= level; 0 = off
-    prob_gate_level: float = 0.0  # t of the probability gate (unused while N = 0)
-    z_run: int = 0  # k: z-continuity from runs of >= k non-empty slices; <= 1 = off
-
-    def setting(self, stage: str) -> Any:
-        """The value of one tuning stage: a field, or ``(N, t)`` for ``prob_gate``."""
-        if stage == "prob_gate":
-            return (self.prob_gate_pixels, self.prob_gate_level)
-        return getattr(self, stage)
-
-    def with_value(self, stage: str, value: Any) -> ClassParams:
-        """A copy with one stage set: a field name, or ``prob_gate`` with ``(N, t)`` (N <= 0: off, t 0)."""
-        if stage == "prob_gate":
-            pixels, level = value
-            pixels = int(pixels)
-            return replace(
-                self, prob_gate_pixels=max(0, pixels), prob_gate_level=float(level) if pixels > 0 else 0.0
-            )
-        if stage not in {f.name for f in fields(self)}:
-            raise ValueError(f"unknown post-processing stage '{stage}' (expected one of {STAGES})")
-        cast = int if stage in _INT_FIELDS else float
-        return replace(self, **{stage: cast(value)})
+# --------------------------------------------------------------------------- what tuning measured
 
 
-Weights = dict[str, dict[str, float]]  # class -> member config name -> blend weight (each class sums to 1)
+@dataclass
+class BlendGain:
+    """The tuned blend against its best member alone, both at the tuned post-processing."""
+
+    over: str  # the best member alone (in-sample)
+    score: float  # in-sample gain
+    held_out: float | None  # gain on the held-apart groups (None: no held-apart split)
+
+
+@dataclass
+class BlendGuard:
+    """The blend guard's verdict: a member alone beat the blend on the held-apart groups and was kept."""
+
+    kept: str
+    blend_held_out: float
+    alone_held_out: float
+    blend_score: float | None = None  # the blend's in-sample score (its search is not saved)
+    blend_weights: Weights = field(default_factory=dict)
+
+
+@dataclass
+class Grids:
+    """What the search tried: each step's candidates (registry order) and the blend grid."""
+
+    steps: dict[str, list[Any]]
+    blend_steps: int | None = None
+    sweeps: int | None = None
+    per_class_blend: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        rest = {k: v for k, v in asdict(self).items() if k != "steps"}
+        return {**self.steps, **rest}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Grids:
+        known = {f.name for f in dataclasses.fields(cls)} - {"steps"}
+        return cls(
+            {k: v for k, v in data.items() if k not in known}, **{k: data[k] for k in known & set(data)}
+        )
+
+
+@dataclass
+class OOFSummary:
+    """The tuned ensemble on its out-of-fold volumes (``oof`` in postprocess.json)."""
+
+    days: int = 0  # OOF volumes (the file's key)
+    slices: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)  # "score" and the dataset's other means (numbers)
+    held_out: float | None = None  # score on the held-apart groups, settings chosen on the rest
+    blend_gain: BlendGain | None = None  # None with one member
+    blend_guard: BlendGuard | None = None  # None: the blend stands
+    grids: Grids | None = None
+
+    @property
+    def score(self) -> float | None:
+        return self.metrics.get("score")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "days": self.days,
+            "slices": self.slices,
+            **self.metrics,
+            "held_out": self.held_out,
+            "blend_gain": None if self.blend_gain is None else asdict(self.blend_gain),
+            "blend_guard": None if self.blend_guard is None else asdict(self.blend_guard),
+            "grids": None if self.grids is None else self.grids.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> OOFSummary:
+        rest = dict(data)
+        gain, guard, grids = (rest.pop(k, None) for k in ("blend_gain", "blend_guard", "grids"))
+        out = cls(
+            days=int(rest.pop("days", 0)),
+            slices=int(rest.pop("slices", 0)),
+            held_out=rest.pop("held_out", None),
+            blend_gain=None if gain is None else BlendGain(**gain),
+            blend_guard=None if guard is None else BlendGuard(**guard),
+            grids=None if grids is None else Grids.from_json(grids),
+        )
+        bad = [k for k, v in rest.items() if v is not None and not isinstance(v, (int, float))]
+        if bad:
+            raise ValueError(f"oof figures {bad} are not numbers")
+        out.metrics = rest
+        return out
+
+
+# --------------------------------------------------------------------------- the decisions
 
 
 @dataclass
@@ -103,10 +156,10 @@ class Decisions:
     members: list[dict[str, Any]]  # [{"config": name, "folds": [..]}]
     classifier: dict[str, Any] | None = None  # {"config": name, "folds": [..]} or None (no gate)
     ensemble: str = ""
-    steps: list[dict[str, Any]] = field(default_factory=list)  # score (all days) and held_out per step
+    steps: list[dict[str, Any]] = field(default_factory=list)  # score (all volumes) and held_out per step
     per_class: dict[str, dict[str, Any]] = field(default_factory=dict)  # final OOF table
     curves: dict[str, Any] = field(default_factory=dict)  # step -> class -> {values, score, ...}
-    oof: dict[str, Any] = field(default_factory=dict)  # days, slices, ...
+    oof: OOFSummary = field(default_factory=OOFSummary)
     dataset: str = "uwmgi"
     volumetric: bool = True  # components are 3D (volumes) or per image
     holdout: dict[str, Any] = field(default_factory=dict)  # the held-apart split and its scores
@@ -114,11 +167,16 @@ class Decisions:
     def __post_init__(self) -> None:
         flat = self.weights and all(isinstance(v, (int, float)) for v in self.weights.values())
         if flat:  # one weight per member (format 1, or written by hand): the same for every class
-            self.weights = {cls: dict(self.weights) for cls in self.classes}
+            row: dict[str, Any] = dict(self.weights)
+            self.weights = {cls: dict(row) for cls in self.classes}
 
     def params(self) -> list[ClassParams]:
         """Per-class parameters in the dataset's class order."""
         return list(self.classes.values())
+
+    def needs_classifier(self) -> bool:
+        """Whether some class uses a step that reads the classifier (else it need not be loaded)."""
+        return registry().needs_classifier(self.params())
 
     def weight_matrix(self, names: list[str] | None = None) -> np.ndarray:
         """(classes, members) blend weights in class order and ``names`` order (default: ``members``)."""
@@ -137,8 +195,9 @@ class Decisions:
         return [n for n, u in zip(names, used) if u]
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["classes"] = {name: asdict(p) for name, p in self.classes.items()}
+        out["oof"] = self.oof.to_json()
         return {"version": FORMAT_VERSION, **out}
 
     @classmethod
@@ -147,7 +206,8 @@ class Decisions:
             version = int(data.get("version", 1))
             if version > FORMAT_VERSION:
                 raise ValueError(f"format {version} is newer than this code's {FORMAT_VERSION}")
-            classes = {name: ClassParams(**value) for name, value in data["classes"].items()}
+            params = registry().params
+            classes = {name: params(**value) for name, value in data["classes"].items()}
             kwargs = {k: data[k] for k in ("weights", "members")}
             optional = (
                 "classifier",
@@ -155,12 +215,13 @@ class Decisions:
                 "steps",
                 "per_class",
                 "curves",
-                "oof",
                 "dataset",
                 "volumetric",
                 "holdout",
             )
             out = cls(classes=classes, **kwargs, **{k: data[k] for k in optional if k in data})
+            if "oof" in data:
+                out.oof = OOFSummary.from_json(data["oof"])
             for cls_name, row in out.weights.items():
                 if cls_name not in classes or not isinstance(row, dict):
                     raise ValueError(f"weights of '{cls_name}' are not a {{member: weight}} of a known class")
@@ -205,175 +266,14 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-# --------------------------------------------------------------------------- probabilities
-
-
-def to_uint8(probs: np.ndarray) -> np.ndarray:
-    """Probabilities in [0, 1] -> uint8 ``round(p * 255)`` (the OOF format)."""
-    out = np.asarray(probs, dtype=np.float32) * 255.0
-    np.clip(out, 0.0, 255.0, out=out)
-    return np.rint(out, out=out).astype(np.uint8)
-
-
-def prob_level(threshold: float) -> int:
-    """The uint8 level of a probability threshold: a pixel is foreground when ``q >= level``."""
-    return int(np.clip(round(threshold * 255.0), 0, 256))
-
-
-def threshold_probs(probs_u8: np.ndarray, threshold: float) -> np.ndarray:
-    """Boolean mask of uint8 probabilities at a threshold in [0, 1]."""
-    if probs_u8.dtype != np.uint8:
-        raise TypeError(f"threshold_probs expects uint8 probabilities (round(p*255)), got {probs_u8.dtype}")
-    return probs_u8 >= prob_level(threshold)
-
-
-def gate_keep(gate_probs: np.ndarray | None, gate_threshold: float, n_slices: int) -> np.ndarray | None:
-    """(S,) the slices whose classifier probability reaches the threshold; None (all) when off."""
-    if gate_probs is None or gate_threshold <= 0.0:
-        return None
-    gate_probs = np.asarray(gate_probs)
-    if gate_probs.shape != (n_slices,):
-        raise ValueError(f"gate probabilities {gate_probs.shape} do not match the {n_slices} slices")
-    return gate_probs >= gate_threshold
-
-
-def gate_slices(mask: np.ndarray, gate_probs: np.ndarray | None, gate_threshold: float) -> np.ndarray:
-    """Empty (in place) the slices of a (S, H, W) mask whose gate probability is below the threshold."""
-    return empty_slices(mask, gate_keep(gate_probs, gate_threshold, len(mask)))
-
-
-def prob_gate_keep(probs_u8: np.ndarray, pixels: int, level: float) -> np.ndarray | None:
-    """(S,) the slices of (S, H, W) uint8 probabilities with more than ``pixels`` pixels at ``q >= level``.
-
-    None (every slice) when the gate is off (``pixels <= 0``).
-    """
-    if pixels <= 0:
-        return None
-    hits = threshold_probs(probs_u8, level).reshape(len(probs_u8), -1)
-    return np.count_nonzero(hits, axis=1) > pixels
-
-
-def z_range(positive: np.ndarray, run: int) -> tuple[int, int] | None:
-    """[first, last] (inclusive) of a (S,) bool slice vector by runs of >= ``run`` consecutive Trues.
-
-    ``first`` starts the first such run, ``last`` ends the last one; None when no run is that long.
-    """
-    padded = np.concatenate([[0], np.asarray(positive, dtype=np.int8), [0]])
-    edges = np.diff(padded)
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)  # runs are [start, end)
-    long = np.flatnonzero(ends - starts >= max(1, run))
-    if long.size == 0:
-        return None
-    return int(starts[long[0]]), int(ends[long[-1]] - 1)
-
-
-def z_keep(mask: np.ndarray, run: int) -> np.ndarray | None:
-    """(S,) the slices of a (S, H, W) mask that z-continuity keeps; None (all) when ``run <= 1``."""
-    if run <= 1:
-        return None
-    keep = np.zeros(len(mask), dtype=bool)
-    span = z_range(mask.reshape(len(mask), -1).any(axis=1), run)
-    if span is not None:
-        keep[span[0] : span[1] + 1] = True
-    return keep
-
-
-def slice_keep(
-    stage: str,
-    mask: np.ndarray,
-    probs_u8: np.ndarray,
-    gate_probs: np.ndarray | None,
-    params: ClassParams,
-    volumetric: bool = True,
-) -> np.ndarray | None:
-    """(S,) the slices one of :data:`SLICE_STAGES` keeps on the mask so far; None: every slice."""
-    if stage == "gate_threshold":
-        return gate_keep(gate_probs, params.gate_threshold, len(mask))
-    if stage == "prob_gate":
-        return prob_gate_keep(probs_u8, params.prob_gate_pixels, params.prob_gate_level)
-    if stage == "z_run":
-        if params.z_run > 1 and not volumetric:
-            raise ValueError(
-                f"z_run = {params.z_run}: z-continuity needs volumes, but this dataset's images are 2D; "
-                "set tune.z_runs: [0] and rerun `make tune`"
-            )
-        return z_keep(mask, params.z_run)
-    raise ValueError(f"'{stage}' is not a slice stage (expected one of {SLICE_STAGES})")
-
-
-def empty_slices(mask: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
-    """Empty (in place) the slices of a (S, H, W) mask that ``keep`` (S,) does not keep."""
-    if keep is not None:
-        mask[~keep] = False
-    return mask
-
-
-def foreground_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The smallest box (one slice per axis) of a (S, H, W) mask holding its foreground; None when empty."""
-    hits_s = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))
-    if hits_s.size == 0:
-        return None
-    plane = mask[hits_s[0] : hits_s[-1] + 1].any(axis=0)
-    hits_h, hits_w = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
-    return tuple(slice(int(h[0]), int(h[-1]) + 1) for h in (hits_s, hits_h, hits_w))
-
-
-@dataclass(frozen=True)
-class Components:
-    """26-connected 3D components of a (S, H, W) mask, labelled inside its foreground box only.
-
-    Labelling the box instead of the whole day-volume gives the same components (nothing lies
-    outside it) several times faster, which matters when tuning re-labels every candidate.
-    """
-
-    shape: tuple[int, ...]
-    box: tuple[slice, ...] | None  # None: empty mask
-    labels: np.ndarray  # int32 labels inside ``box``
-    sizes: np.ndarray  # voxel count per label, [0] = 0
-
-    @classmethod
-    def of(cls, mask: np.ndarray, volumetric: bool = True) -> Components:
-        """Components of a (S, H, W) mask: 3D 26-connected, or per slice 8-connected (``volumetric=False``)."""
-        mask = np.asarray(mask, dtype=bool)
-        box = foreground_box(mask)
-        if box is None:
-            return cls(mask.shape, None, np.zeros((0,) * mask.ndim, np.int32), np.zeros(1, np.int64))
-        structure = _STRUCTURE_26 if volumetric else _STRUCTURE_2D
-        labels, n = ndimage.label(mask[box], structure=structure)
-        sizes = np.bincount(labels.ravel(), minlength=n + 1)
-        sizes[0] = 0
-        return cls(mask.shape, box, labels, sizes)
-
-    def n_kept(self, min_size: int) -> int:
-        """How many components :meth:`keep` keeps: equal counts mean equal masks (sizes only rise)."""
-        return int(np.count_nonzero(self.sizes >= max(1, min_size)))
-
-    def keep(self, min_size: int) -> np.ndarray:
-        """The full-size mask of the components with at least ``min_size`` voxels."""
-        out = np.zeros(self.shape, dtype=bool)
-        if self.box is not None:
-            keep = self.sizes >= max(1, min_size)
-            keep[0] = False
-            out[self.box] = keep[self.labels]
-        return out
-
-
-def remove_small_components(mask: np.ndarray, min_size: int, volumetric: bool = True) -> np.ndarray:
-    """Drop connected components of a (S, H, W) mask smaller than ``min_size`` voxels (see :class:`Components`)."""
-    mask = np.asarray(mask, dtype=bool)
-    if min_size <= 1 or not mask.any():
-        return mask
-    return Components.of(mask, volumetric).keep(min_size)
+# --------------------------------------------------------------------------- applying them
 
 
 def apply_class(
     probs_u8: np.ndarray, gate_probs: np.ndarray | None, params: ClassParams, volumetric: bool = True
 ) -> np.ndarray:
-    """(S, H, W) uint8 probabilities of one class -> its post-processed (S, H, W) bool mask (:data:`STAGES`)."""
-    mask = threshold_probs(probs_u8, params.pixel_threshold)
-    for stage in SLICE_STAGES:
-        empty_slices(mask, slice_keep(stage, mask, probs_u8, gate_probs, params, volumetric))
-    return remove_small_components(mask, params.min_component_size, volumetric)
+    """(S, H, W) uint8 probabilities of one class -> its post-processed (S, H, W) bool mask (every step)."""
+    return registry().apply(ClassInput(probs_u8, gate_probs, volumetric), params)
 
 
 def apply_postprocess(

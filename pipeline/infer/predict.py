@@ -6,13 +6,13 @@ shared with training's validation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.config import config_from_text
+from pipeline.config import ClsConfig, SegConfig, config_from_text
 from pipeline.errors import PipelineError
 from pipeline.models.predict import build_model, channels_last
 from pipeline.train.checkpoint import load_weights
@@ -22,22 +22,38 @@ class MemberError(PipelineError, FileNotFoundError):
     """A run folder does not hold a trained member."""
 
 
-def load_member(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
+TRAIN_TARGETS = {"seg": "train-seg CONFIG", "cls": "train-cls CONFIG_CLS", "det": "train-det CONFIG_DET"}
+
+
+def train_command(stage: str, name: str, folds: Sequence[int | str] | None = None) -> str:
+    """The command that makes the run ``runs/<stage>/<name>[/fold_<k>]``: ``make train-seg CONFIG=...``."""
+    target = TRAIN_TARGETS.get(stage, f"train-{stage} CONFIG")
+    fold_text = (
+        ""
+        if not folds
+        else " FOLDS=" + (str(folds[0]) if len(folds) == 1 else f"'{' '.join(map(str, folds))}'")
+    )
+    return f"make {target}=configs/{name}.yaml{fold_text}"
+
+
+def load_member(
+    run_dir: str | Path, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, SegConfig | ClsConfig]:
     """(model in eval mode on ``device`` with best.pt weights, its resolved config) of a run folder."""
     run_dir = Path(run_dir)
     config_path, weights_path = run_dir / "config.yaml", run_dir / "best.pt"
     if not (config_path.is_file() and weights_path.is_file()):
         stage = run_dir.parent.parent.name if run_dir.name.startswith("fold_") else run_dir.parent.name
-        target = {"seg": "train-seg CONFIG", "cls": "train-cls CONFIG_CLS"}.get(
-            stage, f"train-{stage} CONFIG"
-        )
         missing = " and ".join(p.name for p in (config_path, weights_path) if not p.is_file())
+        fold = run_dir.name.removeprefix("fold_")
         raise MemberError(
             f"{run_dir}: no trained member here ({missing} missing); run "
-            f"`make {target}=configs/{run_dir.parent.name}.yaml FOLDS={run_dir.name.removeprefix('fold_')}` first"
+            f"`{train_command(stage, run_dir.parent.name, [fold])}` first"
         )
     cfg = config_from_text(config_path.read_text(), source=str(config_path))
-    model = build_model(cfg)
+    if not isinstance(cfg, (SegConfig, ClsConfig)):
+        raise MemberError(f"{config_path}: a '{cfg.stage}' config, not a segmenter's or a classifier's")
+    model = build_model(cfg, pretrained=False)  # the checkpoint holds every weight
     load_weights(weights_path, model, map_location="cpu")
     device = torch.device(device)
     model = model.to(device).eval()

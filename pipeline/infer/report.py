@@ -9,8 +9,9 @@ decisions to the OOF once more (so the final score is measured, not copied), and
   each tuning step, with ``score`` (in-sample: chosen and scored on every OOF volume), ``held_out``
   (chosen on the tuning part, scored on the held-apart groups), their ``gain`` and ``held_gain``
   over the previous step, and ``gap = score - held_out``;
-- ``pixel_threshold.png``, ``gate_threshold.png``, ``prob_gate.png``, ``z_run.png``,
-  ``min_component_size.png``: OOF score against each value, one panel per class;
+- ``<step>.png`` for every post-processing step of :mod:`pipeline.infer.steps` (``pixel_threshold.png``,
+  ``gate_threshold.png``, ``prob_gate.png``, ``z_run.png``, ``min_component_size.png``): OOF score
+  against each value, one panel per class;
 - ``steps.png``: the in-sample and held-apart score after each step;
 - ``overlays.png``: truth filled, prediction outlined, on ``report_slices`` OOF slices from the worst
   slice Dice to the best.
@@ -22,6 +23,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,23 +31,18 @@ from tqdm.auto import tqdm
 
 from pipeline.config import EnsembleConfig
 from pipeline.data.geometry import normalize
+from pipeline.datasets.base import slice_dice
 from pipeline.infer.ensemble import OOFSet, load_oof
 from pipeline.infer.evaluate import default_workers, metric_values
 from pipeline.infer.postprocess import Decisions, apply_postprocess, read_decisions
+from pipeline.infer.step_base import Axis, Step
+from pipeline.infer.steps import registry
 from pipeline.io import write_csv, write_with
 from pipeline.paths import run_dir
 
 log = logging.getLogger(__name__)
 
 PALETTE = ("#e6550d", "#31a354", "#3182bd", "#756bb1", "#de2d26")  # class colours, in class order
-FIELD_TITLES = {
-    "pixel_threshold": "pixel threshold",
-    "gate_threshold": "classifier gate threshold",
-    "prob_gate": "probability gate: more than N pixels at p >= t",
-    "z_run": "z-continuity run k (slices)",
-    "min_component_size": "minimum component size (voxels)",
-}
-CATEGORICAL = ("min_component_size", "z_run")  # values span decades or are few integers: even ticks
 STEP_COLUMNS = ("gain", "held_out", "held_gain")
 
 
@@ -72,21 +69,20 @@ def colors(classes: tuple[str, ...]) -> dict[str, str]:
     return {cls: PALETTE[c % len(PALETTE)] for c, cls in enumerate(classes)}
 
 
-def _day_masks(oof: OOFSet, day: str, decisions: Decisions, names: list[str]) -> np.ndarray:
+def _volume_masks(oof: OOFSet, volume: str, decisions: Decisions, names: list[str]) -> np.ndarray:
     weights = decisions.weight_matrix(names)
-    return apply_postprocess(oof.blend(day, weights), oof.gate(day), decisions.classes, oof.spec.volumetric)
+    return apply_postprocess(
+        oof.blend(volume, weights), oof.gate(volume), decisions.classes, oof.spec.volumetric
+    )
 
 
-def _slice_dice(mask: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Mean Dice over the (slice, class) rows not empty in both, per slice; NaN for empty slices."""
-    p = mask.reshape(*mask.shape[:2], -1)
-    t = np.asarray(truth, dtype=bool).reshape(p.shape)
-    inter = np.count_nonzero(p & t, axis=2)
-    total = np.count_nonzero(p, axis=2) + np.count_nonzero(t, axis=2)
-    kept = total > 0
-    dice_sum = np.where(kept, 2.0 * inter / np.maximum(total, 1), 0.0).sum(axis=1)
+def mean_slice_dice(mask: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(S,) mean Dice over the classes not empty in both, per slice; NaN where every class is empty."""
+    dice = slice_dice(mask, truth)
+    predicted, present = (np.asarray(a).reshape(*dice.shape, -1).any(axis=2) for a in (mask, truth))
+    kept = predicted | present
     n_kept = kept.sum(axis=1)
-    return np.where(n_kept > 0, dice_sum / np.maximum(n_kept, 1), np.nan)
+    return np.where(n_kept > 0, np.where(kept, dice, 0.0).sum(axis=1) / np.maximum(n_kept, 1), np.nan)
 
 
 def measure(
@@ -95,17 +91,23 @@ def measure(
     """(score dict with per-class Hausdorff, per-slice Dice table) of the decisions on the OOF."""
     names = [m.name for m in oof.members]
 
-    def one(day: str):
-        truth = np.asarray(oof.truth_mask(day))
-        mask = _day_masks(oof, day, decisions, names)
-        return oof.spec.volume_stats(mask, truth), _slice_dice(mask, truth)
+    def one(volume: str) -> tuple[Any, np.ndarray]:
+        truth = np.asarray(oof.truth_mask(volume))
+        mask = _volume_masks(oof, volume, decisions, names)
+        return oof.spec.volume_stats(mask, truth), mean_slice_dice(mask, truth)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         out = list(
-            tqdm(pool.map(one, oof.days), total=len(oof.days), desc="cv", unit="day", disable=not progress)
+            tqdm(
+                pool.map(one, oof.volumes),
+                total=len(oof.volumes),
+                desc="cv",
+                unit="vol",
+                disable=not progress,
+            )
         )
     slices = pd.DataFrame(
-        [(day, s, d) for day, (_, dice) in zip(oof.days, out) for s, d in enumerate(dice) if np.isfinite(d)],
+        [(v, s, d) for v, (_, dice) in zip(oof.volumes, out) for s, d in enumerate(dice) if np.isfinite(d)],
         columns=["volume_id", "slice_index", "dice"],
     )
     return oof.spec.aggregate([stats for stats, _ in out]), slices
@@ -118,8 +120,7 @@ def cv_tables(result: dict, decisions: Decisions) -> tuple[pd.DataFrame, pd.Data
         weights = {f"w:{m}": w for m, w in decisions.weights.get(cls, {}).items()}
         rows.append({"class": cls, **result["per_class"][cls], **asdict(params), **weights})
     rows.append({"class": "all", **metric_values(result)})
-    ints = ("min_component_size", "prob_gate_pixels", "z_run")
-    table = pd.DataFrame(rows).astype(dict.fromkeys(ints, "Int64"))
+    table = pd.DataFrame(rows).astype(dict.fromkeys(registry().int_fields(), "Int64"))
     keys = ["step", "label", *metric_values(result), *STEP_COLUMNS]
     steps = pd.DataFrame([{k: s.get(k) for k in keys} for s in decisions.steps], columns=keys)
     if not steps.empty:
@@ -140,15 +141,15 @@ def summary_lines(decisions: Decisions) -> list[str]:
         )
     elif h.get("skipped"):
         out.append(f"no held-apart estimate: {h['skipped']}")
-    gain = (decisions.oof or {}).get("blend_gain")
+    gain = decisions.oof.blend_gain
     if gain:
-        held = "" if gain.get("held_out") is None else f", {gain['held_out']:+.4f} held-apart"
-        out.append(f"blend over the best member alone ({gain['over']}): {gain['score']:+.4f} in-sample{held}")
-    guard = (decisions.oof or {}).get("blend_guard")
+        held = "" if gain.held_out is None else f", {gain.held_out:+.4f} held-apart"
+        out.append(f"blend over the best member alone ({gain.over}): {gain.score:+.4f} in-sample{held}")
+    guard = decisions.oof.blend_guard
     if guard:
         out.append(
-            f"blend guard: the blend loses held apart ({guard['blend_held_out']:.4f} against "
-            f"{guard['alone_held_out']:.4f}), so {guard['kept']} is kept alone (the steps below are its search; "
+            f"blend guard: the blend loses held apart ({guard.blend_held_out:.4f} against "
+            f"{guard.alone_held_out:.4f}), so {guard.kept} is kept alone (the steps below are its search; "
             "tune.blend_guard=false keeps the blend)"
         )
     return out
@@ -161,8 +162,8 @@ def _save(fig, path: Path) -> Path:
     return write_with(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
 
 
-def _panel_prob_gate(ax, c: dict, color: str) -> str:
-    """One line per level t against N (even ticks), "off" as a dashed line; returns the chosen text."""
+def _panel_pairs(ax: Any, c: dict, color: str, step: Step) -> str:
+    """One line per second number (t) against the first (N, even ticks), "off" dashed; the chosen text."""
     pairs = [tuple(v) for v in c["values"]]
     score = dict(zip(pairs, c["score"]))
     ns = sorted({n for n, _ in pairs if n > 0})
@@ -173,7 +174,10 @@ def _panel_prob_gate(ax, c: dict, color: str) -> str:
     for j, level in enumerate(sorted({t for n, t in pairs if n > 0})):
         line = [(x[n], score[(n, t)]) for n, t in pairs if n > 0 and t == level]
         line.sort()
-        ax.plot(*zip(*line), "-o", color=color, alpha=1.0 - 0.25 * j, markersize=4, label=f"t = {level:g}")
+        symbol = step.symbols[1] if len(step.symbols) > 1 else "t"
+        ax.plot(
+            *zip(*line), "-o", color=color, alpha=1.0 - 0.25 * j, markersize=4, label=f"{symbol} = {level:g}"
+        )
     chosen = tuple(c["chosen"])
     if chosen[0] > 0:
         ax.plot([x[chosen[0]]], [score[chosen]], "*", color=color, markersize=15, markeredgecolor="k")
@@ -182,12 +186,26 @@ def _panel_prob_gate(ax, c: dict, color: str) -> str:
     values = list(score.values())
     span = max(float(np.ptp(values)), 1e-3)
     ax.set_ylim(min(values) - 0.1 * span, max(values) + 0.3 * span)
-    what = "off" if chosen[0] <= 0 else f"N = {chosen[0]:g}, t = {chosen[1]:g}"
-    return f"chosen {what}: {score[chosen]:.4f}"
+    return f"chosen {step.describe(chosen)}: {score[chosen]:.4f}"
 
 
-def plot_curves(path: Path, field: str, curves: dict, classes: tuple[str, ...]) -> Path:
-    """OOF score against one post-processing value, one panel per class (own y range), chosen starred.
+def _panel_line(ax: Any, c: dict, color: str, step: Step) -> str:
+    """Score against the value (evenly spaced ticks for a categorical step), chosen starred; the chosen text."""
+    values, score = np.asarray(c["values"], float), np.asarray(c["score"], float)
+    categorical = step.axis is Axis.CATEGORICAL
+    x = np.arange(len(values)) if categorical else values
+    i = int(np.argmin(np.abs(values - c["chosen"])))
+    ax.plot(x, score, "-o", color=color, markersize=4)
+    ax.plot([x[i]], [score[i]], "*", color=color, markersize=15, markeredgecolor="k")
+    if categorical:
+        ax.set_xticks(x, [step.describe(v) for v in values])
+    span = max(float(np.ptp(score)), 1e-3)
+    ax.set_ylim(score.min() - 0.1 * span, score.max() + 0.3 * span)
+    return f"chosen {step.describe(c['chosen'])}: {score[i]:.4f}"
+
+
+def plot_curves(path: Path, step: Step, curves: dict, classes: tuple[str, ...]) -> Path:
+    """OOF score against one step's value, one panel per class (own y range), chosen starred.
 
     Classes were tuned left to right, each with the previous ones' choices held, so a panel is
     the overall OOF score as that class's value alone moves.
@@ -195,45 +213,20 @@ def plot_curves(path: Path, field: str, curves: dict, classes: tuple[str, ...]) 
     from matplotlib.figure import Figure
 
     names = [cls for cls in classes if cls in curves]
-    COLORS = colors(classes)
+    palette = colors(classes)
     fig = Figure(figsize=(4.0 * max(1, len(names)), 3.5), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, max(1, len(names)), squeeze=False)).ravel()
+    panel = _panel_pairs if step.axis is Axis.PAIRS else _panel_line
     for ax, cls in zip(axes, names):
-        c = curves[cls]
-        if field == "prob_gate":
-            text = _panel_prob_gate(ax, c, COLORS[cls])
-        else:
-            values, score = np.asarray(c["values"], float), np.asarray(c["score"], float)
-            categorical = field in CATEGORICAL
-            x = np.arange(len(values)) if categorical else values
-            i = int(np.argmin(np.abs(values - c["chosen"])))
-            ax.plot(x, score, "-o", color=COLORS[cls], markersize=4)
-            ax.plot([x[i]], [score[i]], "*", color=COLORS[cls], markersize=15, markeredgecolor="k")
-            if categorical:
-                ticks = ["off" if field == "z_run" and v <= 1 else f"{v:g}" for v in values]
-                ax.set_xticks(x, ticks)
-            span = max(float(np.ptp(score)), 1e-3)
-            ax.set_ylim(score.min() - 0.1 * span, score.max() + 0.3 * span)
-            chosen = "off" if field == "z_run" and c["chosen"] <= 1 else f"{c['chosen']:g}"
-            text = f"chosen {chosen}: {score[i]:.4f}"
-        ax.text(
-            0.03,
-            0.95,
-            text,
-            transform=ax.transAxes,
-            va="top",
-            fontsize=8,
-            bbox={"facecolor": "white", "edgecolor": "0.8", "alpha": 0.9},
-        )
-        ax.set_title(cls, color=COLORS[cls], fontsize=10)
-        ax.set_xlabel(FIELD_TITLES.get(field, field), fontsize=9)
+        text = panel(ax, curves[cls], palette[cls], step)
+        box = {"facecolor": "white", "edgecolor": "0.8", "alpha": 0.9}
+        ax.text(0.03, 0.95, text, transform=ax.transAxes, va="top", fontsize=8, bbox=box)
+        ax.set_title(cls, color=palette[cls], fontsize=10)
+        ax.set_xlabel(step.title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
     axes[0].set_ylabel("OOF score (the dataset's metric)", fontsize=9)
-    fig.suptitle(
-        f"OOF score vs {FIELD_TITLES.get(field, field)}, class by class (others held; star: chosen)",
-        fontsize=10,
-    )
+    fig.suptitle(f"OOF score vs {step.title}, class by class (others held; star: chosen)", fontsize=10)
     return _save(fig, path)
 
 
@@ -319,13 +312,13 @@ def plot_overlays(path: Path, oof: OOFSet, decisions: Decisions, picks: pd.DataF
     rows = (n + cols - 1) // cols
     fig = Figure(figsize=(3.8 * cols, 4.0 * rows + 0.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    masks_by_day: dict[str, np.ndarray] = {}
+    masks_by_volume: dict[str, np.ndarray] = {}
     for ax, row in zip(axes, picks.itertuples(index=False)):
-        if row.volume_id not in masks_by_day:
-            masks_by_day = {row.volume_id: _day_masks(oof, row.volume_id, decisions, names)}
+        if row.volume_id not in masks_by_volume:
+            masks_by_volume = {row.volume_id: _volume_masks(oof, row.volume_id, decisions, names)}
         s = int(row.slice_index)
         volume = oof.truth[row.volume_id]
-        truth, pred = np.asarray(volume.mask[s], bool), masks_by_day[row.volume_id][s]
+        truth, pred = oof.truth_mask(row.volume_id)[s] != 0, masks_by_volume[row.volume_id][s]
         ys, xs = _view_box([*truth, *pred], truth.shape[1:])
         image = normalize(volume.gray()[s])[ys, xs]
         rgb = np.repeat(np.clip(image / max(float(image.max()), 1e-6), 0, 1)[..., None], 3, axis=2)
@@ -363,7 +356,7 @@ def run_report(
             f"postprocess.json was tuned for {tuned}; rerun `make tune ENSEMBLE=configs/{cfg.name}.yaml`"
         )
     result, slices = measure(oof, decisions, workers or default_workers(), progress)
-    expected = decisions.oof.get("score")
+    expected = decisions.oof.score
     if expected is not None and abs(expected - result["score"]) > 1e-6:
         log.warning(
             "OOF score %.5f differs from the tuned %.5f: the OOF files changed since `make tune`",
@@ -380,10 +373,10 @@ def run_report(
     if not steps.empty:
         plot_steps(out / "steps.png", steps)
     skipped = {s["step"]: s.get("skipped", "") for s in decisions.steps}
-    for stage in FIELD_TITLES:
-        if decisions.curves.get(stage):
-            plot_curves(out / f"{stage}.png", stage, decisions.curves[stage], oof.spec.classes)
+    for step in registry():
+        if decisions.curves.get(step.name):
+            plot_curves(out / f"{step.name}.png", step, decisions.curves[step.name], oof.spec.classes)
         else:
-            log.info("no %s curve (%s): no figure", stage, skipped.get(stage) or "not tuned")
+            log.info("no %s curve (%s): no figure", step.name, skipped.get(step.name) or "not tuned")
     plot_overlays(out / "overlays.png", oof, decisions, pick_slices(slices, cfg.report_slices))
     return Report(out, table, steps, result["score"], summary)

@@ -12,30 +12,34 @@ failed run leaves any previous file untouched.
 
 Kaggle behaviours: an empty test folder (the public competition page) still gives a valid file,
 and ``debug_train_days`` runs the same path over the first N train volumes instead.
+
+Every member's settings (input geometry, crop, detector) come from the resolved ``config.yaml`` of
+its run folder (:func:`~pipeline.infer.predict.load_member`), never from ``configs/``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
-from pipeline.config import EnsembleConfig, TTACfg
+from pipeline.config import ClsConfig, DataCfg, EnsembleConfig, SegConfig, TTACfg
 from pipeline.data.geometry import Box, full_box
 from pipeline.data.volumes import Volume
 from pipeline.datasets import get_dataset
 from pipeline.datasets.base import DatasetSpec
 from pipeline.device import resolve_device
-from pipeline.infer.ensemble import check_members, config_name
-from pipeline.infer.postprocess import Decisions, DecisionsError, apply_postprocess, read_decisions, to_uint8
+from pipeline.infer.ensemble import check_members, run_name
+from pipeline.infer.masks import to_uint8
+from pipeline.infer.postprocess import Decisions, DecisionsError, apply_postprocess, read_decisions
 from pipeline.infer.predict import load_member
 from pipeline.models.detector import BodyDetector
 from pipeline.models.predict import predict_day, predict_day_cls
@@ -51,22 +55,22 @@ class Member:
 
     name: str
     fold: int
-    model: Any
-    cfg: Any
-    weight: np.ndarray | float  # segmenter: (classes,) blend weight / its number of folds; classifier: 1
+    model: torch.nn.Module
+    cfg: SegConfig | ClsConfig  # the resolved config.yaml of its run
+    weight: np.ndarray  # segmenter: (classes,) blend weight / its number of folds; classifier: 1 (unused)
 
 
-def crop_key(member_cfg: Any, det_config: str | None) -> str | None:
+def crop_key(data: DataCfg, det_config: str | None) -> str | None:
     """The detector a member's crop comes from (the ensemble's ``det_config`` first); None = full frame."""
-    if not member_cfg.data.crop:
+    if not data.crop:
         return None
-    return det_config or member_cfg.data.det_config
+    return det_config or data.det_config
 
 
 class EnsemblePredictor:
-    """Models loaded once; :meth:`masks` turns a day's image into its post-processed masks."""
+    """Models loaded once; :meth:`masks` turns a volume's image into its post-processed masks."""
 
-    def __init__(self, cfg: EnsembleConfig, decisions: Decisions, device: Any = None):
+    def __init__(self, cfg: EnsembleConfig, decisions: Decisions, device: str | torch.device | None = None):
         self.spec: DatasetSpec = get_dataset(cfg.dataset)
         self.device = resolve_device(str(device or cfg.device))
         self.amp = bool(cfg.amp) and self.device.type == "cuda"
@@ -88,15 +92,14 @@ class EnsemblePredictor:
             if m["config"] in used
             for fold in m["folds"]
         ]
-        gated = any(p.gate_threshold > 0 for p in decisions.params())
-        self.classifiers = []
-        if gated and decisions.classifier:
+        self.classifiers: list[Member] = []
+        if decisions.needs_classifier() and decisions.classifier:
             name = decisions.classifier["config"]
             self.classifiers = [
-                Member(name, fold, *load_member(run_dir("cls", name, fold), self.device), 1.0)
+                Member(name, fold, *load_member(run_dir("cls", name, fold), self.device), np.ones(1))
                 for fold in decisions.classifier["folds"]
             ]
-        keys = {crop_key(m.cfg, cfg.det_config) for m in self.segmenters + self.classifiers}
+        keys = {crop_key(m.cfg.data, cfg.det_config) for m in self.segmenters + self.classifiers}
         self.detectors = {key: self._load_detector(key) for key in keys if key is not None}
         log.info(
             "ensemble: %d segmenters (%s), %d classifier folds, detectors %s, device %s, TTA %s",
@@ -108,8 +111,8 @@ class EnsemblePredictor:
             self.tta,
         )
 
-    def _load_detector(self, name: str) -> Any:
-        return BodyDetector.load(run_dir("det", config_name(name, "det")), str(self.device))
+    def _load_detector(self, name: str) -> BodyDetector:
+        return BodyDetector.load(run_dir("det", run_name(name)), str(self.device))
 
     def boxes(self, image: np.ndarray) -> dict[str | None, Box]:
         """The volume's crop box from every detector in use (None: the full frame)."""
@@ -124,36 +127,31 @@ class EnsemblePredictor:
             return None
         total = np.zeros((len(image), len(self.spec.classes)), dtype=np.float32)
         for m in self.classifiers:
-            box = boxes[crop_key(m.cfg, self.det_config)]
-            total += predict_day_cls(
-                m.model,
-                m.cfg,
-                image,
-                box,
-                device=self.device,
-                batch_size=self.batch_size,
-                tta=self.tta,
-                amp=self.amp,
-            )
+            total += self._forward(predict_day_cls, m, image, boxes)
         return total / len(self.classifiers)
 
     def seg_probs(self, image: np.ndarray, boxes: dict[str | None, Box]) -> np.ndarray:
         """(S, classes, H, W) float32 weighted mean of every member x fold (TTA inside each), per class."""
         total = np.zeros((len(image), len(self.spec.classes), *image.shape[-2:]), dtype=np.float32)
         for m in self.segmenters:
-            box = boxes[crop_key(m.cfg, self.det_config)]
-            probs = predict_day(
-                m.model,
-                m.cfg,
-                image,
-                box,
-                device=self.device,
-                batch_size=self.batch_size,
-                tta=self.tta,
-                amp=self.amp,
-            )
-            total += m.weight[None, :, None, None] * probs
+            total += m.weight[None, :, None, None] * self._forward(predict_day, m, image, boxes)
         return total
+
+    def _forward(
+        self, predict: Callable[..., np.ndarray], m: Member, image: np.ndarray, boxes: dict[str | None, Box]
+    ) -> np.ndarray:
+        """One network over a volume, in its own crop (TTA inside): segmenter or classifier probabilities."""
+        box = boxes[crop_key(m.cfg.data, self.det_config)]
+        return predict(
+            m.model,
+            m.cfg,
+            image,
+            box,
+            device=self.device,
+            batch_size=self.batch_size,
+            tta=self.tta,
+            amp=self.amp,
+        )
 
     def masks(self, image: np.ndarray) -> np.ndarray:
         """A volume (S, [C,] H, W) -> post-processed (S, classes, H, W) bool masks."""
@@ -165,8 +163,6 @@ class EnsemblePredictor:
     def encode(self, masks: np.ndarray, order: str = "C") -> list[str]:
         """RLE strings of (N, H, W) masks in ``order`` (on the GPU when the predictor runs there)."""
         if self.device.type == "cuda":
-            import torch
-
             return encode_masks(torch.from_numpy(np.ascontiguousarray(masks)).to(self.device), order)
         return encode_masks(masks, order)
 
@@ -178,14 +174,14 @@ def check_decisions(cfg: EnsembleConfig, decisions: Decisions) -> None:
             f"postprocess.json of '{cfg.name}' was tuned on dataset '{decisions.dataset}' but the config is for "
             f"'{cfg.dataset}'; rerun `make tune ENSEMBLE=configs/{cfg.name}.yaml`"
         )
-    wanted = sorted(config_name(m.config, "seg") for m in check_members(cfg))
+    wanted = sorted(run_name(m.config) for m in check_members(cfg))
     tuned = sorted(m["config"] for m in decisions.members)
     if wanted != tuned:
         raise DecisionsError(
             f"postprocess.json of '{cfg.name}' was tuned for members {tuned} but the config lists {wanted}; "
             f"rerun `make tune ENSEMBLE=configs/{cfg.name}.yaml`"
         )
-    want_cls = config_name(cfg.classifier, "cls") if cfg.classifier else None
+    want_cls = run_name(cfg.classifier) if cfg.classifier else None
     have_cls = decisions.classifier["config"] if decisions.classifier else None
     if want_cls != have_cls:
         raise DecisionsError(
@@ -201,10 +197,10 @@ def read_volumes(spec: DatasetSpec, catalog: pd.DataFrame) -> Iterator[Volume]:
     """Volumes in catalog order, the next one read in the background."""
     groups = [g for _, g in catalog.groupby("volume_id", sort=False)]
     with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(spec.read_volume, groups[0], False) if groups else None
+        pending = [reader.submit(spec.read_volume, g, False) for g in groups[:1]]
         for i in range(len(groups)):
-            volume = pending.result()
-            pending = reader.submit(spec.read_volume, groups[i + 1], False) if i + 1 < len(groups) else None
+            volume = pending.pop().result()
+            pending += [reader.submit(spec.read_volume, g, False) for g in groups[i + 1 : i + 2]]
             yield volume
 
 
@@ -214,7 +210,7 @@ def run_submit(
     out: Path,
     *,
     debug_train_days: int = 0,
-    device: Any = None,
+    device: str | torch.device | None = None,
     force: bool = False,
 ) -> Path:
     """Predict every test volume of ``data_root`` with the tuned ensemble; write ``out`` (and what the dataset adds).

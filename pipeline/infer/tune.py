@@ -9,12 +9,12 @@ strictly better (the current value is tried first and kept on ties):
 1. ``raw``: the members blended with the config's weights, cut at 0.5, nothing else;
 2. ``blend_raw``: member blend weights at those raw settings, a grid over the simplex in steps of
    ``1 / tune.blend_steps``, class by class when ``tune.per_class_blend`` (skipped with one member);
-3. the post-processing stages of :mod:`pipeline.infer.postprocess`, in their order, class by class
+3. the post-processing steps of :mod:`pipeline.infer.steps`, in their order, class by class
    (the other classes held): ``pixel_threshold``; ``gate_threshold`` (the classifier gate, skipped
    without a classifier); ``prob_gate`` (N x t of ``tune.prob_gate_pixels`` x ``prob_gate_levels``);
-   ``z_run`` (``tune.z_runs``, volumetric datasets only); ``min_component_size``. "Off" (N = 0,
-   k = 0) is always a candidate of the two new options, so tuning switches them off where they
-   do not help; a stage whose grid leaves nothing to try is recorded as skipped;
+   ``z_run`` (``tune.z_runs``, volumetric datasets only); ``min_component_size``. A step's "off"
+   value (N = 0, k = 0) is always one of its candidates where it has one, so tuning switches it
+   off where it does not help; a step whose grid leaves nothing to try is recorded as skipped;
 4. ``refine``, ``refine_3``, ...: up to ``tune.sweeps - 1`` more sweeps over 3 (a row each, noted
    "converged" once nothing moves): the first sweep picks the pixel threshold before any gate
    exists, so it tends to be too high (it does the gates' work), and the next sweep corrects it;
@@ -27,7 +27,7 @@ rest the tuning part. The whole search runs on the tuning part, and the settings
 each step are scored on the held-apart volumes (``held_out``, with ``held_gain`` step over step).
 The decisions that are saved come from a second search on every volume (``score``): they use all
 the data, and the held-apart column says how much of each step's gain survives on volumes the
-choice never saw. The two searches run in lockstep and share their passes over the OOF (a day
+choice never saw. The two searches run in lockstep and share their passes over the OOF (a volume
 the tuning part holds is scored once where both hold the same settings), so the estimate costs far
 less than a second search. Nested folds would give every volume a held-apart score but cost a
 search per fold. ``held_out`` and ``score`` are on different volume sets,
@@ -57,25 +57,36 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import EnsembleConfig
+from pipeline.config import EnsembleConfig, TuneCfg
 from pipeline.infer.ensemble import OOFSet, load_oof
 from pipeline.infer.evaluate import default_workers, evaluate, evaluate_settings, metric_values
-from pipeline.infer.postprocess import STAGES, Decisions, decisions_path, write_decisions
-from pipeline.infer.search import STEP_LABELS, Search, Track, raw_params, simplex_grid, stage_grid
+from pipeline.infer.postprocess import (
+    BlendGain,
+    BlendGuard,
+    Decisions,
+    Grids,
+    OOFSummary,
+    Weights,
+    decisions_path,
+    write_decisions,
+)
+from pipeline.infer.search import Search, Track, raw_params, simplex_grid
+from pipeline.infer.steps import registry
 
 __all__ = [
-    "STEP_LABELS",
     "default_workers",
     "evaluate",
     "metric_values",
     "raw_params",
     "run_tune",
     "simplex_grid",
-    "split_days",
+    "split_volumes",
     "tune_ensemble",
 ]
 
 log = logging.getLogger(__name__)
+
+Split = tuple[list[str], list[str], list[str]]  # (tuning volumes, held-apart volumes, held groups)
 
 
 def one_hot(n_classes: int, n_members: int, member: int) -> np.ndarray:
@@ -85,21 +96,21 @@ def one_hot(n_classes: int, n_members: int, member: int) -> np.ndarray:
     return w
 
 
-def split_days(oof: OOFSet, fraction: float, seed: int) -> tuple[list[str], list[str], list[str]]:
-    """(tuning days, held-apart days, held groups): ``fraction`` of the OOF groups held apart, seeded.
+def split_volumes(oof: OOFSet, fraction: float, seed: int) -> Split:
+    """(tuning volumes, held-apart volumes, held groups): ``fraction`` of the OOF groups held apart, seeded.
 
     At least one group on each side; nothing held apart (``[]``) when ``fraction`` is 0 or the
     OOF spans a single group.
     """
-    groups = sorted({oof.groups.get(d, d) for d in oof.days})
+    groups = sorted({oof.groups.get(v, v) for v in oof.volumes})
     if fraction <= 0 or len(groups) < 2:
-        return list(oof.days), [], []
+        return list(oof.volumes), [], []
     n_held = min(len(groups) - 1, max(1, round(fraction * len(groups))))
     held = sorted(str(g) for g in np.random.default_rng(seed).permutation(groups)[:n_held])
-    in_held = [oof.groups.get(d, d) in held for d in oof.days]
+    in_held = [oof.groups.get(v, v) in held for v in oof.volumes]
     return (
-        [d for d, h in zip(oof.days, in_held) if not h],
-        [d for d, h in zip(oof.days, in_held) if h],
+        [v for v, h in zip(oof.volumes, in_held) if not h],
+        [v for v, h in zip(oof.volumes, in_held) if h],
         held,
     )
 
@@ -130,24 +141,33 @@ class _Run:
     holdout: dict[str, Any] = field(default_factory=dict)
 
 
-def _tune_run(oof: OOFSet, cfg: EnsembleConfig, split: tuple, fixed: np.ndarray | None, kw: dict) -> _Run:
+def _tune_run(oof: OOFSet, cfg: EnsembleConfig, split: Split, fixed: np.ndarray | None, kw: dict) -> _Run:
     """Both searches in lockstep (weights held at ``fixed`` when given), then the scores of their settings."""
-    tuning, held, held_groups = split
+    tuning, held, _ = split
     names, classes = oof.member_names(), oof.spec.classes
-    day_sets = [("", oof.days)] + ([("tuning part: ", tuning)] if held else [])
-    full, *part = Search(oof, cfg, day_sets, fixed=fixed, **kw).run().tracks
+    volume_sets = [("", oof.volumes)] + ([("tuning part: ", tuning)] if held else [])
+    full, *part = Search(oof, cfg, volume_sets, fixed=fixed, **kw).run().tracks
     blended = len(names) > 1 and fixed is None
     alone = [one_hot(len(classes), len(names), m) for m in range(len(names))] if blended else []
     final = evaluate(oof, [full.weights], full.params, per_class=True, desc="final OOF", **kw)[0]
     alone_all = evaluate_settings(
-        oof, [(w, full.params) for w in alone], oof.days, desc="members alone", **kw
+        oof, [(w, full.params) for w in alone], oof.volumes, desc="members alone", **kw
     )
     run = _Run(full, final, alone_all, holdout={"fraction": cfg.tune.holdout, "seed": cfg.tune.holdout_seed})
     if not held:
         run.holdout["skipped"] = "tune.holdout is 0" if cfg.tune.holdout <= 0 else "the OOF spans one group"
         log.info("no held-apart estimate: %s", run.holdout["skipped"])
         return run
-    part = part[0]
+    _score_held_apart(oof, run, part[0], alone, split, kw)
+    return run
+
+
+def _score_held_apart(
+    oof: OOFSet, run: _Run, part: Track, alone: list[np.ndarray], split: Split, kw: dict
+) -> None:
+    """The tuning part's settings after each step (and each member alone) on the held-apart volumes."""
+    tuning, held, held_groups = split
+    names, classes = oof.member_names(), oof.spec.classes
     # both tracks record the same steps by construction (skips depend on the config, not the data)
     settings = [(r.weights, r.params) for r in part.records] + [(w, part.params) for w in alone]
     scored = evaluate_settings(oof, settings, held, desc="held-apart", **kw)
@@ -161,18 +181,82 @@ def _tune_run(oof: OOFSet, cfg: EnsembleConfig, split: tuple, fixed: np.ndarray 
         "weights": _weights_json(part.weights, classes, names),
         "classes": {cls: asdict(p) for cls, p in zip(classes, part.params)},
     }
-    return run
 
 
-def _guard(cfg: EnsembleConfig, names: list[str], run: _Run) -> dict | None:
-    """The blend guard's verdict when a member alone beats the blend held apart (None: the blend stands)."""
-    if not (cfg.tune.blend_guard and run.alone_held and run.held_steps):
+def _guard(tune: TuneCfg, names: list[str], run: _Run) -> tuple[int, BlendGuard] | None:
+    """(member, verdict) when a member alone beats the blend held apart (None: the blend stands)."""
+    if not (tune.blend_guard and run.alone_held and run.held_steps):
         return None
     best = int(np.argmax([r["score"] for r in run.alone_held]))
     blend_held, alone_held = run.held_steps[-1]["score"], run.alone_held[best]["score"]
     if blend_held >= alone_held:
         return None
-    return {"kept": names[best], "member": best, "blend_held_out": blend_held, "alone_held_out": alone_held}
+    return best, BlendGuard(kept=names[best], blend_held_out=blend_held, alone_held_out=alone_held)
+
+
+def _guarded_run(
+    oof: OOFSet, cfg: EnsembleConfig, split: Split, kw: dict
+) -> tuple[_Run, _Run, BlendGuard | None]:
+    """(the run whose decisions are saved, the blend's run, the guard's verdict).
+
+    Both runs are the blend's unless the blend guard keeps a member alone: then the search runs
+    again with that member's weight held at 1 in every class.
+    """
+    names, classes = oof.member_names(), oof.spec.classes
+    blend_run = _tune_run(oof, cfg, split, None, kw)
+    verdict = _guard(cfg.tune, names, blend_run)
+    if verdict is None:
+        return blend_run, blend_run, None
+    member, guard = verdict
+    log.warning(
+        "blend guard: the blend scores %.5f on the held-apart groups, %s alone %.5f: keeping %s alone "
+        "(post-processing re-tuned; tune.blend_guard=false keeps the blend)",
+        guard.blend_held_out,
+        guard.kept,
+        guard.alone_held_out,
+        guard.kept,
+    )
+    run = _tune_run(oof, cfg, split, one_hot(len(classes), len(names), member), kw)
+    guard.blend_score = blend_run.final["score"]
+    guard.blend_weights = _weights_json(blend_run.full.weights, classes, names)
+    return run, blend_run, guard
+
+
+def _alone_rows(blend_run: _Run, names: list[str]) -> list[dict]:
+    """The steps-table rows of every member alone (none with one member: it is the blend)."""
+    return [
+        {
+            "step": f"alone:{names[m]}",
+            "label": f"{names[m]} alone (tuned post-processing)",
+            **metric_values(result),
+            "gain": None,
+            "held_out": None if blend_run.alone_held is None else blend_run.alone_held[m]["score"],
+            "held_gain": None,
+        }
+        for m, result in enumerate(blend_run.alone_all)
+    ]
+
+
+def _blend_gain(blend_run: _Run, names: list[str]) -> BlendGain | None:
+    """The blend over its best member alone, in-sample and held apart (None with one member)."""
+    if not blend_run.alone_all:
+        return None
+    best = int(np.argmax([r["score"] for r in blend_run.alone_all]))
+    held_gain = None
+    if blend_run.alone_held is not None and blend_run.held_steps is not None:
+        held_gain = blend_run.held_steps[-1]["score"] - blend_run.alone_held[best]["score"]
+    gain = BlendGain(names[best], blend_run.final["score"] - blend_run.alone_all[best]["score"], held_gain)
+    log.info("blend over %s alone: %+.5f in-sample", names[best], gain.score)
+    return gain
+
+
+def _grids(tune: TuneCfg) -> Grids:
+    steps = registry()
+    candidates = {
+        step.name: [list(v) if isinstance(v, tuple) else v for v in steps.candidates(step, tune)]
+        for step in steps
+    }
+    return Grids(candidates, tune.blend_steps, tune.sweeps, tune.per_class_blend)
 
 
 def tune_ensemble(
@@ -184,97 +268,43 @@ def tune_ensemble(
     of its members alone (both at the tuning part's settings) is not kept: the search runs again with
     that member's weight held at 1 in every class, and its decisions are saved.
     """
-    workers = workers or default_workers()
     oof = load_oof(cfg, root, progress)
     names, classes = oof.member_names(), oof.spec.classes
-    kw = {"workers": workers, "progress": progress}
-    split = split_days(oof, cfg.tune.holdout, cfg.tune.holdout_seed)
+    kw = {"workers": workers or default_workers(), "progress": progress}
+    split = split_volumes(oof, cfg.tune.holdout, cfg.tune.holdout_seed)
     if split[1]:
-        log.info(
-            "held apart: %d of the OOF groups (%d of %d volumes)", len(split[2]), len(split[1]), len(oof.days)
-        )
-    run = _tune_run(oof, cfg, split, None, kw)
-    guard = _guard(cfg, names, run)
-    blend_run = run
-    if guard is not None:
-        log.warning(
-            "blend guard: the blend scores %.5f on the held-apart groups, %s alone %.5f: keeping %s alone "
-            "(post-processing re-tuned; tune.blend_guard=false keeps the blend)",
-            guard["blend_held_out"],
-            guard["kept"],
-            guard["alone_held_out"],
-            guard["kept"],
-        )
-        run = _tune_run(oof, cfg, split, one_hot(len(classes), len(names), guard["member"]), kw)
-        guard |= {
-            "blend_score": blend_run.final["score"],
-            "blend_weights": _weights_json(blend_run.full.weights, classes, names),
-        }
-        del guard["member"]
-    full = run.full
-    rows = []
-    for m, result in enumerate(blend_run.alone_all):  # empty with one member: it is the blend
-        rows.append(
-            {
-                "step": f"alone:{names[m]}",
-                "label": f"{names[m]} alone (tuned post-processing)",
-                **metric_values(result),
-                "gain": None,
-                "held_out": None if blend_run.alone_held is None else blend_run.alone_held[m]["score"],
-                "held_gain": None,
-            }
-        )
-    rows += _step_rows(full, run.held_steps)
-    blend_gain = None
-    if blend_run.alone_all:
-        best = int(np.argmax([r["score"] for r in blend_run.alone_all]))
-        held_gain = None
-        if blend_run.alone_held is not None:
-            held_gain = blend_run.held_steps[-1]["score"] - blend_run.alone_held[best]["score"]
-        blend_gain = {
-            "over": names[best],
-            "score": blend_run.final["score"] - blend_run.alone_all[best]["score"],
-            "held_out": held_gain,
-        }
-        log.info("blend over %s alone: %+.5f in-sample", names[best], blend_gain["score"])
-    final = run.final
-    per_class = {cls: {**final["per_class"][cls], **asdict(full.params[c])} for c, cls in enumerate(classes)}
-    grids = {
-        stage: [list(v) if isinstance(v, tuple) else v for v in stage_grid(stage, cfg.tune)]
-        for stage in STAGES
-    }
+        n_held, n_all = len(split[1]), len(oof.volumes)
+        log.info("held apart: %d of the OOF groups (%d of %d volumes)", len(split[2]), n_held, n_all)
+    run, blend_run, guard = _guarded_run(oof, cfg, split, kw)
+    full, final = run.full, run.final
+    summary = OOFSummary(
+        days=len(oof.volumes),
+        slices=oof.n_slices,
+        metrics=metric_values(final),
+        held_out=run.holdout.get("held_score"),
+        blend_gain=_blend_gain(blend_run, names),
+        blend_guard=guard,
+        grids=_grids(cfg.tune),
+    )
     return Decisions(
         classes=dict(zip(classes, full.params)),
         weights=_weights_json(full.weights, classes, names),
         members=[{"config": m.name, "folds": m.folds} for m in oof.members],
         classifier=oof.classifier,
         ensemble=cfg.name,
-        steps=rows,
-        per_class=per_class,
-        curves=full.curves,
-        oof={
-            "days": len(oof.days),
-            "slices": oof.n_slices,
-            **metric_values(final),
-            "held_out": run.holdout.get("held_score"),
-            "blend_gain": blend_gain,
-            "blend_guard": guard,
-            "grids": grids
-            | {
-                "blend_steps": cfg.tune.blend_steps,
-                "sweeps": cfg.tune.sweeps,
-                "per_class_blend": cfg.tune.per_class_blend,
-            },
+        steps=_alone_rows(blend_run, names) + _step_rows(full, run.held_steps),
+        per_class={
+            cls: {**final["per_class"][cls], **asdict(full.params[c])} for c, cls in enumerate(classes)
         },
+        curves=full.curves,
+        oof=summary,
         dataset=oof.spec.name,
         volumetric=oof.spec.volumetric,
         holdout=run.holdout,
     )
 
 
-def _weights_json(
-    weights: np.ndarray, classes: tuple[str, ...], names: list[str]
-) -> dict[str, dict[str, float]]:
+def _weights_json(weights: np.ndarray, classes: tuple[str, ...], names: list[str]) -> Weights:
     return {cls: {n: float(w) for n, w in zip(names, row)} for cls, row in zip(classes, weights)}
 
 
@@ -284,7 +314,7 @@ def run_tune(cfg: EnsembleConfig, root: Path, *, workers: int | None = None, pro
     held = decisions.holdout.get("held_score")
     log.info(
         "tuned OOF score %.5f on every volume%s",
-        decisions.oof["score"],
+        decisions.oof.score,
         "" if held is None else f"; {held:.5f} on the held-apart groups (chosen on the rest)",
     )
     return write_decisions(decisions_path(cfg.name), decisions)
