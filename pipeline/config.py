@@ -59,7 +59,10 @@ class DataCfg:
 class ModelCfg:
     arch: str = "Unet"  # smp architecture by name (Unet, UnetPlusPlus, FPN, ...) or "timm" for cls
     encoder: str = "tu-resnet18"  # smp encoder or timm model ("tu-" prefix for timm in smp)
-    pretrained_path: str | None = None  # local weights file; nothing is ever downloaded
+    # the encoder's start: "imagenet" reads the weights `make weights` put in the local cache ($WEIGHTS_DIR:
+    # smp's ImageNet encoder, or timm's default pretrained tag for timm models); null starts random
+    encoder_weights: str | None = None
+    pretrained_path: str | None = None  # a local weights file of your own (then encoder_weights: null)
     dropout: float = 0.0  # classifier head dropout
     freeze_encoder: int = 0  # freeze the first N encoder stages (0: fine-tune everything)
     spatial_dims: int = 2  # 2: smp 2.5D segmenter; 3: a MONAI 3D network by name (arch), see Seg3DCfg
@@ -87,6 +90,11 @@ class TrainCfg:
     max_steps_per_epoch: int | None = None  # cap for smoke runs
     val_batch_size: int | None = None
     sync_bn: bool = False  # SyncBatchNorm across processes when trained with torchrun (GPUS > 1)
+    # experiment tracker of each fold (pipeline/train/tracker.py): "none", or "mlflow" (params = the resolved
+    # config, per-epoch metrics, metrics.csv; `pip install -r requirements-tracker.txt`); tracker_uri: null =
+    # a local store, sqlite:///$RUNS_DIR/mlflow.db (no network), else a tracking server or database URI of yours
+    tracker: str = "none"
+    tracker_uri: str | None = None
 
 
 @dataclass(frozen=True)
@@ -132,7 +140,10 @@ class AugSpec:
 
 @dataclass(frozen=True)
 class DetParams:
-    model: str = "yolov8n.yaml"  # ultralytics model yaml (built from scratch, never a .pt download)
+    model: str = "yolov8n.yaml"  # ultralytics model yaml (the architecture; no .pt is read at training)
+    # "coco": start from the COCO checkpoint ultralytics publishes for det.model's size (yolov8n.yaml ->
+    # yolov8n.pt), read as a plain state dict from the local weights cache (`make weights`); null: from scratch
+    pretrained: str | None = None
     imgsz: int = 256
     epochs: int = 10
     batch: int = 16
@@ -319,6 +330,7 @@ CHECKS: dict[type, dict[str, Check]] = {
     ModelCfg: {
         "dropout": within(0, 1, high_open=True),
         "freeze_encoder": at_least(0),
+        "encoder_weights": optional(one_of("imagenet")),
         "spatial_dims": lambda v: None if v in (2, 3) else "must be 2 (2.5D smp) or 3 (MONAI 3D)",
     },
     Seg3DCfg: {
@@ -346,6 +358,7 @@ CHECKS: dict[type, dict[str, Check]] = {
         "device": device_name,
         "max_steps_per_epoch": optional(at_least(1)),
         "val_batch_size": optional(at_least(1)),
+        "tracker": _both(one_of("none", "mlflow"), lambda v: _installed(v)),
     },
     LossCfg: {
         **{k: at_least(0) for k in ("bce", "dice", "tversky", "lovasz", "focal", "focal_gamma")},
@@ -366,6 +379,7 @@ CHECKS: dict[type, dict[str, Check]] = {
         "workers": at_least(0),
         "device": device_name,
         "predict_step": at_least(1),
+        "pretrained": optional(one_of("coco")),
     },
     TTACfg: {"scales": _both(lambda v: None if len(v) else "must list at least one scale", each(above(0)))},
     MemberCfg: {"weight": at_least(0), "folds": optional(each(at_least(0)))},
@@ -394,9 +408,22 @@ CHECKS: dict[type, dict[str, Check]] = {
 }
 
 
+def _installed(tracker: str) -> str | None:
+    """A tracker other than none needs its package (found without importing it)."""
+    import importlib.util
+
+    if tracker == "none" or importlib.util.find_spec(tracker) is not None:
+        return None
+    return f"needs the {tracker} package: pip install -r requirements-tracker.txt (make install does)"
+
+
 def _cross_checks(cfg: Any) -> list[tuple[str, str]]:
     """(key, problem) of checks that involve several keys."""
     out = []
+    if isinstance(cfg, TrainCfg) and cfg.tracker_uri and cfg.tracker == "none":
+        out.append(("tracker_uri", f"= {cfg.tracker_uri!r} is set but train.tracker is none: set train.tracker: mlflow"))
+    if isinstance(cfg, ModelCfg):
+        out += _start_weights_checks(cfg)
     loss = getattr(cfg, "loss", None)
     if isinstance(loss, LossCfg) and not any(
         getattr(loss, k) > 0 for k in ("bce", "dice", "tversky", "lovasz", "focal")
@@ -429,6 +456,37 @@ def _cross_checks(cfg: Any) -> list[tuple[str, str]]:
                     f"{cfg.model.arch}/{cfg.model.encoder} (encoder_depth {stride.bit_length() - 1})",
                 )
             )
+    return out
+
+
+def _start_weights_checks(model: ModelCfg) -> list[tuple[str, str]]:
+    """A network's starting weights: one source, none for MONAI's 3D networks, and none to freeze."""
+    out = []
+    if model.encoder_weights and model.spatial_dims == 3:
+        out.append(
+            (
+                "encoder_weights",
+                f"= {model.encoder_weights!r}: MONAI's 3D networks have no ImageNet weights; set it to "
+                "null (model.pretrained_path loads a local file of your own)",
+            )
+        )
+    if model.encoder_weights and model.pretrained_path:
+        out.append(
+            (
+                "encoder_weights",
+                f"= {model.encoder_weights!r} and model.pretrained_path are both set: the encoder starts "
+                "from one of them; set the other to null",
+            )
+        )
+    if model.freeze_encoder and not (model.encoder_weights or model.pretrained_path):
+        out.append(
+            (
+                "freeze_encoder",
+                f"= {model.freeze_encoder} would freeze randomly initialised stages: set "
+                "model.encoder_weights: imagenet (fetched once by `make weights`) or model.pretrained_path, "
+                "or freeze_encoder: 0",
+            )
+        )
     return out
 
 
@@ -631,6 +689,7 @@ def load_config(
 
 
 def _validate(raw: dict[str, Any], source: str, stage: str | None) -> Any:
+    raw = {k: v for k, v in raw.items() if k != "machine"}  # a run's fingerprint (runtime.record_machine)
     kind = raw.get("stage", stage)
     if kind not in SCHEMAS:
         raise ConfigError(f"{source}: config key 'stage' must be one of {sorted(SCHEMAS)}, got {kind!r}")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.report import timings
 
 DEBUG_FLAG = "--debug"
 
@@ -30,10 +32,17 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
-def run_cli(stage: str, main: Callable[[list[str]], Any], argv: list[str] | None = None) -> int:
-    """Run ``main(argv)``; the exit status (0, or 2 for a project error reported in one line)."""
+def run_cli(
+    stage: str, main: Callable[[list[str]], Any], argv: list[str] | None = None, *, timed: bool = True
+) -> int:
+    """Run ``main(argv)``; the exit status (0, or 2 for a project error reported in one line).
+
+    A ``timed`` stage that ends without error appends its time to ``$RUNS_DIR/timings.jsonl``
+    (:mod:`pipeline.report.timings`; the report's timings section).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_wanted(argv)
+    start = time.perf_counter()
     try:
         main([a for a in argv if a != DEBUG_FLAG])
     except PipelineError as exc:
@@ -43,4 +52,6 @@ def run_cli(stage: str, main: Callable[[list[str]], Any], argv: list[str] | None
         message = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"{stage}: error: {message}", file=sys.stderr)
         return 2
+    if timed:
+        timings.record(stage, argv, time.perf_counter() - start)
     return 0

@@ -72,7 +72,7 @@ def model_rates(cfg: Any, device: torch.device, n_slices: int, repeats: int) -> 
         members.append(load_config(cfg.classifier, stage="cls"))
     rates = {}
     for member in members:
-        model = build_model(member).to(device).eval()
+        model = build_model(member, pretrained=False).to(device).eval()
         if channels_last(member):
             model = model.to(memory_format=torch.channels_last)
         predict = predict_day if member.stage == "seg" else predict_day_cls

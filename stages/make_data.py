@@ -1,4 +1,8 @@
-"""`make data`: write the dataset's synthetic phantom (its exact Kaggle layout) under --out."""
+"""`make data`: write the dataset's synthetic phantom (its exact Kaggle layout) under --out.
+
+A folder that already holds the dataset's real data (`make download`, or a Kaggle download its scanner
+reads) is left alone, so `make demo DATA_DIR=<a real download>` runs every stage on it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 
 from pipeline.data.synthetic_io import SyntheticDataError
 from pipeline.datasets import get_dataset
+from pipeline.kaggle.download import holds_dataset
 from pipeline.paths import data_dir
 from pipeline.runtime import configure_runtime
 from stages._cli import run_cli
@@ -36,6 +41,9 @@ def main(argv: list[str] | None = None) -> Path:
             f"make_data: unknown preset '{args.preset}' for {spec.name}; valid: {', '.join(phantom.PRESETS)}\n",
         )
     out = data_dir(args.out, spec.name)
+    if holds_dataset(spec, out):
+        log.info("%s holds %s data (not the phantom): left alone", out, spec.title)
+        return out
     start = time.perf_counter()
     try:
         stats = phantom.generate(out, args.preset, seed=args.seed, workers=args.workers, force=args.force)

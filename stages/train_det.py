@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from pipeline.datasets import load_config
-from pipeline.models.detector import train_detector
+from pipeline.models.detector_run import train_detector
 from pipeline.runtime import configure_runtime
 from stages._cli import run_cli
 

@@ -6,6 +6,7 @@ from the bundled wheels."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.metadata as importlib_metadata
 import json
 import os
@@ -601,3 +602,72 @@ def test_built_kernel_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         rle_decode(row.predicted, shapes[row.id], where=f"{row.id} {row._2}")  # raises when invalid
     assert (written["predicted"] != "").any(), "an all-empty submission proves little"
     assert written.equals(pd.read_csv(reference, dtype=str, keep_default_na=False))
+
+
+# --------------------------------------------------------------------------- members from the weights cache
+
+
+def write_pretrained_configs(folder: Path) -> Path:
+    """A 64 px segmenter from ImageNet (its first encoder stage frozen), no crop, and its ensemble."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "k_seg.yaml").write_text(
+        "stage: seg\ndata: {img_size: [64, 64], crop: false}\n"
+        "train: {epochs: 1, batch_size: 4, max_steps_per_epoch: 2, num_workers: 0, device: cpu, amp: false}\n"
+        "model: {arch: Unet, encoder: tu-mobilenetv3_small_050, encoder_weights: imagenet, freeze_encoder: 1, "
+        "kwargs: {decoder_channels: [32, 16, 8, 8, 4]}}\n"
+    )
+    (folder / "k_ens.yaml").write_text(
+        f"stage: ensemble\nmembers: [{{config: {folder / 'k_seg.yaml'}}}]\nclassifier: null\ndet_config: null\n"
+        "tta: {hflip: true}\ndevice: cpu\namp: false\nbatch_size: 8\n"
+        "tune: {pixel_thresholds: [0.05], gate_thresholds: [0.0], min_component_sizes: [0], blend_steps: 1}\n"
+    )
+    return folder / "k_ens.yaml"
+
+
+def test_bundle_of_pretrained_members_runs_without_the_weights_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member that started from the weights cache (an "ImageNet" entry made here from a random timm
+    model) is bundled with configs naming no starting weights; with the cache gone, `make submit`
+    over the bundled runs writes the submission the original runs wrote (the checkpoints carry every
+    weight)."""
+    import pandas as pd
+    import timm
+
+    from pipeline.models.weights import WeightsRequest, store
+    from stages import folds, make_data, submit, train_seg, tune
+
+    for var, folder in (
+        ("DATA_DIR", "data"),
+        ("RUNS_DIR", "runs"),
+        ("CACHE_DIR", "cache"),
+        ("WEIGHTS_DIR", "w"),
+    ):
+        monkeypatch.setenv(var, str(tmp_path / folder))
+    store(WeightsRequest("timm", "mobilenetv3_small_050", "imagenet"),
+          timm.create_model("mobilenetv3_small_050").state_dict(), "made in this test")  # fmt: skip
+    configs = tmp_path / "configs"
+    ensemble = write_pretrained_configs(configs)
+    make_data.main(["--out", str(tmp_path / "data"), "--preset", "tiny"])
+    folds.main(["--set", "n_folds=2"])
+    train_seg.main(["--config", str(configs / "k_seg.yaml"), "--folds", "0"])
+    tune.main(["--config", str(ensemble)])
+    reference = submit.main(["--config", str(ensemble), "--out", str(tmp_path / "reference.csv")])
+
+    out = build_bundle(
+        load_config(ensemble), tmp_path / "b", user="t", wheels=fake_wheels(tmp_path / "wh")
+    ).root
+    shipped = load_config(out / "weights" / "runs" / "seg" / "k_seg" / "fold_0" / "config.yaml", stage="seg")
+    start = shipped.model
+    assert (start.encoder_weights, start.pretrained_path, start.freeze_encoder) == (None, None, 0)
+    assert load_config(out / "code" / "configs" / "k_seg.yaml", stage="seg").model.encoder_weights is None
+    trained = load_config(tmp_path / "runs" / "seg" / "k_seg" / "fold_0" / "config.yaml", stage="seg")
+    assert dataclasses.replace(shipped, model=trained.model) == trained  # nothing else changed
+
+    shutil.rmtree(tmp_path / "w")  # no weights cache where the kernel runs
+    monkeypatch.setenv("RUNS_DIR", str(out / "weights" / "runs"))
+    bundled = submit.main(
+        ["--config", str(out / "code" / "configs" / "k_ens.yaml"), "--out", str(tmp_path / "k.csv")]
+    )
+    read = lambda p: pd.read_csv(p, dtype=str, keep_default_na=False)  # noqa: E731
+    assert read(bundled).equals(read(reference)) and (read(reference)["predicted"] != "").any()

@@ -6,7 +6,9 @@ and the kernel folder:
 - ``code/``: the ``pipeline`` and ``stages`` packages (sources only) and ``configs/`` holding
   the resolved ensemble, member, classifier and detector configs (self-contained: no ``base``);
 - ``weights/runs/...``: the files inference loads from each needed run folder, laid out so
-  that ``RUNS_DIR=<dataset>/runs`` works unchanged;
+  that ``RUNS_DIR=<dataset>/runs`` works unchanged; a member's ``config.yaml`` goes with its
+  starting weights spent (:func:`spent`: the checkpoint holds every weight), so the kernel needs
+  no weights cache (`make weights`);
 - ``wheels/``: the pinned wheels the Kaggle image lacks and ``manifest.json`` saying which;
 - ``kernel/``: ``kernel-metadata.json`` and the entry script ``kernels/gi_tract_submit.py``
   with its ``SETTINGS`` block filled in (dataset slugs, ensemble name, build id).
@@ -161,8 +163,8 @@ def needed_run_files(cfg: EnsembleConfig) -> tuple[list[Path], dict[str, Any]]:
         )
         files += _require(folder, MEMBER_FILES, target)
         trained = load_config(folder / "config.yaml", stage=stage)
-        configs.setdefault(name, trained)
-        detectors.add(crop_key(trained, cfg.det_config))
+        configs.setdefault(name, spent(trained))
+        detectors.add(crop_key(trained.data, cfg.det_config))
     for det in sorted(d for d in detectors if d is not None):
         name = config_name(det, "det")
         folder = run_dir("det", name)
@@ -170,6 +172,25 @@ def needed_run_files(cfg: EnsembleConfig) -> tuple[list[Path], dict[str, Any]]:
         files += [folder / n for n in DET_OPTIONAL if (folder / n).is_file()]
         configs[name] = load_config(folder / "config.yaml", stage="det")
     return files, configs
+
+
+def spent(cfg: Any) -> Any:
+    """A trained member's config as inference rebuilds it: no starting weights (``encoder_weights``,
+    ``pretrained_path``) and nothing frozen, since its checkpoint holds every weight. Other configs
+    are returned as they are."""
+    if getattr(cfg, "stage", None) not in ("seg", "cls"):
+        return cfg
+    model = dataclasses.replace(cfg.model, encoder_weights=None, pretrained_path=None, freeze_encoder=0)
+    return dataclasses.replace(cfg, model=model)
+
+
+def _ship(src: Path, dst: Path) -> Path:
+    """Copy a run file into the bundle; a member's ``config.yaml`` goes as :func:`spent` writes it."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    stage = src.relative_to(runs_dir()).parts[0]
+    if src.name == "config.yaml" and stage in ("seg", "cls"):
+        return write_text(dst, dump_config(spent(load_config(src, stage=stage))))
+    return Path(shutil.copy2(src, dst))
 
 
 def _portable(cfg: EnsembleConfig) -> EnsembleConfig:
@@ -283,9 +304,7 @@ def build_bundle(
     root = runs_dir()
     copied = []
     for src in run_files:
-        dst = weights / "runs" / src.relative_to(root)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        copied.append(Path(shutil.copy2(src, dst)))
+        copied.append(_ship(src, weights / "runs" / src.relative_to(root)))
     ensemble_yaml = weights / "runs" / "ensemble" / cfg.name / "config.yaml"
     copied.append(write_text(ensemble_yaml, dump_config(_portable(cfg))))
 

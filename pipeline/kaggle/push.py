@@ -21,11 +21,11 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.kaggle.bundle import PLACEHOLDER_USER, kaggle_config_dir
+from pipeline.kaggle.wheels import read_pins
 
 log = logging.getLogger(__name__)
 
 DATASET_PARTS = ("code", "weights", "wheels")
-CLI_PIN = "kaggle==2.2.5"
 TOKEN_HELP = (
     "create an API token at https://www.kaggle.com/settings (section API, 'Create New Token') and "
     "save the downloaded kaggle.json as {path} (chmod 600), or export KAGGLE_USERNAME and "
@@ -35,6 +35,11 @@ TOKEN_HELP = (
 
 class PushError(PipelineError, RuntimeError):
     """Pushing cannot start or a kaggle command failed; the message says what to do."""
+
+
+def cli_pin() -> str:
+    """``kaggle==<version>`` as requirements.txt pins it (what `make install` puts in the venv)."""
+    return f"kaggle=={read_pins().get('kaggle', '2.2.5')}"
 
 
 def interpreter_bin() -> Path:
@@ -56,7 +61,7 @@ def find_credentials() -> str | None:
         return "KAGGLE_USERNAME and KAGGLE_KEY"
     if os.environ.get("KAGGLE_API_TOKEN"):
         return "KAGGLE_API_TOKEN"
-    for name in ("kaggle.json", "access_token"):
+    for name in ("kaggle.json", "access_token", "credentials.json"):  # the last: `kaggle auth login`
         if (kaggle_config_dir() / name).is_file():
             return str(kaggle_config_dir() / name)
     return None
@@ -78,7 +83,7 @@ def preflight(out: Path, user: str | None) -> str:
         where = os.environ.get("KAGGLE_CLI") or f"PATH or {interpreter_bin()}"
         problems.append(
             f"the kaggle CLI is not installed (looked in {where}): run "
-            f"`{sys.executable} -m pip install {CLI_PIN}`"
+            f"`{sys.executable} -m pip install {cli_pin()}`"
         )
     if find_credentials() is None:
         token = kaggle_config_dir() / "kaggle.json"

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError, ModelCfg
-from pipeline.models.registry import TIMM_ARCH, cls_arch, load_pretrained, set_offline
+from pipeline.models.registry import TIMM_ARCH, cls_arch, load_start_weights, set_offline
 from pipeline.models.segmenter import freeze_encoder_stages
 
 TIMM_PREFIXES = ("",)
@@ -36,14 +36,18 @@ def _head_keys(model: nn.Module) -> set[str]:
     return {k for k in model.state_dict() if prefix and k.startswith(prefix + ".")}
 
 
-def build_classifier(model_cfg: ModelCfg, in_channels: int, classes: int = 3) -> nn.Module:
+def build_classifier(
+    model_cfg: ModelCfg, in_channels: int, classes: int = 3, *, pretrained: bool = True
+) -> nn.Module:
     """A model returning logits (B, classes), one independent (sigmoid) output per class.
 
-    ``arch: timm`` builds ``timm.create_model(encoder, num_classes=classes, drop_rate=dropout)``;
-    an smp architecture name builds that architecture's encoder + classification head
-    (``encoder`` is then an smp / ``tu-`` encoder name). ``pretrained_path`` is a local file
-    holding the whole model or its backbone; a head for another class count is skipped.
-    ``freeze_encoder: N`` freezes the first N stages of an smp encoder (not of ``arch: timm``).
+    ``arch: timm`` builds ``timm.create_model(encoder, pretrained=False, num_classes=classes,
+    drop_rate=dropout)``; an smp architecture name builds that architecture's encoder +
+    classification head (``encoder`` is then an smp / ``tu-`` encoder name). The backbone then starts
+    from ``encoder_weights`` (ImageNet, from the local weights cache) or ``pretrained_path`` (a local
+    file holding the whole model or its backbone); a head for another class count is skipped.
+    ``pretrained=False`` skips both. ``freeze_encoder: N`` freezes the first N stages of an smp
+    encoder (not of ``arch: timm``).
     """
     set_offline()
     arch = cls_arch(model_cfg.arch)
@@ -82,13 +86,12 @@ def build_classifier(model_cfg: ModelCfg, in_channels: int, classes: int = 3) ->
         raise ValueError(
             f"cannot build classifier {arch} with encoder '{model_cfg.encoder}' and kwargs {kwargs}: {exc}"
         ) from exc
-    if model_cfg.pretrained_path:
-        if arch == TIMM_ARCH:
-            required = set(model.state_dict()) - _head_keys(model)
-            load_pretrained(model, model_cfg.pretrained_path, required, TIMM_PREFIXES, in_channels)
-        else:
-            required = {k for k in model.state_dict() if k.startswith("encoder.")}
-            load_pretrained(model, model_cfg.pretrained_path, required, SMP_PREFIXES, in_channels)
+    if pretrained and arch == TIMM_ARCH:
+        required = set(model.state_dict()) - _head_keys(model)
+        load_start_weights(model, model_cfg, "cls", required, TIMM_PREFIXES, in_channels)
+    elif pretrained:
+        required = {k for k in model.state_dict() if k.startswith("encoder.")}
+        load_start_weights(model, model_cfg, "cls", required, SMP_PREFIXES, in_channels)
     if arch != TIMM_ARCH:
         freeze_encoder_stages(model.encoder, model_cfg.freeze_encoder, in_channels, model_cfg.encoder)
     return model

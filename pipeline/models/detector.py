@@ -1,7 +1,10 @@
 """The body detector: the project's one adapter around ultralytics YOLO.
 
-A single-class ("body") YOLO is trained from a model YAML (never a downloaded ``.pt``) with every
-online feature off, on slices labelled by their own threshold boxes (:mod:`pipeline.models.yolo_data`).
+A single-class ("body") YOLO is built from a model YAML with every online feature off and trained on
+slices labelled by their own threshold boxes (:mod:`pipeline.models.yolo_data`): from scratch, or
+(``det.pretrained: coco``) from ultralytics' COCO checkpoint of that size, which `make weights` turned
+into a plain state dict in the local weights cache (:func:`fetch_yolo_state`, the one place a ``.pt``
+is downloaded and read, by ultralytics itself); training never reads a ``.pt``.
 The best weights are exported as a plain state dict (``weights.pt``, loaded with
 ``weights_only=True``) next to the architecture (``model.yaml``); :meth:`BodyDetector.load`
 rebuilds the net with ``YOLO(model.yaml)`` and loads that state dict. At inference a volume
@@ -19,27 +22,22 @@ import copy
 import difflib
 import logging
 import math
-import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import yaml
-from tqdm.auto import tqdm
 
-from pipeline.config import CONFIG_DIR, ConfigError, DetConfig, DetParams, dump_config, load_config
-from pipeline.data.boxes import SOURCES, boxes_path, load_boxes, write_boxes
+from pipeline.config import CONFIG_DIR, ConfigError, DetParams, load_config
+from pipeline.data.boxes import boxes_path, load_boxes, write_boxes
 from pipeline.data.geometry import Box, day_threshold_box, full_box, pad_box, union_boxes
-from pipeline.data.volumes import VolumeStore, gray
-from pipeline.datasets import get_dataset
+from pipeline.data.volumes import gray
 from pipeline.errors import DataError
-from pipeline.io import run_lock, write_csv, write_json, write_text, write_with
-from pipeline.models.box_quality import evaluate_boxes, plot_day_boxes
-from pipeline.models.yolo_data import CLASS_NAME, slice_to_uint8, write_yolo_dataset
-from pipeline.paths import data_dir, run_dir
+from pipeline.io import write_text, write_with
+from pipeline.models.weights import WeightsError, WeightsRequest, load_cached
+from pipeline.models.weights import cached_file as cached_weights_file
+from pipeline.models.yolo_data import CLASS_NAME, slice_to_uint8
 from pipeline.runtime import set_offline_env
 
 log = logging.getLogger(__name__)
@@ -49,7 +47,6 @@ __all__ = [  # load_boxes and write_boxes live with the other box helpers; they 
     "boxes_path",
     "choose_day_box",
     "load_boxes",
-    "train_detector",
     "write_boxes",
 ]
 
@@ -96,13 +93,107 @@ def model_source(name: str) -> str:
     or the name of one bundled with ultralytics (``yolov8n.yaml``)."""
     if not name.endswith((".yaml", ".yml")):
         raise ConfigError(
-            f"det.model '{name}' must be a model YAML such as yolov8n.yaml: the detector is trained "
-            "from scratch and no .pt weights are ever downloaded"
+            f"det.model '{name}' must be a model YAML such as yolov8n.yaml: training reads no .pt file and "
+            "no .pt weights are ever downloaded here (det.pretrained: coco starts it from the COCO weights "
+            "that `make weights` put in the local cache)"
         )
     for candidate in (Path(name), CONFIG_DIR / name):
         if candidate.is_file():
             return str(candidate.resolve())
     return name
+
+
+# --------------------------------------------------------------------------- pretrained start
+
+
+def det_request(params: DetParams) -> WeightsRequest | None:
+    """The weights-cache entry ``det.pretrained`` asks for: ultralytics' checkpoint of ``det.model``'s
+    name and size (``yolov8n.yaml`` -> ``ultralytics/yolov8n.coco``); None when trained from scratch."""
+    if not params.pretrained:
+        return None
+    name = Path(params.model).name.removesuffix(".yaml").removesuffix(".yml")
+    return WeightsRequest("ultralytics", name, params.pretrained, "det.pretrained")
+
+
+def check_pretrained(params: DetParams, config_name: str) -> None:
+    """Refuse ``det.pretrained`` on a YAML of one's own, and missing or damaged cache entries."""
+    request = det_request(params)
+    if request is None:
+        return
+    if Path(params.model).name != params.model:
+        raise ConfigError(
+            f"det.pretrained: {params.pretrained} needs det.model to name one of ultralytics' own YAMLs "
+            f"(yolov8n.yaml, yolov8s.yaml...), not the file '{params.model}'; or set det.pretrained to null"
+        )
+    cached_weights_file(request, command=f"make weights CONFIG_DET=configs/{config_name}.yaml")
+
+
+def _yolo_from_state(yaml_name: str, state: dict[str, Any]) -> Any:
+    """The net of ``YOLO(yaml_name)`` holding ``state``; every tensor of ``state`` must find its place."""
+    _ultralytics()
+    from ultralytics import YOLO
+
+    net: Any = YOLO(yaml_name, task="detect").model
+    own = net.state_dict()
+    unfit = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if unfit:
+        raise WeightsError(
+            f"{len(unfit)} of {len(state)} pretrained tensors do not fit ultralytics' {yaml_name} "
+            f"(first: {', '.join(unfit[:3])}): run `make weights FORCE=1` with this ultralytics version"
+        )
+    net.load_state_dict(state, strict=False)
+    return net
+
+
+def pretrained_net(params: DetParams) -> Any:
+    """The COCO-pretrained net ``det.pretrained`` starts from, rebuilt from the verified cache entry."""
+    request = det_request(params)
+    if request is None:
+        raise ValueError("det.pretrained is null: the detector trains from scratch")
+    return _yolo_from_state(f"{request.name}.yaml", load_cached(request))
+
+
+def transfer_weights(model: Any, net: Any) -> int:
+    """Copy ``net``'s tensors into ``model`` where name and shape match; the number copied.
+
+    Plain name-and-shape matching (ultralytics' ``intersect_dicts`` rule), not ``DetectionModel.load``,
+    which rebuilds the class branch at the source's width: the trained net must stay what its
+    ``model.yaml`` rebuilds. So the backbone, neck and box branch start from COCO, the class branch fresh.
+    """
+    own = model.state_dict()
+    match = {k: v for k, v in net.state_dict().items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(match, strict=False)
+    return len(match)
+
+
+def pretrained_trainer(net: Any) -> type:
+    """ultralytics' DetectionTrainer whose new model starts from ``net``'s weights (``train(trainer=...)``)."""
+    _ultralytics()
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    class PretrainedTrainer(DetectionTrainer):
+        transferred = 0
+
+        def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> Any:
+            model = super().get_model(cfg=cfg, weights=None, verbose=verbose)
+            self.transferred = transfer_weights(model, net)
+            return model
+
+    return PretrainedTrainer
+
+
+def fetch_yolo_state(name: str, folder: Path) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """`make weights` only: ultralytics downloads ``<name>.pt`` (its GitHub release asset) into
+    ``folder`` and loads it itself; returned as (plain state dict, source, meta), checked to fit
+    ``<name>.yaml``. Needs the network and YOLO_OFFLINE unset."""
+    _ultralytics()
+    from ultralytics import YOLO, __version__
+
+    net: Any = YOLO(str(Path(folder) / f"{name}.pt"), task="detect").model
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    _yolo_from_state(f"{name}.yaml", state)
+    source = f"github.com/ultralytics/assets releases: {name}.pt (ultralytics {__version__})"
+    return state, source, {"classes": len(net.names), "yaml": f"{name}.yaml"}
 
 
 def check_train_args(extra: dict[str, Any]) -> None:
@@ -173,8 +264,10 @@ def build_yolo(arch_path: Path, state: dict[str, Any]) -> Any:
 def train_yolo(data_yaml: Path, params: DetParams, project: Path) -> tuple[Any, dict[str, float]]:
     """``YOLO(model yaml).train(...)`` into ``project/train``; returns (best net, its val metrics).
 
-    The net is the one ultralytics holds after training (its best checkpoint, which it reloads
-    itself); this code never unpickles an ultralytics ``.pt`` file.
+    With ``det.pretrained`` the trainer's new model first takes the cached COCO weights
+    (:func:`pretrained_trainer`; ``pretrained_tensors`` in the metrics counts them). The net is the one
+    ultralytics holds after training (its best checkpoint, which it reloads itself); this code never
+    unpickles an ultralytics ``.pt`` file.
     """
     _ultralytics()
     import torch
@@ -203,13 +296,17 @@ def train_yolo(data_yaml: Path, params: DetParams, project: Path) -> tuple[Any, 
         **params.train_args,
     }
     yolo = YOLO(model_source(params.model), task="detect")
+    trainer = pretrained_trainer(pretrained_net(params)) if params.pretrained else None
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        yolo.train(**args)
+        yolo.train(trainer=trainer, **args)
     finally:  # ultralytics switches deterministic algorithms on process-wide
         torch.use_deterministic_algorithms(deterministic)
-    metrics = yolo.metrics.results_dict if yolo.metrics is not None else {}
-    return yolo.model, {k: float(v) for k, v in metrics.items()}
+    metrics = {
+        k: float(v) for k, v in (yolo.metrics.results_dict if yolo.metrics is not None else {}).items()
+    }
+    metrics["pretrained_tensors"] = float(getattr(yolo.trainer, "transferred", 0))
+    return yolo.model, metrics
 
 
 def save_weights(out: Path, net: Any, params: DetParams) -> Path:
@@ -312,80 +409,3 @@ class BodyDetector:
         picked = np.unique(np.r_[np.arange(0, len(image), max(1, self.params.predict_step)), len(image) - 1])
         detections = [box for found in self.detect(image[picked], batch) for box, _ in found]
         return choose_day_box(image, detections, self.params)
-
-
-# --------------------------------------------------------------------------- the stage
-
-
-def train_detector(cfg: DetConfig) -> Path:
-    """Train the body detector, export ``weights.pt``, and box every train volume.
-
-    Writes ``runs/det/<cfg>/{config.yaml, yolo/, train/, weights.pt, model.yaml, boxes_train.csv,
-    metrics.json, metrics.csv, boxes.png}``.
-    """
-    params = cfg.det
-    model_source(params.model)
-    check_train_args(params.train_args)
-    out = run_dir("det", cfg.name).resolve()
-    with run_lock(out):  # make train-det started twice must not write one folder twice
-        return _train_detector(cfg, out)
-
-
-def _train_detector(cfg: DetConfig, out: Path) -> Path:
-    params = cfg.det
-    for name in (WEIGHTS_FILE, ARCH_FILE, "boxes_train.csv", "metrics.json", "metrics.csv", "boxes.png"):
-        (out / name).unlink(missing_ok=True)  # a failed rerun must not look finished
-    shutil.rmtree(out / "train", ignore_errors=True)  # ultralytics appends to an old results.csv
-    write_text(out / "config.yaml", dump_config(cfg))
-    spec = get_dataset(cfg.dataset)
-    root = data_dir(cfg.data.data_dir, cfg.dataset)
-    store = VolumeStore(root, spec.load_split(root, "train"), "train", spec)
-    store.build()
-
-    clock = time.perf_counter()
-    data_yaml, counts = write_yolo_dataset(store, params, out / "yolo")
-    seconds = {"seconds_dataset": time.perf_counter() - clock}
-    clock = time.perf_counter()
-    net, val_metrics = train_yolo(data_yaml, params, out)
-    save_weights(out, net, params)
-    for stale in (out / "train" / "weights").glob("*.pt"):
-        stale.unlink()  # ultralytics' pickled checkpoints: weights.pt is the one to load
-    seconds["seconds_train"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    detector = BodyDetector.load(out)
-    boxes = {
-        day: detector.day_box(store[day].image) for day in tqdm(store.days, desc="volume boxes", unit="vol")
-    }
-    write_boxes(boxes_path(cfg.name, "train"), boxes)
-    seconds["seconds_boxes"] = time.perf_counter() - clock
-
-    quality, panels = evaluate_boxes(store, boxes, params)
-    metrics = {
-        "mAP50": val_metrics.get("metrics/mAP50(B)", float("nan")),
-        "mAP50-95": val_metrics.get("metrics/mAP50-95(B)", float("nan")),
-        "precision": val_metrics.get("metrics/precision(B)", float("nan")),
-        "recall": val_metrics.get("metrics/recall(B)", float("nan")),
-        **counts,
-        **quality,
-        **{k: round(v, 2) for k, v in seconds.items()},
-    }
-    write_json(out / "metrics.json", metrics)
-    write_csv(out / "metrics.csv", pd.DataFrame([metrics]))
-    plot_day_boxes(out / "boxes.png", panels)
-    log.info(
-        "detector %s: mAP50 %.3f, mAP50-95 %.3f, day-box IoU vs threshold %.3f, mask pixels inside boxes %.5f, "
-        "sources %s",
-        cfg.name,
-        metrics["mAP50"],
-        metrics["mAP50-95"],
-        metrics["iou_vs_threshold_mean"],
-        metrics["mask_inside_fraction"],
-        {s: metrics[f"source_{s}"] for s in SOURCES},
-    )
-    if metrics["mask_inside_fraction"] < 0.999:
-        log.warning(
-            "%.3f%% of mask pixels fall outside the day boxes: raise det.margin",
-            100 * (1 - metrics["mask_inside_fraction"]),
-        )
-    return out

@@ -48,16 +48,27 @@ def input_channels(cfg: Any) -> int:
     return (2 * cfg.data.k + 1) * get_dataset(cfg.dataset).channels
 
 
-def build_model(cfg: Any) -> nn.Module:
-    """The (untrained) network a seg or cls config describes, one output per class of its dataset."""
+def build_model(cfg: Any, *, pretrained: bool = True) -> nn.Module:
+    """The network a seg or cls config describes, one output per class of its dataset.
+
+    ``pretrained``: start from the config's starting weights (``encoder_weights`` from the local
+    cache, or ``pretrained_path``); False for a network whose checkpoint is loaded next (inference),
+    which then needs no weights cache.
+    """
     n_classes = len(get_dataset(cfg.dataset).classes)
     if is_3d(cfg):
         sizes = {"seg3d.patch_size": cfg.seg3d.patch_size, "seg3d.roi_size": cfg.seg3d.roi_size}
-        return build_segmenter3d(cfg.model, input_channels(cfg), n_classes, cfg.seg3d.patch_size, sizes)
+        return build_segmenter3d(
+            cfg.model, input_channels(cfg), n_classes, cfg.seg3d.patch_size, sizes, pretrained=pretrained
+        )
     if cfg.stage == "seg":
-        return build_segmenter(cfg.model, in_channels=input_channels(cfg), classes=n_classes)
+        return build_segmenter(
+            cfg.model, in_channels=input_channels(cfg), classes=n_classes, pretrained=pretrained
+        )
     if cfg.stage == "cls":
-        return build_classifier(cfg.model, in_channels=input_channels(cfg), classes=n_classes)
+        return build_classifier(
+            cfg.model, in_channels=input_channels(cfg), classes=n_classes, pretrained=pretrained
+        )
     raise ValueError(f"config '{cfg.name}' is a '{cfg.stage}' config, not a seg or cls member")
 
 

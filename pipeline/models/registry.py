@@ -1,7 +1,8 @@
-"""Names of the architectures the factories accept, and loading of local pretrained weights.
+"""Names of the architectures the factories accept, and loading of local starting weights.
 
-Both factories go through here: an unknown name fails with the list of valid ones, and a
-``pretrained_path`` is loaded from a local file only (nothing is ever downloaded).
+Both factories go through here: an unknown name fails with the list of valid ones; a network
+starts from ``model.encoder_weights`` (read from the local cache of :mod:`pipeline.models.weights`,
+filled by `make weights`) or ``model.pretrained_path`` (a local file), and nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, ModelCfg
 from pipeline.errors import PipelineError
+from pipeline.models.weights import WeightsRequest, cached_file, load_cached
 from pipeline.runtime import OFFLINE_ENV
 
 log = logging.getLogger(__name__)
@@ -85,11 +87,28 @@ def cls_arch(name: str) -> str:
         ) from None
 
 
+def model_request(model_cfg: ModelCfg, stage: str) -> WeightsRequest | None:
+    """The weights-cache entry a seg/cls ``model`` section starts from (None: random or its own file).
+
+    ``arch: timm`` classifiers and ``tu-`` encoders read the whole timm model (its default pretrained
+    tag); any other encoder reads smp's encoder of that name.
+    """
+    if not model_cfg.encoder_weights or model_cfg.spatial_dims == 3:
+        return None
+    encoder = model_cfg.encoder
+    if (stage == "cls" and model_cfg.arch.lower() == TIMM_ARCH) or encoder.startswith("tu-"):
+        return WeightsRequest("timm", encoder.removeprefix("tu-"), model_cfg.encoder_weights)
+    return WeightsRequest("smp", encoder, model_cfg.encoder_weights)
+
+
 def check_model(model_cfg: Any, stage: str) -> None:
-    """Refuse an unknown architecture or encoder by name, before any data is read or model built.
+    """Refuse an unknown architecture or encoder by name, and missing starting weights, before any
+    data is read or model built.
 
     Names come from the libraries themselves: smp's architectures and encoders, timm's models (for
-    ``arch: timm`` classifiers and ``tu-`` encoders). The error lists close matches.
+    ``arch: timm`` classifiers and ``tu-`` encoders). The error lists close matches. With
+    ``model.encoder_weights`` the library must publish such weights for the encoder, and the local
+    cache must hold them, intact (a :class:`~pipeline.models.weights.WeightsError` says how to fetch them).
     """
     import segmentation_models_pytorch as smp
     import timm
@@ -107,14 +126,27 @@ def check_model(model_cfg: Any, stage: str) -> None:
                 f"model.encoder '{encoder}' is not a timm model"
                 + (f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()")
             )
-        return
-    names = smp.encoders.get_encoder_names()
-    if encoder not in names:
-        close = difflib.get_close_matches(encoder, names, n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(
-            f"model.encoder '{encoder}' is not an smp encoder{hint} (timm models need the 'tu-' prefix)"
+        published = not model_cfg.encoder_weights or timm.is_model_pretrained(name)
+    else:
+        names = smp.encoders.get_encoder_names()
+        if encoder not in names:
+            close = difflib.get_close_matches(encoder, names, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"model.encoder '{encoder}' is not an smp encoder{hint} (timm models need the 'tu-' prefix)"
+            )
+        published = (
+            not model_cfg.encoder_weights
+            or model_cfg.encoder_weights in (smp.encoders.encoders[encoder]["pretrained_settings"])
         )
+    if not published:
+        raise ConfigError(
+            f"model.encoder_weights: '{encoder}' has no published {model_cfg.encoder_weights} weights; "
+            "pick another encoder or set model.encoder_weights to null"
+        )
+    request = model_request(model_cfg, stage)
+    if request is not None:
+        cached_file(request)
 
 
 # --------------------------------------------------------------------------- local weights
@@ -185,33 +217,66 @@ def load_pretrained(
 ) -> dict[str, int]:
     """Load a local weights file into ``model``; every key in ``required`` must be found.
 
-    The file may hold the whole model or only a part of it (e.g. the encoder): the key prefix
-    among ``prefixes`` that matches the most model keys is added to the file's keys (so a bare
-    timm state dict fits an smp ``tu-`` encoder under ``encoder.model.``). A first
-    convolution saved for 1 or 3 input channels is adapted to ``in_channels`` (timm's rule); other
-    keys that do not fit (a head for another class count) are skipped and logged.
+    The file may hold the whole model or only a part of it (e.g. the encoder): see :func:`load_state`.
     """
-    source = read_state_dict(path)
+    return load_state(model, read_state_dict(path), str(path), required, prefixes, in_channels)
+
+
+def load_start_weights(
+    model: nn.Module,
+    model_cfg: ModelCfg,
+    stage: str,
+    required: Iterable[str],
+    prefixes: Iterable[str],
+    in_channels: int,
+) -> dict[str, int] | None:
+    """Load what ``model_cfg`` starts from: ``pretrained_path`` (a local file) or ``encoder_weights``
+    (the verified cache entry of :func:`model_request`); None when it starts random."""
+    if model_cfg.pretrained_path:
+        return load_pretrained(model, model_cfg.pretrained_path, required, prefixes, in_channels)
+    request = model_request(model_cfg, stage)
+    if request is None:
+        return None
+    label = f"weights cache {request.key}"
+    return load_state(model, load_cached(request), label, required, prefixes, in_channels)
+
+
+def load_state(
+    model: nn.Module,
+    source: dict[str, torch.Tensor],
+    label: str,
+    required: Iterable[str],
+    prefixes: Iterable[str] = ("",),
+    in_channels: int | None = None,
+) -> dict[str, int]:
+    """Load the tensors ``source`` (read from ``label``) into ``model``; every key in ``required`` must fit.
+
+    ``source`` may hold the whole model or only a part of it (e.g. the encoder): the key prefix
+    among ``prefixes`` that matches the most model keys is added to its keys (so a bare timm
+    state dict fits an smp ``tu-`` encoder under ``encoder.model.``). A first convolution saved
+    for 1 or 3 input channels is adapted to ``in_channels`` (timm's rule); other keys that do
+    not fit (a head for another class count, stages a shallower encoder lacks) are skipped and logged.
+    """
     target = model.state_dict()
     names = _match_keys(source, target, prefixes)
     loaded: dict[str, torch.Tensor] = {}
     skipped = []
     for key, value in source.items():
         name = names.get(key)
-        fitted = _fit_tensor(value, target[name].shape, in_channels) if name is not None else None
-        if fitted is None:
+        fitted = None if name is None else _fit_tensor(value, target[name].shape, in_channels)
+        if name is None or fitted is None:
             skipped.append(key)
         else:
             loaded[name] = fitted.to(target[name].dtype)
     missing = sorted(set(required) - set(loaded))
     if missing:
         raise PretrainedError(
-            f"{path}: {len(missing)} of the model's required weights are missing or of another shape "
+            f"{label}: {len(missing)} of the model's required weights are missing or of another shape "
             f"(first: {', '.join(missing[:5])}); file keys look like {', '.join(list(source)[:3])}. "
             "Is model.encoder the encoder these weights were saved from?"
         )
     model.load_state_dict(loaded, strict=False)
     if skipped:
-        log.info("%s: skipped %d keys that do not fit the model (e.g. %s)", path, len(skipped), skipped[0])
-    log.info("loaded %d tensors from %s", len(loaded), path)
+        log.info("%s: skipped %d keys that do not fit the model (e.g. %s)", label, len(skipped), skipped[0])
+    log.info("loaded %d tensors from %s", len(loaded), label)
     return {"loaded": len(loaded), "skipped": len(skipped)}

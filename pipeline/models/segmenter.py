@@ -10,21 +10,26 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError, ModelCfg
-from pipeline.models.registry import load_pretrained, seg_arch, set_offline
+from pipeline.models.registry import load_start_weights, seg_arch, set_offline
 
 ENCODER_PREFIXES = ("", "encoder.", "encoder.model.")  # whole model, smp encoder, bare timm model
 PROBE_SIZE = 64  # side of the blank image traced to find which parameters each encoder stage owns
 
 
-def build_segmenter(model_cfg: ModelCfg, in_channels: int, classes: int = 3) -> nn.Module:
+def build_segmenter(
+    model_cfg: ModelCfg, in_channels: int, classes: int = 3, *, pretrained: bool = True
+) -> nn.Module:
     """An smp model returning logits (B, classes, H, W); classes overlap, so apply a sigmoid later.
 
     ``model_cfg.arch`` is an smp architecture (``Unet``, ``UnetPlusPlus``, ``FPN``...),
     ``model_cfg.encoder`` an smp encoder or a timm one with the ``tu-`` prefix,
     ``model_cfg.kwargs`` extra constructor arguments (``decoder_channels``, ``encoder_depth``...).
-    Weights are random unless ``model_cfg.pretrained_path`` names a local file holding the
-    whole model, its encoder, or the bare timm model of a ``tu-`` encoder. ``freeze_encoder: N``
-    then freezes the first N encoder stages (see :func:`freeze_encoder_stages`).
+    The model is built with ``encoder_weights=None`` (smp never downloads); the encoder then starts
+    from ``model_cfg.encoder_weights`` (ImageNet, read from the local weights cache that `make
+    weights` fills) or from ``model_cfg.pretrained_path`` (a local file holding the whole model, its
+    encoder, or the bare timm model of a ``tu-`` encoder), else stays random; ``pretrained=False``
+    skips both (a checkpoint is loaded next, or a benchmark). ``freeze_encoder: N`` then freezes the
+    first N encoder stages (see :func:`freeze_encoder_stages`).
     """
     import segmentation_models_pytorch as smp
 
@@ -44,9 +49,9 @@ def build_segmenter(model_cfg: ModelCfg, in_channels: int, classes: int = 3) -> 
         raise ValueError(
             f"cannot build {arch} with encoder '{model_cfg.encoder}' and kwargs {kwargs}: {exc}"
         ) from exc
-    if model_cfg.pretrained_path:
+    if pretrained:
         required = [k for k in model.state_dict() if k.startswith("encoder.")]
-        load_pretrained(model, model_cfg.pretrained_path, required, ENCODER_PREFIXES, in_channels)
+        load_start_weights(model, model_cfg, "seg", required, ENCODER_PREFIXES, in_channels)
     freeze_encoder_stages(model.encoder, model_cfg.freeze_encoder, in_channels, model_cfg.encoder)
     return model
 

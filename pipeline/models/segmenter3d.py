@@ -92,14 +92,23 @@ def build_segmenter3d(
     classes: int,
     patch_size: Sequence[int],
     sizes: dict[str, Sequence[int]] | None = None,
+    *,
+    pretrained: bool = True,
 ) -> nn.Module:
     """A MONAI 3D network returning logits (B, classes, D, H, W) (see the module doc).
 
     ``patch_size`` sizes DynUNet's default plan; ``sizes`` (config key -> (D, H, W)) are checked
-    against the network's stride. ``model.pretrained_path`` (a local file) loads the whole network.
+    against the network's stride. ``model.pretrained_path`` (a local file) loads the whole network
+    (not with ``pretrained=False``); ``model.encoder_weights`` is refused: MONAI's networks have no
+    ImageNet weights.
     """
     import monai.networks.nets as nets
 
+    if model_cfg.encoder_weights:
+        raise ConfigError(
+            f"model.encoder_weights = {model_cfg.encoder_weights!r}: MONAI's 3D networks have no ImageNet "
+            "weights; set it to null (model.pretrained_path loads a local file of your own)"
+        )
     arch = arch3d(model_cfg.arch)
     kwargs = {**_defaults(arch, patch_size), **{k: v for k, v in model_cfg.kwargs.items() if v is not None}}
     check_sizes(arch, kwargs, sizes or {"seg3d.patch_size": patch_size})
@@ -107,6 +116,6 @@ def build_segmenter3d(
         model = getattr(nets, arch)(spatial_dims=3, in_channels=in_channels, out_channels=classes, **kwargs)
     except (TypeError, ValueError, AssertionError) as exc:
         raise ConfigError(f"cannot build {arch} with model.kwargs {model_cfg.kwargs}: {exc}") from None
-    if model_cfg.pretrained_path:
+    if pretrained and model_cfg.pretrained_path:
         load_pretrained(model, model_cfg.pretrained_path, list(model.state_dict()), ("",), in_channels)
     return model

@@ -43,7 +43,7 @@ from pipeline.datasets import get_dataset
 from pipeline.io import write_csv, write_with
 from pipeline.models.predict import build_model, predict_day, predict_day_cls
 from pipeline.paths import data_dir, run_dir, runs_dir
-from pipeline.runtime import seed_everything
+from pipeline.runtime import record_machine, seed_everything
 from pipeline.train import distributed
 from pipeline.train.checkpoint import load_weights
 from pipeline.train.engine import fit
@@ -368,7 +368,7 @@ def _train(cfg: SegConfig | ClsConfig, fold: Fold, task: Task, progress: bool) -
             dataclasses.replace(cfg.train, seed=seed),
             out_dir,
             validate=validate,
-            config_text=dump_config(cfg),
+            config_text=record_machine(dump_config(cfg)),
             device=device,
             progress=progress,
         )
