@@ -191,6 +191,13 @@ class TuneCfg:
     per_class_blend: bool = True  # blend weights chosen per class (else one set for every class)
     holdout: float = 0.3  # fraction of OOF volume groups held apart to report an honest tuned score (0: off)
     holdout_seed: int = 0
+    # > 1: the held-apart estimate is cross-fitted instead: the OOF groups are dealt into this many
+    # folds (seeded by holdout_seed), a search runs on all but each fold and is scored on it, so every
+    # volume is held apart once and the estimate has the in-sample score's volumes (holdout is unused)
+    holdout_folds: int = 0
+    # a candidate replaces the current value (the step's start or "off" at first) only if it scores
+    # more than this above it: shrinkage towards the defaults where the OOF is small and noisy
+    min_gain: float = 0.0
     # with members and a held-apart split: when the blend chosen on the tuning part scores below one of
     # its members alone on the held-apart groups, that member is kept alone (its post-processing re-tuned)
     blend_guard: bool = True
@@ -315,6 +322,15 @@ def _both(*checks: Check) -> Check:
     return lambda v: next((p for p in (c(v) for c in checks) if p), None)
 
 
+def _installed(tracker: str) -> str | None:
+    """A tracker other than none needs its package (found without importing it)."""
+    import importlib.util
+
+    if tracker == "none" or importlib.util.find_spec(tracker) is not None:
+        return None
+    return f"needs the {tracker} package: pip install -r requirements-tracker.txt (make install does)"
+
+
 CHECKS: dict[type, dict[str, Check]] = {
     DataCfg: {
         "k": at_least(0),
@@ -358,7 +374,7 @@ CHECKS: dict[type, dict[str, Check]] = {
         "device": device_name,
         "max_steps_per_epoch": optional(at_least(1)),
         "val_batch_size": optional(at_least(1)),
-        "tracker": _both(one_of("none", "mlflow"), lambda v: _installed(v)),
+        "tracker": _both(one_of("none", "mlflow"), _installed),
     },
     LossCfg: {
         **{k: at_least(0) for k in ("bce", "dice", "tversky", "lovasz", "focal", "focal_gamma")},
@@ -397,6 +413,8 @@ CHECKS: dict[type, dict[str, Check]] = {
         ),
         "z_runs": _both(lambda v: None if len(v) else "must list at least one value", each(at_least(0))),
         "holdout": within(0, 1, high_open=True),
+        "holdout_folds": lambda v: None if v == 0 or v >= 2 else "must be 0 (off) or at least 2",
+        "min_gain": at_least(0),
     },
     FoldsConfig: {"n_folds": at_least(2)},
     EnsembleConfig: {
@@ -408,20 +426,16 @@ CHECKS: dict[type, dict[str, Check]] = {
 }
 
 
-def _installed(tracker: str) -> str | None:
-    """A tracker other than none needs its package (found without importing it)."""
-    import importlib.util
-
-    if tracker == "none" or importlib.util.find_spec(tracker) is not None:
-        return None
-    return f"needs the {tracker} package: pip install -r requirements-tracker.txt (make install does)"
-
-
 def _cross_checks(cfg: Any) -> list[tuple[str, str]]:
     """(key, problem) of checks that involve several keys."""
     out = []
     if isinstance(cfg, TrainCfg) and cfg.tracker_uri and cfg.tracker == "none":
-        out.append(("tracker_uri", f"= {cfg.tracker_uri!r} is set but train.tracker is none: set train.tracker: mlflow"))
+        out.append(
+            (
+                "tracker_uri",
+                f"= {cfg.tracker_uri!r} is set but train.tracker is none: set train.tracker: mlflow",
+            )
+        )
     if isinstance(cfg, ModelCfg):
         out += _start_weights_checks(cfg)
     loss = getattr(cfg, "loss", None)

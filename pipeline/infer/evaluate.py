@@ -201,7 +201,7 @@ def _map_volumes(
         )
 
 
-def evaluate_jobs(
+def job_stats(
     oof: OOFSet,
     jobs: list[Job],
     *,
@@ -209,8 +209,8 @@ def evaluate_jobs(
     workers: int = 1,
     desc: str = "evaluate",
     progress: bool = True,
-) -> list[list[dict]]:
-    """Each job's score dicts (``spec.aggregate`` over its volumes), every volume read and blended once.
+) -> list[list[list[Any]]]:
+    """Per job, per variant: the metric stats of each of the job's volumes (OOF order), in one pass.
 
     Jobs of several searches over overlapping volumes (a search on every volume and one on the
     tuning part) share the pass: a volume holds one view and one blend per weight vector, and jobs
@@ -237,8 +237,23 @@ def evaluate_jobs(
     results = []
     for j in range(len(jobs)):
         rows = [r for r in (row[j] for row in per_volume) if r is not None]
-        results.append([oof.spec.aggregate([r[i] for r in rows]) for i in range(len(rows[0]))])
+        results.append([[r[i] for r in rows] for i in range(len(rows[0]))])
     return results
+
+
+def evaluate_jobs(
+    oof: OOFSet,
+    jobs: list[Job],
+    *,
+    per_class: bool = False,
+    workers: int = 1,
+    desc: str = "evaluate",
+    progress: bool = True,
+) -> list[list[dict]]:
+    """Each job's score dicts (``spec.aggregate`` over its volumes), every volume read and blended once
+    (see :func:`job_stats`)."""
+    stats = job_stats(oof, jobs, per_class=per_class, workers=workers, desc=desc, progress=progress)
+    return [[oof.spec.aggregate(variant) for variant in job] for job in stats]
 
 
 def evaluate(
@@ -274,3 +289,29 @@ def evaluate_settings(
     jobs = [Job(volume_set, [np.asarray(w)], list(p)) for w, p in settings]
     results = evaluate_jobs(oof, jobs, workers=workers, desc=desc, progress=progress)
     return [r[0] for r in results]
+
+
+def evaluate_pooled(
+    oof: OOFSet,
+    parts: list[tuple[list[Setting], list[str]]],
+    *,
+    workers: int = 1,
+    desc: str = "evaluate",
+    progress: bool = True,
+) -> list[dict]:
+    """Cross-fitted scores: setting ``i`` of every part scored on that part's volumes, pooled into one dict.
+
+    ``parts`` are ``(settings, volumes)`` with the same number of settings each (the same steps of
+    searches tuned apart); score ``i`` aggregates the stats of every part's volumes under the part's
+    own setting ``i``, so disjoint parts covering the OOF give every volume one held-apart score.
+    """
+    if not parts:
+        return []
+    n = len(parts[0][0])
+    if any(len(settings) != n for settings, _ in parts):
+        raise ValueError("every part of a pooled evaluation needs the same number of settings")
+    jobs = [
+        Job(frozenset(volumes), [np.asarray(w)], list(p)) for settings, volumes in parts for w, p in settings
+    ]
+    stats = job_stats(oof, jobs, workers=workers, desc=desc, progress=progress)
+    return [oof.spec.aggregate([s for k in range(len(parts)) for s in stats[k * n + i][0]]) for i in range(n)]

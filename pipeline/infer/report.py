@@ -134,7 +134,14 @@ def summary_lines(decisions: Decisions) -> list[str]:
     """What the held-apart estimate and the blend's gain say, in words."""
     out = []
     h = decisions.holdout or {}
-    if h.get("held_score") is not None:
+    if h.get("held_score") is not None and h.get("folds"):
+        out.append(
+            f"held apart, cross-fitted: the {len(h.get('groups', []))} groups in {len(h.get('fold_groups', []))} "
+            f"folds, each tuned on the others (about {h.get('days_tuning')} volumes) and scored on its own: "
+            f"{h['tuning_score']:.4f} on the tuning parts (mean), {h['held_score']:.4f} held apart over all "
+            f"{h.get('days_held')} volumes"
+        )
+    elif h.get("held_score") is not None:
         out.append(
             f"held apart: {len(h.get('groups', []))} groups ({h.get('days_held')} volumes); tuned on the other "
             f"{h.get('days_tuning')}: {h['tuning_score']:.4f} there, {h['held_score']:.4f} on the held-apart ones"

@@ -98,9 +98,16 @@ class Track:
         note = f" [{skipped}]" if skipped else ""
         log.info("%s%-40s score %.5f (%s)%s", self.tag, label, self.best["score"], others, note)
 
-    def pick(self, results: list[dict]) -> int:
-        """The first best candidate (the current value, tried first, on ties); its result becomes ``best``."""
-        i = int(np.argmax([r["score"] for r in results]))
+    def pick(self, results: list[dict], min_gain: float = 0.0) -> int:
+        """The first best candidate; its result becomes ``best``.
+
+        The current value (tried first) is kept on ties, and unless the best beats it by more than
+        ``min_gain`` (``tune.min_gain``: shrinkage towards the defaults on small, noisy OOF).
+        """
+        scores = [r["score"] for r in results]
+        i = int(np.argmax(scores))
+        if scores[i] - scores[0] <= min_gain:
+            i = 0
         self.best = results[i]
         return i
 
@@ -215,7 +222,7 @@ class Search:
             desc = f"{step.name} {cls}" + (f" (sweep {sweep})" if sweep > 1 else "")
             for (t, _, _), results in zip(jobs, self.evaluate(jobs, desc)):
                 vals = values[id(t)][c]
-                pick = t.pick(results)
+                pick = t.pick(results, self.cfg.tune.min_gain)
                 t.params[c] = step.set(t.params[c], vals[pick])
                 t.curves.setdefault(step.name, {})[cls] = _curve(vals, results, vals[pick])
                 log.debug("%s%s %s = %s (score %.5f)", t.tag, cls, step.name, vals[pick], t.best["score"])
@@ -247,7 +254,7 @@ class Search:
             jobs: list[TrackJob] = [(t, [t.weights], VaryWeights(c, cands[id(t)])) for t in self.tracks]
             for (t, _, _), results in zip(jobs, self.evaluate(jobs, f"{row} {cls}")):
                 vals = cands[id(t)]
-                pick = t.pick(results)
+                pick = t.pick(results, self.cfg.tune.min_gain)
                 t.weights[c] = vals[pick]
                 curves[id(t)][cls] = _curve([v.tolist() for v in vals], results, vals[pick].tolist())
 
@@ -258,7 +265,7 @@ class Search:
         }
         jobs: list[TrackJob] = [(t, tiled[id(t)], None) for t in self.tracks]
         for (t, cands, _), results in zip(jobs, self.evaluate(jobs, row)):
-            pick = t.pick(results)
+            pick = t.pick(results, self.cfg.tune.min_gain)
             t.weights = cands[pick].copy()
             curves[id(t)]["all"] = _curve([v[0].tolist() for v in cands], results, cands[pick][0].tolist())
 

@@ -59,7 +59,13 @@ import numpy as np
 
 from pipeline.config import EnsembleConfig, TuneCfg
 from pipeline.infer.ensemble import OOFSet, load_oof
-from pipeline.infer.evaluate import default_workers, evaluate, evaluate_settings, metric_values
+from pipeline.infer.evaluate import (
+    default_workers,
+    evaluate,
+    evaluate_pooled,
+    evaluate_settings,
+    metric_values,
+)
 from pipeline.infer.postprocess import (
     BlendGain,
     BlendGuard,
@@ -76,6 +82,8 @@ from pipeline.infer.steps import registry
 __all__ = [
     "default_workers",
     "evaluate",
+    "fold_splits",
+    "holdout_splits",
     "metric_values",
     "raw_params",
     "run_tune",
@@ -115,6 +123,39 @@ def split_volumes(oof: OOFSet, fraction: float, seed: int) -> Split:
     )
 
 
+def fold_splits(oof: OOFSet, folds: int, seed: int) -> list[Split]:
+    """Cross-fitting splits: the OOF groups dealt into ``folds`` folds (seeded), each split holding one apart.
+
+    Every volume is held apart in exactly one split; fewer folds when there are fewer groups, and
+    none when the OOF spans a single group.
+    """
+    groups = sorted({oof.groups.get(v, v) for v in oof.volumes})
+    if len(groups) < 2:
+        return []
+    k = min(folds, len(groups))
+    fold_of = {g: i % k for i, g in enumerate(np.random.default_rng(seed).permutation(groups))}
+    splits = []
+    for f in range(k):
+        in_held = [fold_of[oof.groups.get(v, v)] == f for v in oof.volumes]
+        splits.append(
+            (
+                [v for v, h in zip(oof.volumes, in_held) if not h],
+                [v for v, h in zip(oof.volumes, in_held) if h],
+                sorted(str(g) for g in groups if fold_of[g] == f),
+            )
+        )
+    return splits
+
+
+def holdout_splits(oof: OOFSet, tune: TuneCfg) -> list[Split]:
+    """The held-apart design of ``tune``: ``holdout_folds`` cross-fitting splits, else one split of
+    ``holdout`` (none when that holds nothing apart)."""
+    if tune.holdout_folds > 1:
+        return fold_splits(oof, tune.holdout_folds, tune.holdout_seed)
+    split = split_volumes(oof, tune.holdout, tune.holdout_seed)
+    return [split] if split[1] else []
+
+
 def _step_rows(full: Track, held: list[dict] | None) -> list[dict]:
     rows: list[dict] = []
     for i, rec in enumerate(full.records):
@@ -141,46 +182,69 @@ class _Run:
     holdout: dict[str, Any] = field(default_factory=dict)
 
 
-def _tune_run(oof: OOFSet, cfg: EnsembleConfig, split: Split, fixed: np.ndarray | None, kw: dict) -> _Run:
-    """Both searches in lockstep (weights held at ``fixed`` when given), then the scores of their settings."""
-    tuning, held, _ = split
+def _tune_run(
+    oof: OOFSet, cfg: EnsembleConfig, splits: list[Split], fixed: np.ndarray | None, kw: dict
+) -> _Run:
+    """The searches in lockstep (every volume; each tuning part; weights held at ``fixed`` when given),
+    then the scores of their settings."""
     names, classes = oof.member_names(), oof.spec.classes
-    volume_sets = [("", oof.volumes)] + ([("tuning part: ", tuning)] if held else [])
-    full, *part = Search(oof, cfg, volume_sets, fixed=fixed, **kw).run().tracks
+    tags = ["tuning part: "] if len(splits) == 1 else [f"fold {f}: " for f in range(len(splits))]
+    volume_sets = [("", oof.volumes)] + [(tag, split[0]) for tag, split in zip(tags, splits)]
+    full, *parts = Search(oof, cfg, volume_sets, fixed=fixed, **kw).run().tracks
     blended = len(names) > 1 and fixed is None
     alone = [one_hot(len(classes), len(names), m) for m in range(len(names))] if blended else []
     final = evaluate(oof, [full.weights], full.params, per_class=True, desc="final OOF", **kw)[0]
     alone_all = evaluate_settings(
         oof, [(w, full.params) for w in alone], oof.volumes, desc="members alone", **kw
     )
-    run = _Run(full, final, alone_all, holdout={"fraction": cfg.tune.holdout, "seed": cfg.tune.holdout_seed})
-    if not held:
-        run.holdout["skipped"] = "tune.holdout is 0" if cfg.tune.holdout <= 0 else "the OOF spans one group"
+    tune = cfg.tune
+    design: dict[str, Any] = {"fraction": tune.holdout, "seed": tune.holdout_seed}
+    if tune.holdout_folds > 1:
+        design = {"folds": tune.holdout_folds, "seed": tune.holdout_seed}
+    run = _Run(full, final, alone_all, holdout=design)
+    if not splits:
+        off = tune.holdout <= 0 and tune.holdout_folds <= 1
+        run.holdout["skipped"] = "tune.holdout is 0" if off else "the OOF spans one group"
         log.info("no held-apart estimate: %s", run.holdout["skipped"])
         return run
-    _score_held_apart(oof, run, part[0], alone, split, kw)
+    _score_held_apart(oof, run, parts, alone, splits, kw)
     return run
 
 
 def _score_held_apart(
-    oof: OOFSet, run: _Run, part: Track, alone: list[np.ndarray], split: Split, kw: dict
+    oof: OOFSet, run: _Run, parts: list[Track], alone: list[np.ndarray], splits: list[Split], kw: dict
 ) -> None:
-    """The tuning part's settings after each step (and each member alone) on the held-apart volumes."""
-    tuning, held, held_groups = split
+    """Each tuning part's settings after each step (and each member alone) on its held-apart volumes,
+    pooled over the parts (one part: a plain held-apart split; several: cross-fitted)."""
     names, classes = oof.member_names(), oof.spec.classes
-    # both tracks record the same steps by construction (skips depend on the config, not the data)
-    settings = [(r.weights, r.params) for r in part.records] + [(w, part.params) for w in alone]
-    scored = evaluate_settings(oof, settings, held, desc="held-apart", **kw)
-    run.held_steps, run.alone_held = scored[: len(part.records)], scored[len(part.records) :]
+    # the tracks record the same steps by construction (skips depend on the config, not the data)
+    pooled = [
+        ([(r.weights, r.params) for r in part.records] + [(w, part.params) for w in alone], split[1])
+        for part, split in zip(parts, splits)
+    ]
+    scored = evaluate_pooled(oof, pooled, desc="held-apart", **kw)
+    n_steps = len(parts[0].records)
+    run.held_steps, run.alone_held = scored[:n_steps], scored[n_steps:]
+    held = [v for split in splits for v in split[1]]
     run.holdout |= {
-        "groups": held_groups,
-        "days_tuning": len(tuning),
+        "groups": [g for split in splits for g in split[2]],
+        "days_tuning": round(float(np.mean([len(split[0]) for split in splits]))),
         "days_held": len(held),
-        "tuning_score": part.records[-1].result["score"],
+        "tuning_score": float(np.mean([part.records[-1].result["score"] for part in parts])),
         "held_score": run.held_steps[-1]["score"],
-        "weights": _weights_json(part.weights, classes, names),
-        "classes": {cls: asdict(p) for cls, p in zip(classes, part.params)},
     }
+    settings = [
+        {
+            "weights": _weights_json(part.weights, classes, names),
+            "classes": {cls: asdict(p) for cls, p in zip(classes, part.params)},
+        }
+        for part in parts
+    ]
+    if len(parts) == 1:
+        run.holdout |= settings[0]
+    else:
+        run.holdout["fold_groups"] = [split[2] for split in splits]
+        run.holdout["fold_settings"] = settings
 
 
 def _guard(tune: TuneCfg, names: list[str], run: _Run) -> tuple[int, BlendGuard] | None:
@@ -195,7 +259,7 @@ def _guard(tune: TuneCfg, names: list[str], run: _Run) -> tuple[int, BlendGuard]
 
 
 def _guarded_run(
-    oof: OOFSet, cfg: EnsembleConfig, split: Split, kw: dict
+    oof: OOFSet, cfg: EnsembleConfig, splits: list[Split], kw: dict
 ) -> tuple[_Run, _Run, BlendGuard | None]:
     """(the run whose decisions are saved, the blend's run, the guard's verdict).
 
@@ -203,7 +267,7 @@ def _guarded_run(
     again with that member's weight held at 1 in every class.
     """
     names, classes = oof.member_names(), oof.spec.classes
-    blend_run = _tune_run(oof, cfg, split, None, kw)
+    blend_run = _tune_run(oof, cfg, splits, None, kw)
     verdict = _guard(cfg.tune, names, blend_run)
     if verdict is None:
         return blend_run, blend_run, None
@@ -216,7 +280,7 @@ def _guarded_run(
         guard.alone_held_out,
         guard.kept,
     )
-    run = _tune_run(oof, cfg, split, one_hot(len(classes), len(names), member), kw)
+    run = _tune_run(oof, cfg, splits, one_hot(len(classes), len(names), member), kw)
     guard.blend_score = blend_run.final["score"]
     guard.blend_weights = _weights_json(blend_run.full.weights, classes, names)
     return run, blend_run, guard
@@ -271,11 +335,15 @@ def tune_ensemble(
     oof = load_oof(cfg, root, progress)
     names, classes = oof.member_names(), oof.spec.classes
     kw = {"workers": workers or default_workers(), "progress": progress}
-    split = split_volumes(oof, cfg.tune.holdout, cfg.tune.holdout_seed)
-    if split[1]:
-        n_held, n_all = len(split[1]), len(oof.volumes)
-        log.info("held apart: %d of the OOF groups (%d of %d volumes)", len(split[2]), n_held, n_all)
-    run, blend_run, guard = _guarded_run(oof, cfg, split, kw)
+    splits = holdout_splits(oof, cfg.tune)
+    if len(splits) == 1:
+        n_held, n_all = len(splits[0][1]), len(oof.volumes)
+        log.info("held apart: %d of the OOF groups (%d of %d volumes)", len(splits[0][2]), n_held, n_all)
+    elif splits:
+        log.info(
+            "held apart: cross-fitted over %d folds of the OOF groups (each volume held once)", len(splits)
+        )
+    run, blend_run, guard = _guarded_run(oof, cfg, splits, kw)
     full, final = run.full, run.final
     summary = OOFSummary(
         days=len(oof.volumes),
