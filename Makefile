@@ -186,6 +186,7 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) -m mypy pipeline stages
 
 clean:
 	rm -rf runs cache build submission.csv reports

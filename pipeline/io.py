@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -114,7 +114,7 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
 # --------------------------------------------------------------------------- arrays in threads
 
 
-def load_npy(path: str | os.PathLike, mmap_mode: str | None = None) -> np.ndarray:
+def load_npy(path: str | os.PathLike, mmap_mode: Literal["r+", "r", "w+", "c"] | None = None) -> np.ndarray:
     """``np.load`` of one ``.npy`` file, safe in any thread (see ``_NPY_HEADER_LOCK``).
 
     The header is parsed under a process-wide lock; the data is memory-mapped (``mmap_mode``, an
@@ -130,7 +130,7 @@ def load_npy(path: str | os.PathLike, mmap_mode: str | None = None) -> np.ndarra
             shape, fortran_order, dtype = reader(fp)
         if dtype.hasobject:
             raise ValueError(f"{path}: holds Python objects; only plain arrays are read")
-        order = "F" if fortran_order else "C"
+        order: Literal["C", "F"] = "F" if fortran_order else "C"
         if mmap_mode is not None:
             return np.memmap(path, dtype=dtype, mode=mmap_mode, shape=shape, order=order, offset=fp.tell())
         count = int(np.prod(shape, dtype=np.int64))

@@ -11,7 +11,9 @@ import logging
 import math
 import re
 import sys
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import numpy as np
 
@@ -41,6 +43,11 @@ class RLEError(PipelineError, ValueError):
     """A run-length string that cannot be decoded onto the given mask shape."""
 
 
+def _np_order(order: str) -> Literal["C", "F"]:
+    """An order :func:`check_order` accepted, as NumPy's type stubs spell it."""
+    return "F" if order == "F" else "C"
+
+
 def _is_empty(rle: object) -> bool:
     if rle is None:
         return True
@@ -55,7 +62,7 @@ def _is_empty(rle: object) -> bool:
 def rle_encode_numpy(mask: np.ndarray, order: str = "C") -> str:
     """Plain NumPy reference encoder: the twin the fast paths are tested against."""
     check_order(order)
-    flat = np.asarray(mask).ravel(order=order) != 0
+    flat = np.asarray(mask).ravel(order=_np_order(order)) != 0
     padded = np.concatenate([[False], flat, [False]])
     edges = np.flatnonzero(padded[1:] != padded[:-1])
     edges[1::2] -= edges[::2]
@@ -198,7 +205,7 @@ def _check_runs(starts: np.ndarray, lengths: np.ndarray, size: int, shape: tuple
         )
 
 
-def _check_shape(shape: tuple[int, int]) -> tuple[int, int]:
+def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
     if len(shape) != 2 or any(int(s) != s or s < 0 for s in shape):
         raise ValueError(f"shape must be (height, width) with non-negative integers, got {shape!r}")
     return int(shape[0]), int(shape[1])
@@ -216,11 +223,11 @@ def rle_decode(rle: str, shape: tuple[int, int], order: str = "C", *, where: str
     flat = np.zeros(h * w, np.uint8)
     for s, n in zip(starts.tolist(), lengths.tolist()):
         flat[s : s + n] = 1
-    return np.ascontiguousarray(flat.reshape((h, w), order=order))
+    return np.ascontiguousarray(flat.reshape((h, w), order=_np_order(order)))
 
 
 def rle_decode_batch(
-    rles: object, shape: tuple[int, int], order: str = "C", *, where: str = ""
+    rles: Iterable[object], shape: tuple[int, int], order: str = "C", *, where: str = ""
 ) -> np.ndarray:
     """Decode a sequence of RLE strings into an ``(N, H, W)`` uint8 0/1 array, validating each.
 

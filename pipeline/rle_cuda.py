@@ -22,6 +22,7 @@ import functools
 import math
 import sys
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,7 @@ __all__ = ["cuda_available", "rle_encode_cuda"]
 
 # numba.cuda, bound by _kernels() on first use. The kernels must find it as a module global:
 # the CUDA simulator swaps that global for its per-thread fake (blockIdx, threadIdx, ...).
-cuda = None
+cuda: Any = None
 
 
 def cuda_available() -> bool:
@@ -123,7 +124,7 @@ def _kernels(threads: int) -> SimpleNamespace:
     return SimpleNamespace(count=count_tiles, scan=scan_tiles, write=write_tiles)
 
 
-def _device_masks(masks: object) -> tuple[object, object]:
+def _device_masks(masks: Any) -> tuple[Any, Any]:
     """(N, H, W) device view of ``masks`` (torch CUDA tensor, CUDA array or host array) and a stream."""
     from numba import cuda
 

@@ -1,7 +1,7 @@
 """What the CPU (:mod:`pipeline.rle`) and GPU (:mod:`pipeline.rle_cuda`) encoders share.
 
 The flattening-order check, the one coercion of a mask to uint8 (also used by
-:mod:`pipeline.metric`), and the formatting of 1-indexed runs into RLE strings. It sits below
+:mod:`pipeline.datasets.uwmgi_metric`), and the formatting of 1-indexed runs into RLE strings. It sits below
 both encoders so neither imports the other.
 """
 

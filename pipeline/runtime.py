@@ -66,12 +66,21 @@ def ensure_yolo_font(config_dir: Path) -> Path:
 
 
 def set_offline_env() -> None:
-    """Environment switches that keep ultralytics, albumentations and the HF hub offline."""
+    """The switches of :data:`OFFLINE_ENV` that keep every library offline (values already set are kept).
+
+    Called by :func:`configure_runtime` and again by the model factories (timm, smp, huggingface-hub
+    read them when they load), so a library used outside a stage stays offline too.
+    """
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def set_yolo_config_dir() -> Path:
+    """Point ultralytics at the project-local settings folder holding its font (it would download one)."""
     cfg_dir = yolo_config_dir()
     os.environ["YOLO_CONFIG_DIR"] = str(cfg_dir)
     ensure_yolo_font(cfg_dir)
+    return cfg_dir
 
 
 def seed_everything(seed: int) -> None:
@@ -90,8 +99,9 @@ def configure_runtime(seed: int | None = None, threads: int | None = None, log_l
     """Called once by each stage: logging, offline switches, the CPU_ISA pin, thread counts, seeds."""
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format=LOG_FORMAT)
     set_offline_env()
+    set_yolo_config_dir()
     pin_cpu_isa()
-    n = threads or int(os.environ.get("NUM_THREADS", 0)) or os.cpu_count() or 1
+    n = threads or int(os.environ.get("NUM_THREADS", 0)) or available_cores()
     try:
         import cv2
 
@@ -315,6 +325,7 @@ def machine_fingerprint() -> dict[str, Any]:
     import torch
 
     info, flags = _cpuinfo(), _cpu_flags()
+    numba_config: Any = numba.config  # its settings are set at import, out of the type stubs' sight
     n_gpus = torch.cuda.device_count()  # names only where CUDA is already up: never start it here
     gpus = [torch.cuda.get_device_name(i) for i in range(n_gpus)] if torch.cuda.is_initialized() else n_gpus
     return {
@@ -327,7 +338,7 @@ def machine_fingerprint() -> dict[str, Any]:
         "threads": {
             "torch": torch.get_num_threads(),
             "torch_interop": torch.get_num_interop_threads(),
-            "numba": int(numba.config.NUMBA_NUM_THREADS),
+            "numba": int(numba_config.NUMBA_NUM_THREADS),
             "opencv": cv2.getNumThreads(),
             **{
                 k: os.environ[k]
@@ -337,7 +348,7 @@ def machine_fingerprint() -> dict[str, Any]:
         },
         "kernels": {
             "aten": torch.backends.cpu.get_cpu_capability(),
-            "numba_cpu": numba.config.CPU_NAME or _host_cpu_name(),
+            "numba_cpu": numba_config.CPU_NAME or _host_cpu_name(),
             "blas": _blas(),
             "opencv": cv2.getCPUFeaturesLine(),
         },

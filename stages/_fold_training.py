@@ -11,13 +11,14 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.config import ConfigError
+from pipeline.config import ClsConfig, ConfigError, SegConfig
 from pipeline.datasets import load_config
 from pipeline.models.registry import check_model
 from pipeline.runtime import configure_runtime
 from pipeline.train import distributed
+from pipeline.train.fold_data import every_fold, parse_folds, train_store
 from pipeline.train.parallel import resolve_jobs, run_folds
-from pipeline.train.tasks import describe, every_fold, parse_folds, train_store
+from pipeline.train.tasks import describe
 
 
 def run_stage(
@@ -45,6 +46,8 @@ def run_stage(
     )
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set, stage=stage)
+    if not isinstance(cfg, SegConfig | ClsConfig):  # load_config checked the stage: seg or cls
+        raise ConfigError(f"{args.config}: a '{cfg.stage}' config; train-{stage} trains seg and cls configs")
     try:
         check_model(cfg.model, stage)  # names of architecture and encoder, before any data is read
     except ConfigError as exc:

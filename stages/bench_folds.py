@@ -20,10 +20,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.config import ClsConfig, SegConfig
 from pipeline.datasets import load_config
 from pipeline.runtime import available_cores, configure_runtime
+from pipeline.train.fold_data import parse_folds, train_store
 from pipeline.train.parallel import resolve_jobs, run_folds
-from pipeline.train.tasks import parse_folds, train_classifier, train_segmenter, train_store
+from pipeline.train.tasks import train_classifier, train_segmenter
 
 
 def _mean_score(outs: list[Path]) -> float:
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     configure_runtime(seed=0, log_level="WARNING")
     overrides = [f"train.epochs={args.epochs}", "data.crop=false", *args.set]
     cfg = load_config(args.config, overrides)
-    if cfg.stage not in ("seg", "cls"):
+    if not isinstance(cfg, SegConfig | ClsConfig):
         raise SystemExit(f"{args.config} is a '{cfg.stage}' config; bench_folds times seg or cls training")
     train = train_segmenter if cfg.stage == "seg" else train_classifier
     folds = parse_folds(args.folds)

@@ -3,12 +3,12 @@
     python -m stages.bench_infer                 # demo ensemble on this machine (CPU unless a GPU is seen)
     python -m stages.bench_infer --full          # the full GPU configs' members, untrained (random init)
 
-1. Per model-fold: slices/s of ``predict_day`` / ``predict_day_cls`` (2.5D prepare + network +
-   TTA views + paste-back) on one synthetic day of ``--slices`` slices at 266x266, without TTA
+1. Per model-fold: slices/s of ``predict_volume`` (2.5D prepare + network + TTA views +
+   paste-back) on one synthetic volume of ``--slices`` slices at 266x266, without TTA
    and with the ensemble config's TTA. The networks are built from the member configs with
    random weights: speed does not depend on the weights, so nothing has to be trained.
 2. End to end: ``make submit``'s predictor (detector crop, classifier gate, every member x fold,
-   post-processing, RLE) on ``--days`` test day-volumes, phase by phase. It needs the tuned
+   post-processing, RLE) on ``--volumes`` test volumes, phase by phase. It needs the tuned
    ensemble (``make tune``) and trained members, so it is skipped with ``--full`` or without them.
 3. Projection: ``--hidden-slices`` (about 25,000 on Kaggle) through a 5-fold x 3-model segmenter
    ensemble plus a 5-fold classifier at the measured per-model rates, plus the per-slice cost of
@@ -22,18 +22,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.config import TTACfg
+from pipeline.bench.timing import median_seconds
+from pipeline.config import EnsembleConfig, MemberConfig, TTACfg
 from pipeline.data.geometry import full_box
 from pipeline.datasets import get_dataset, load_config
 from pipeline.device import resolve_device
 from pipeline.infer.postprocess import apply_postprocess, decisions_path, read_decisions, to_uint8
-from pipeline.models.predict import build_model, channels_last, predict_day, predict_day_cls
+from pipeline.models.predict import build_model, channels_last, predict_volume
 from pipeline.paths import data_dir
 from pipeline.runtime import configure_runtime
 
@@ -48,39 +48,28 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs, after a warm-up run (cuDNN, numba JIT)."""
-    fn()
-    times = []
-    for _ in range(max(1, repeats)):
-        _sync()
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def model_rates(cfg: Any, device: torch.device, n_slices: int, repeats: int) -> dict[str, dict[str, float]]:
+def model_rates(
+    cfg: EnsembleConfig, device: torch.device, n_slices: int, repeats: int
+) -> dict[str, dict[str, float]]:
     """{stage:name: {"no_tta": slices/s, "tta": slices/s}} of one fold of every member and the classifier."""
-    channels = get_dataset(cfg.dataset).channels
+    spec = get_dataset(cfg.dataset)
+    channels = spec.channels
     shape = (n_slices, 266, 266) if channels == 1 else (n_slices, channels, 266, 266)
     image = np.random.default_rng(0).integers(0, 4000, shape).astype(np.uint16)
     amp = cfg.amp and device.type == "cuda"
-    members = [load_config(m.config, stage="seg") for m in cfg.members]
+    members: list[MemberConfig] = [load_config(m.config, stage="seg") for m in cfg.members]
     if cfg.classifier:
         members.append(load_config(cfg.classifier, stage="cls"))
     rates = {}
     for member in members:
-        model = build_model(member, pretrained=False).to(device).eval()
+        model = build_model(member, spec, pretrained=False).to(device).eval()
         if channels_last(member):
             model = model.to(memory_format=torch.channels_last)
-        predict = predict_day if member.stage == "seg" else predict_day_cls
         row = {}
         for label, tta in (("no_tta", NO_TTA), ("tta", cfg.tta)):
 
-            def run(tta=tta, model=model, member=member, predict=predict) -> None:
-                predict(
+            def run(tta: TTACfg = tta, model: torch.nn.Module = model, member: MemberConfig = member) -> None:
+                predict_volume(
                     model,
                     member,
                     image,
@@ -91,7 +80,7 @@ def model_rates(cfg: Any, device: torch.device, n_slices: int, repeats: int) -> 
                     amp=amp,
                 )
 
-            row[label] = n_slices / median_seconds(run, repeats)
+            row[label] = n_slices / median_seconds(run, repeats, _sync)
         rates[f"{member.stage}:{member.name}"] = row
         print(
             f"  {member.stage + ':' + member.name:36s} {row['no_tta']:10.1f} {row['tta']:10.1f}", flush=True
@@ -101,9 +90,9 @@ def model_rates(cfg: Any, device: torch.device, n_slices: int, repeats: int) -> 
 
 
 def end_to_end(
-    cfg: Any, device: torch.device, n_days: int, repeats: int
-) -> dict[str, dict[str, float]] | None:
-    """Seconds per slice of each submit phase on ``n_days`` test days, without and with TTA."""
+    cfg: EnsembleConfig, device: torch.device, n_volumes: int, repeats: int
+) -> dict[str, Any] | None:
+    """Seconds per slice of each submit phase on ``n_volumes`` test volumes, without and with TTA."""
     from pipeline.infer.submit import EnsemblePredictor
 
     spec = get_dataset(cfg.dataset)
@@ -111,13 +100,13 @@ def end_to_end(
     if not decisions_path(cfg.name).is_file() or catalog.empty:
         return None
     decisions = read_decisions(cfg.name)
-    groups = [g for _, g in catalog.groupby("volume_id", sort=False)][: max(1, n_days)]
+    groups = [g for _, g in catalog.groupby("volume_id", sort=False)][: max(1, n_volumes)]
     volumes = [spec.read_volume(g, False) for g in groups]
     n = sum(len(v.ids) for v in volumes)
     # One predictor, the two variants interleaved (no TTA, TTA, no TTA, ...): a second predictor
     # loaded after the first ran 1.5-2x slower here whatever its TTA (allocator and cache state),
     # which once made TTA look 3x as costly as no TTA end to end.
-    p = EnsemblePredictor(cfg, decisions, device)
+    p = EnsemblePredictor(cfg, spec, decisions, device)
     variants = {"no_tta": NO_TTA, "tta": cfg.tta}
 
     def run() -> dict[str, float]:
@@ -146,22 +135,28 @@ def end_to_end(
             spent = run()
             if i:
                 runs[label].append(spent)
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, Any] = {}
     for label in variants:
         totals = {phase: statistics.median(r[phase] for r in runs[label]) / n for phase in PHASES}
         totals["total"] = statistics.median(sum(r.values()) for r in runs[label]) / n
         totals["model_folds"] = len(p.segmenters) + len(p.classifiers)
         out[label] = totals
+    _print_end_to_end(out, len(volumes), n)
+    out["slices"] = n
+    return out
+
+
+def _print_end_to_end(out: dict[str, dict[str, float]], n_volumes: int, n_slices: int) -> None:
+    """The phases' ms/slice of each variant (``no_tta``, ``tta``) as a table."""
     print(
-        f"\nend to end on {len(volumes)} test day(s), {n} slices, {out['tta']['model_folds']} model-folds (ms/slice):"
+        f"\nend to end on {n_volumes} test volume(s), {n_slices} slices, {out['tta']['model_folds']} "
+        "model-folds (ms/slice):"
     )
     print(f"  {'':8s}" + "".join(f"{ph:>12s}" for ph in (*PHASES, "total")) + f"{'slices/s':>12s}")
     for label, row in out.items():
         cells = "".join(f"{row[ph] * 1000:12.1f}" for ph in (*PHASES, "total"))
         print(f"  {label:8s}{cells}{1.0 / row['total']:12.1f}")
     print(f"  TTA / no TTA end to end: {out['tta']['total'] / out['no_tta']['total']:.2f}x")
-    out["slices"] = n
-    return out
 
 
 def projection(rates: dict[str, dict[str, float]], e2e: dict | None, hidden: int) -> dict[str, float]:
@@ -194,8 +189,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--full", action="store_true", help="time configs/full_ensemble.yaml's members (untrained)"
     )
-    parser.add_argument("--slices", type=int, default=32, help="slices of the synthetic day per model timing")
-    parser.add_argument("--days", type=int, default=2, help="test day-volumes of the end-to-end timing")
+    parser.add_argument(
+        "--slices", type=int, default=32, help="slices of the synthetic volume per model timing"
+    )
+    parser.add_argument("--volumes", type=int, default=2, help="test volumes of the end-to-end timing")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hidden-slices", type=int, default=25_000)
     parser.add_argument("--device", default="auto")
@@ -209,10 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
         else f"cpu, {torch.get_num_threads()} threads"
     )
     print(f"{cfg.name} on {name}; median of {args.repeats} after a warm-up")
-    print(f"per model-fold, one day of {args.slices} slices at 266x266 (slices/s):")
+    print(f"per model-fold, one volume of {args.slices} slices at 266x266 (slices/s):")
     print(f"  {'model':36s} {'no TTA':>10s} {'TTA':>10s}   (TTA: {cfg.tta})")
     rates = model_rates(cfg, device, args.slices, args.repeats)
-    e2e = None if args.full else end_to_end(cfg, device, args.days, args.repeats)
+    e2e = None if args.full else end_to_end(cfg, device, args.volumes, args.repeats)
     if e2e is None:
         print(f"\n(end to end skipped: {'--full' if args.full else f'no tuned {cfg.name} or no test split'})")
     hours = projection(rates, e2e, args.hidden_slices)

@@ -14,21 +14,32 @@ import argparse
 import math
 import statistics
 import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
 from scipy.spatial.distance import directed_hausdorff
 
 from pipeline.datasets.uwmgi_files import CLASSES
+from pipeline.datasets.uwmgi_metric import hausdorff_volume, hausdorff_volume_edt, score_volumes
+from pipeline.datasets.uwmgi_metric_hausdorff import hausdorff_runs
+from pipeline.datasets.uwmgi_metric_runs import line_runs
 from pipeline.datasets.uwmgi_submission import score_submission
-from pipeline.metric import hausdorff_volume, hausdorff_volume_edt, score_volumes
-from pipeline.metric_kernels import hausdorff_runs, line_runs
 from pipeline.rle import rle_encode_batch
 from pipeline.rle_format import as_uint8
 from pipeline.runtime import configure_runtime
 
+T = TypeVar("T")
 
-def _ellipsoid(mask: np.ndarray, rng: np.random.Generator, center, radii, level: float = 1.0) -> None:
+
+def _ellipsoid(
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    center: Sequence[float],
+    radii: Sequence[float],
+    level: float = 1.0,
+) -> None:
     """OR a wobbly ellipsoid into ``mask`` (S, H, W), computed on its bounding box only."""
     lo = [max(0, int(c - r * 1.3) - 1) for c, r in zip(center, radii)]
     hi = [min(n, int(c + r * 1.3) + 2) for c, r, n in zip(center, radii, mask.shape)]
@@ -47,7 +58,7 @@ def _ellipsoid(mask: np.ndarray, rng: np.random.Generator, center, radii, level:
 
 def synthetic_pair(
     rng: np.random.Generator, shape: tuple[int, int, int], scale: float = 1.0, close: bool = False
-):
+) -> tuple[np.ndarray, np.ndarray]:
     """(pred, truth) bool (S, 3, H, W): organ-like blobs and a plausible out-of-fold prediction.
 
     The prediction moves each organ by a voxel or two and grows or shrinks it, sometimes misses
@@ -102,7 +113,7 @@ def brute_hausdorff(pred: np.ndarray, truth: np.ndarray) -> float | None:
     return max(directed_hausdorff(p, t)[0], directed_hausdorff(t, p)[0]) / np.sqrt(3.0)
 
 
-def _timed(fn, *args, repeats: int = 1):
+def _timed(fn: Callable[..., T], *args: Any, repeats: int = 1) -> tuple[T, float]:
     """(result, the fastest of ``repeats`` calls in seconds)."""
     best = math.inf
     for _ in range(repeats):
@@ -137,7 +148,7 @@ def bench_brute(
     sizes = []
     for _ in range(n_volumes):
         pred, truth = synthetic_pair(rng, shape, close=close)
-        p, t = pred.any(axis=1), truth.any(axis=1)
+        p, t = np.asarray(pred.any(axis=1)), np.asarray(truth.any(axis=1))
         sizes.append(int(p.sum() + t.sum()) // 2)
         fast, dt = _timed(hausdorff_volume, p, t, repeats=repeats)
         times["fast"].append(dt)
@@ -147,7 +158,13 @@ def bench_brute(
         times["edt"].append(dt)
         brute, dt = _timed(brute_hausdorff, p, t, repeats=repeats)
         times["brute"].append(dt)
-        if abs(fast - brute) > 1e-9 or abs(edt - brute) > 1e-9:
+        if (
+            fast is None
+            or edt is None
+            or brute is None
+            or abs(fast - brute) > 1e-9
+            or abs(edt - brute) > 1e-9
+        ):
             raise AssertionError(f"mismatch: fast {fast!r}, edt {edt!r}, brute {brute!r}")
     med = {k: statistics.median(v) for k, v in times.items()}
     kind = "close predictions (brute force's worst case)" if close else "out-of-fold-like predictions"

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
-import time
-from collections.abc import Callable
 
 import numba
 import numpy as np
 
+from pipeline.bench.timing import median_seconds
 from pipeline.rle import encode_masks, rle_encode, rle_encode_batch, rle_encode_numpy
 from pipeline.runtime import configure_runtime
 
@@ -44,16 +42,6 @@ def organ_masks(n: int, shape: tuple[int, int], rng: np.random.Generator, empty:
             wobble = 1 + 0.2 * np.sin(rng.integers(2, 6) * np.arctan2(v, u) + rng.uniform(0, 2 * np.pi))
             masks[i, cy - r : cy + r + 1, cx - r : cx + r + 1] |= u * u + v * v < wobble**2
     return masks
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: JIT compilation, caches, CUDA context
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def cuda_tensor(masks: np.ndarray) -> object | None:

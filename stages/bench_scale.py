@@ -42,7 +42,7 @@ def stage_main(argv: list[str]) -> int:
 
     if args.name in PLANTED:
         from pipeline.bench import planted
-        from pipeline.datasets import load_config
+        from pipeline.datasets import get_dataset, load_config
 
         extra = argparse.ArgumentParser(prog=f"stages.bench_scale stage {args.name}")
         extra.add_argument("--config", default="configs/scale_ensemble.yaml")
@@ -51,7 +51,8 @@ def stage_main(argv: list[str]) -> int:
         configure_runtime()
         cfg = load_config(opts.config, stage="ensemble")
         start = time.perf_counter()
-        report = planted.run_planted(args.name, data_dir(None, cfg.dataset), cfg, opts.out)
+        spec = get_dataset(cfg.dataset)
+        report = planted.run_planted(args.name, spec, data_dir(None, cfg.dataset), cfg, opts.out)
         status = 0
     else:
         module = importlib.import_module(f"stages.{args.name}")

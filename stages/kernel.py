@@ -1,6 +1,6 @@
 """`make kernel` / `make kernel-push`: the offline Kaggle kernel running `make submit`.
 
-python -m stages.kernel build --config configs/demo_ensemble.yaml [--user NAME] [--out build/kaggle]
+python -m stages.kernel build --config configs/demo_ensemble.yaml [--set key=value ...] [--user NAME] [--out build/kaggle]
 python -m stages.kernel push [--user NAME] [--out build/kaggle]
 """
 
@@ -10,7 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline.datasets import load_config
+from pipeline.datasets import get_dataset, load_config
 from pipeline.kaggle.bundle import DEFAULT_OUT, DEFAULT_PREFIX, BundleError, build_bundle, resolve_user
 from pipeline.kaggle.push import PushError, push_bundle
 from pipeline.kaggle.wheels import DEFAULT_CACHE, WheelError
@@ -27,12 +27,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="assemble the datasets and the kernel under --out")
     build.add_argument("--config", default="configs/demo_ensemble.yaml", help="ensemble config")
+    build.add_argument(
+        "--set", nargs="*", default=[], help="overrides key=value, as `make submit` takes them"
+    )
     build.add_argument("--prefix", default=DEFAULT_PREFIX, help="slug prefix of the datasets and kernel")
     build.add_argument("--wheels-from", type=Path, help="take the wheels from this folder, download nothing")
     build.add_argument(
         "--wheels-cache", type=Path, default=DEFAULT_CACHE, help="where downloaded wheels stay"
     )
-    build.add_argument("--debug-train-days", type=int, default=0, help="kernel predicts N train days")
+    build.add_argument(
+        "--debug-train-volumes",
+        type=int,
+        default=0,
+        help="the kernel predicts N train volumes instead of test",
+    )
     push = sub.add_parser("push", help="upload the built datasets and kernel with the kaggle CLI")
     push.add_argument("--message", help="dataset version notes (default: the build id)")
     push.add_argument("--no-wait", action="store_true", help="push the kernel without waiting for datasets")
@@ -55,15 +63,16 @@ def main(argv: list[str] | None = None) -> Path:
             )
             log.info("pushed %d datasets and the kernel from %s", len(commands) - 1, args.out)
             return args.out
-        cfg = load_config(args.config, stage="ensemble")
+        cfg = load_config(args.config, args.set, stage="ensemble")
         bundle = build_bundle(
             cfg,
+            get_dataset(cfg.dataset),
             args.out,
             user=user,
             prefix=args.prefix,
             wheels_from=args.wheels_from,
             wheels_cache=args.wheels_cache,
-            debug_train_days=args.debug_train_days,
+            debug_train_volumes=args.debug_train_volumes,
         )
     except (BundleError, PushError, WheelError) as exc:
         raise SystemExit(f"stages.kernel {args.command}: {exc}") from None

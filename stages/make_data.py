@@ -11,10 +11,10 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.data.synthetic_io import SyntheticDataError
 from pipeline.datasets import get_dataset
 from pipeline.kaggle.download import holds_dataset
 from pipeline.paths import data_dir
+from pipeline.phantoms.common import SyntheticDataError
 from pipeline.runtime import configure_runtime
 from stages._cli import run_cli
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline.datasets import load_config
+from pipeline.datasets import get_dataset, load_config
 from pipeline.infer.submit import run_submit
 from pipeline.paths import data_dir
 from pipeline.runtime import configure_runtime
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--set", nargs="*", default=[], help="overrides key=value, e.g. tta.vflip=true")
     parser.add_argument("--data-dir", default=None, help="dataset root (default: config data_dir, $DATA_DIR)")
     parser.add_argument(
-        "--debug-train-days",
+        "--debug-train-volumes",
         type=int,
         default=0,
         help="run over the first N train volumes instead of test",
@@ -37,9 +37,10 @@ def main(argv: list[str] | None = None) -> Path:
     root = data_dir(args.data_dir or cfg.data_dir, cfg.dataset)
     out = run_submit(
         cfg,
+        get_dataset(cfg.dataset),
         root,
         Path(args.out),
-        debug_train_days=args.debug_train_days,
+        debug_train_volumes=args.debug_train_volumes,
         device=args.device,
         force=args.force,
     )

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from pipeline.config import dump_config
-from pipeline.datasets import load_config
+from pipeline.datasets import get_dataset, load_config
 from pipeline.infer.tune import run_tune
 from pipeline.io import write_text
 from pipeline.paths import data_dir, run_dir
@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set, stage="ensemble")
     configure_runtime()
-    out = run_tune(cfg, data_dir(args.data_dir or cfg.data_dir, cfg.dataset), workers=args.workers)
+    root = data_dir(args.data_dir or cfg.data_dir, cfg.dataset)
+    out = run_tune(cfg, get_dataset(cfg.dataset), root, workers=args.workers)
     write_text(run_dir("ensemble", cfg.name) / "config.yaml", record_machine(dump_config(cfg)))
     log.info("wrote %s (and config.yaml with this machine's fingerprint)", out)
     return out

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import toy_dataset  # noqa: F401 - registers the toy dataset: every test over the registry runs it too
 
 from pipeline.runtime import OFFLINE_ENV
 

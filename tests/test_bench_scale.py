@@ -13,8 +13,8 @@ import pytest
 from pipeline.bench.growth import checks, extrapolate, growth_exponent, growth_table
 from pipeline.bench.planted import STYLES, plant_gate, plant_probs, volume_rng
 from pipeline.bench.scale import STAGES, BenchSettings, format_result, run_bench, run_child, write_result
-from pipeline.datasets import uwmgi_phantom
-from pipeline.datasets.uwmgi_phantom import Preset, generate_dataset, subset_cases, subset_dataset
+from pipeline.phantoms import uwmgi as uwmgi_phantom
+from pipeline.phantoms.uwmgi import Preset, generate_dataset, subset_cases, subset_dataset
 
 TINY = Preset("bench_tiny", 4, 2, (1,), (1,), (10, 8))
 FAST_TUNE = (

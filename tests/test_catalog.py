@@ -127,8 +127,8 @@ def test_volume_cache_round_trip_and_invalidation(tmp_path: Path) -> None:
     catalog = load_split(root, "train")
     store = VolumeStore(root, catalog, "train", SPEC, cache_root=tmp_path / "cache")
     store.build(progress=False)
-    assert all(store.is_cached(d) for d in store.days)
-    for volume_id in store.days:
+    assert all(store.is_cached(d) for d in store.volume_ids)
+    for volume_id in store.volume_ids:
         cached = store[volume_id]
         direct = SPEC.read_volume(catalog[catalog["volume_id"] == volume_id])
         assert isinstance(cached.image, np.memmap)

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, SegConfig, dump_config, load_config, to_dict
+from pipeline.config import (
+    RENAMED_KEYS,
+    ConfigError,
+    DetConfig,
+    EnsembleConfig,
+    SegConfig,
+    dump_config,
+    load_config,
+    to_dict,
+)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -24,6 +33,31 @@ def test_delta_over_defaults_and_name_from_file(tmp_path: Path) -> None:
     assert cfg.train.epochs == 3
     assert cfg.train.batch_size == SegConfig().train.batch_size
     assert cfg.data.img_size == (384, 384)
+
+
+@pytest.mark.parametrize(
+    ("text", "old", "new"),
+    [
+        ("stage: seg\ndata: {max_days: 2}\n", "data.max_days", "data.max_volumes"),
+        ("stage: cls\ndata: {max_days: 2}\n", "data.max_days", "data.max_volumes"),
+        ("stage: det\ndet: {slices_per_day: 4}\n", "det.slices_per_day", "det.slices_per_volume"),
+        ("stage: ensemble\ndebug_train_days: 1\n", "debug_train_days", "debug_train_volumes"),
+    ],
+)
+def test_a_renamed_key_fails_naming_its_new_name(tmp_path: Path, text: str, old: str, new: str) -> None:
+    path = write(tmp_path / "old.yaml", text)
+    with pytest.raises(ConfigError, match=rf"'{re.escape(old)}' was renamed to '{re.escape(new)}'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=rf"'{re.escape(old)}' was renamed to '{re.escape(new)}'"):
+        load_config(write(tmp_path / "new.yaml", text.split("\n")[0] + "\n"), [f"{old}=1"])  # --set too
+
+
+def test_every_renamed_key_names_a_key_of_the_schema() -> None:
+    schemas = {"data": SegConfig().data, "det": DetConfig().det, "": EnsembleConfig()}
+    for old, new in RENAMED_KEYS.items():
+        section, _, key = new.rpartition(".")
+        assert key in to_dict(schemas[section]), new
+        assert old.rpartition(".")[2] not in to_dict(schemas[section]), old
 
 
 def test_unknown_key_is_named_with_suggestion(tmp_path: Path) -> None:

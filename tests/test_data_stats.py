@@ -11,20 +11,12 @@ import pytest
 import tifffile
 
 from pipeline.data.images import read_tiff
-from pipeline.data.phantom_lgg import generate_lgg
-from pipeline.data.phantom_nerve import generate_nerve
-from pipeline.data.stats import (
-    DataStats,
-    dataset_stats,
-    format_table,
-    head_mask,
-    mask_geometry,
-    pct,
-    ring_contrast,
-    solidity,
-)
-from pipeline.datasets import get_dataset
+from pipeline.data.stats import DataStats, dataset_stats, format_table, mask_geometry, pct, ring_contrast
+from pipeline.datasets import dataset_names, get_dataset
+from pipeline.datasets.lgg_figures import head_mask, solidity
 from pipeline.errors import DataError
+from pipeline.phantoms.lgg import generate_lgg
+from pipeline.phantoms.nerve import generate_nerve
 from pipeline.rle import rle_decode, rle_encode
 from stages import data_stats
 from stages._cli import run_cli
@@ -168,6 +160,15 @@ def test_uwmgi_figures_from_train_csv_alone(tmp_path: Path) -> None:
     stats = dataset_stats(get_dataset("uwmgi"), tmp_path)
     assert stats.value("slices") == (2,) and stats.value("slices with any label") == (0.5,)
     assert stats.value("stomach: mask area")[1] == 6 and stats.value("small_bowel: share")[0] == 0
+
+
+@pytest.mark.parametrize("name", dataset_names())
+def test_every_dataset_describes_its_phantom(name: str, tmp_path: Path) -> None:
+    """Each registered dataset gives figures for its phantom (its own, or the contract's default counts)."""
+    get_dataset(name).phantom().generate(tmp_path / name, "tiny", seed=0)
+    stats = dataset_stats(get_dataset(name), tmp_path / name)
+    assert stats.rows and all(row.values for row in stats.rows)
+    assert format_table([stats]).count("\n") == len(stats.rows) + 1  # header, rule, one line a row
 
 
 # --------------------------------------------------------------------------- the stage

@@ -1,9 +1,11 @@
-"""The dataset plug-ins: registry, readers on each phantom and on real fixtures, metrics against
-brute-force twins, numeric slice order, submission writers and their refusals, per-dataset defaults."""
+"""The dataset plug-ins: the contract on every registered dataset (the toy one of the tests too), readers
+on each phantom and on real fixtures, metrics against brute-force twins, numeric slice order, submission
+writers and their refusals, per-dataset defaults."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -14,39 +16,79 @@ import tifffile
 
 from pipeline.config import ConfigError
 from pipeline.data.volumes import Volume, VolumeStore
-from pipeline.datasets import DATASETS, get_dataset, load_config
-from pipeline.datasets.lgg import lgg_aggregate, lgg_stats, scan_lgg
-from pipeline.datasets.nerve import check_masks_sane, nerve_aggregate, nerve_stats
+from pipeline.datasets import dataset_names, get_dataset, load_config
+from pipeline.datasets.base import DatasetSpec
+from pipeline.datasets.lgg import scan_lgg
+from pipeline.datasets.lgg_submission import lgg_aggregate, lgg_stats
+from pipeline.datasets.nerve_submission import check_masks_sane, nerve_aggregate, nerve_stats
 from pipeline.errors import DataError, SubmissionError
 from pipeline.rle import rle_decode, rle_encode_numpy
 
 
 @pytest.fixture(scope="module")
-def lgg_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("lgg") / "lgg"
-    get_dataset("lgg").phantom().generate(root, "tiny", seed=0)
+def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The tiny phantom of a dataset, written once per module."""
+    made: dict[str, Path] = {}
+
+    def root(name: str) -> Path:
+        if name not in made:
+            made[name] = tmp_path_factory.mktemp(name) / name
+            get_dataset(name).phantom().generate(made[name], "tiny", seed=0)
+        return made[name]
+
     return root
 
 
 @pytest.fixture(scope="module")
-def nerve_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("nerve") / "nerve"
-    get_dataset("nerve").phantom().generate(root, "tiny", seed=0)
-    return root
+def lgg_root(phantom_root: Callable[[str], Path]) -> Path:
+    return phantom_root("lgg")
+
+
+@pytest.fixture(scope="module")
+def nerve_root(phantom_root: Callable[[str], Path]) -> Path:
+    return phantom_root("nerve")
 
 
 # --------------------------------------------------------------------------- registry and defaults
 
 
-def test_registry_lists_every_dataset_and_rejects_unknown() -> None:
-    specs = [get_dataset(name) for name in DATASETS]
-    assert [s.name for s in specs] == ["uwmgi", "lgg", "nerve"]
-    assert [len(s.classes) for s in specs] == [3, 1, 1]
-    assert [s.channels for s in specs] == [1, 3, 1]
-    assert [s.rle_order for s in specs] == ["C", "C", "F"]
-    assert [s.volumetric for s in specs] == [True, True, False]
-    with pytest.raises(ConfigError, match=r"unknown dataset .brats.*uwmgi, lgg, nerve"):
+@pytest.mark.parametrize("name", dataset_names())
+def test_every_registered_dataset_loads_its_configs(name: str, tmp_path: Path) -> None:
+    spec = get_dataset(name)
+    assert isinstance(spec, DatasetSpec) and spec.name == name and "tiny" in spec.phantom().PRESETS
+    for stage in ("folds", "det", "cls", "seg", "ensemble"):  # its config_defaults are valid config deltas
+        path = tmp_path / f"{stage}.yaml"
+        path.write_text(f"stage: {stage}\ndataset: {name}\n")
+        assert load_config(path).dataset == name
+
+
+def test_unknown_dataset_lists_the_registered_ones() -> None:
+    with pytest.raises(ConfigError, match=rf"unknown dataset .brats.*{', '.join(dataset_names())}"):
         get_dataset("brats")
+
+
+@pytest.mark.parametrize("name", dataset_names())
+def test_reader_keeps_the_catalog_contract(name: str, phantom_root: Callable[[str], Path]) -> None:
+    """On its phantom: ids unique, a group per volume, slices 1..N, images and masks of the declared
+    shapes, presence agreeing with the masks, a test split without labels."""
+    spec, root = get_dataset(name), phantom_root(name)
+    catalog = spec.load_split(root, "train")
+    assert len(catalog) and catalog["id"].is_unique and spec.has_labels(catalog)
+    assert (catalog.groupby("volume_id")["group"].nunique() == 1).all()
+    presence = spec.presence(catalog)
+    assert list(presence.columns) == list(spec.classes)
+    for volume_id, rows in list(catalog.groupby("volume_id", sort=False))[:2]:
+        volume = spec.read_volume(rows)
+        n, (h, w) = len(rows), (int(rows["height"].iloc[0]), int(rows["width"].iloc[0]))
+        channels = (spec.channels,) if spec.channels > 1 else ()
+        assert volume.volume_id == volume_id and volume.image.shape == (n, *channels, h, w)
+        assert volume.mask.shape == (n, len(spec.classes), h, w) and volume.mask.dtype == np.uint8
+        assert set(np.unique(volume.mask)) <= {0, 1}
+        np.testing.assert_array_equal(presence.loc[volume.ids].to_numpy(), volume.mask.any(axis=(2, 3)))
+        if spec.volumetric:
+            assert sorted(rows["slice"]) == list(range(1, n + 1))
+    test = spec.prediction_catalog(root)
+    assert len(test) and not set(test["id"]) & set(catalog["id"]) and (root / spec.truth_file).is_file()
 
 
 def test_dataset_defaults_go_under_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,7 +218,7 @@ def test_nerve_reader_on_its_phantom(nerve_root: Path) -> None:
     masks_csv = pd.read_csv(nerve_root / "train_masks.csv", dtype=str, keep_default_na=False)
     assert len(catalog) == len(masks_csv)
     store = VolumeStore(nerve_root, catalog, "train", spec, cache_root=nerve_root.parent / "cache")
-    volume = store[store.days[0]]
+    volume = store[store.volume_ids[0]]
     assert volume.image.ndim == 3 and volume.mask.shape[1] == 1
     for s, slice_id in enumerate(volume.ids):  # the CSV (column-major) agrees with the mask files
         on_disk = tifffile.imread(nerve_root / "train" / f"{slice_id}_mask.tif") > 0
@@ -294,25 +336,24 @@ def test_lgg_submission_writes_masks_and_scores_truth_as_one(lgg_root: Path, tmp
         spec.score_files(tmp_path / "short.csv", lgg_root / "test_labels.csv", lgg_root)
 
 
-def test_phantoms_are_deterministic(tmp_path: Path) -> None:
-    for name in ("lgg", "nerve"):
-        phantom = get_dataset(name).phantom()
-        a, b = tmp_path / f"{name}_a", tmp_path / f"{name}_b"
-        phantom.generate(a, "tiny", seed=3)
-        phantom.generate(b, "tiny", seed=3)
-        files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.suffix != ".png")
-        assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.suffix != ".png")
-        assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files), name
-        shutil.rmtree(a)
-        shutil.rmtree(b)
+@pytest.mark.parametrize("name", dataset_names())
+def test_phantoms_are_deterministic(name: str, tmp_path: Path) -> None:
+    phantom = get_dataset(name).phantom()
+    a, b = tmp_path / f"{name}_a", tmp_path / f"{name}_b"
+    phantom.generate(a, "tiny", seed=3)
+    phantom.generate(b, "tiny", seed=3)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.suffix != ".png")
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.suffix != ".png")
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files), name
+    shutil.rmtree(a)
+    shutil.rmtree(b)
 
 
-@pytest.mark.parametrize("name", ["lgg", "nerve"])
+@pytest.mark.parametrize("name", dataset_names())
 def test_debug_catalog_is_train_volumes_and_writers_use_its_ids(
-    name: str, lgg_root: Path, nerve_root: Path, tmp_path: Path
+    name: str, phantom_root: Callable[[str], Path], tmp_path: Path
 ) -> None:
-    spec = get_dataset(name)
-    root = lgg_root if name == "lgg" else nerve_root
+    spec, root = get_dataset(name), phantom_root(name)
     catalog = spec.prediction_catalog(root, debug_volumes=1)
     assert catalog["debug"].all() and catalog["volume_id"].nunique() == 1
     assert set(catalog["id"]) <= set(spec.scan(root, "train")["id"])
@@ -320,10 +361,11 @@ def test_debug_catalog_is_train_volumes_and_writers_use_its_ids(
         root, tmp_path / "debug.csv", catalog, lambda m, o: [""] * len(m), force=True
     )
     h, w = int(catalog["height"].iloc[0]), int(catalog["width"].iloc[0])
-    image = np.zeros((len(catalog), *((3,) if name == "lgg" else ()), h, w))
+    image = np.zeros((len(catalog), *((spec.channels,) if spec.channels > 1 else ()), h, w))
     writer.add(
         Volume(catalog["volume_id"].iloc[0], list(catalog["id"]), image, None, (1, 1)),
-        np.zeros((len(catalog), 1, h, w), bool),
+        np.zeros((len(catalog), len(spec.classes), h, w), bool),
     )
     written = pd.read_csv(writer.finish(), dtype=str, keep_default_na=False)
-    assert written.iloc[:, 0].tolist() == list(catalog["id"])  # the train ids, not sample_submission's
+    first = list(dict.fromkeys(written.iloc[:, 0]))
+    assert first == list(catalog["id"])  # the train ids, not sample_submission's

@@ -28,16 +28,15 @@ from pipeline.datasets.uwmgi_files import CLASSES, make_id, slice_filename
 from pipeline.errors import DataError
 from pipeline.models.box_quality import mask_inside
 from pipeline.models.detector import (
-    BodyDetector,
     arch_yaml,
     boxes_path,
     build_yolo,
     check_train_args,
-    choose_day_box,
     load_boxes,
     model_source,
     write_boxes,
 )
+from pipeline.models.detector_boxes import BodyDetector, choose_volume_box
 from pipeline.models.yolo_data import split_cases, yolo_label
 from pipeline.rle import rle_encode_numpy
 
@@ -170,15 +169,15 @@ def test_fallback_chain_detector_threshold_full() -> None:
     rng = np.random.default_rng(3)
     volume = np.stack([body_slice((64, 80), (30, 44), (14, 20), rng) for _ in range(8)])
     found = FixedDetections(params)
-    box, source = found.day_box(volume)
+    box, source = found.volume_box(volume)
     assert source == "detector" and found.calls == [4]  # slices 0, 3, 6 and the last one, 7
     assert box == pad_box(Box(11, 12, 30, 43), 0.1, (64, 80))
     none = NoDetections(params)
-    box, source = none.day_box(volume)
+    box, source = none.volume_box(volume)
     assert source == "threshold" and box == day_threshold_box(volume, 0.1)
-    box, source = none.day_box(np.zeros((5, 64, 80), np.uint16))
+    box, source = none.volume_box(np.zeros((5, 64, 80), np.uint16))
     assert (box, source) == (full_box((64, 80)), "full")
-    assert choose_day_box(volume, [], params)[1] == "threshold"
+    assert choose_volume_box(volume, [], params)[1] == "threshold"
 
 
 # --------------------------------------------------------------------------- boxes file
@@ -243,7 +242,7 @@ def test_train_det_end_to_end_offline(isolated_dirs: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    sets = [f"data.data_dir={data}", "det.epochs=1", "det.imgsz=64", "det.batch=4", "det.slices_per_day=4"]
+    sets = [f"data.data_dir={data}", "det.epochs=1", "det.imgsz=64", "det.batch=4", "det.slices_per_volume=4"]
     out = train_det.main(["--config", "demo_det", "--set", *sets])
     assert attempts == []
 
@@ -256,7 +255,7 @@ def test_train_det_end_to_end_offline(isolated_dirs: Path, monkeypatch: pytest.M
     cfg = load_config(out / "config.yaml", stage="det")
     assert cfg.det.imgsz == 64 and cfg.name == "demo_det"
     metrics = pd.read_csv(out / "metrics.csv").iloc[0]
-    assert metrics["mask_inside_fraction"] == 1.0 and metrics["days"] == 4
+    assert metrics["mask_inside_fraction"] == 1.0 and metrics["volumes"] == 4
     assert metrics["train_images"] + metrics["val_images"] == 16
     assert len(list((out / "yolo" / "labels" / "val").glob("*.txt"))) == 4  # one val case of four
     assert (out / "boxes.png").stat().st_size > 0 and not list((out / "train").rglob("*.pt"))
@@ -265,7 +264,7 @@ def test_train_det_end_to_end_offline(isolated_dirs: Path, monkeypatch: pytest.M
     volume = np.stack(
         [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in sorted((data / "train" / "case1").rglob("*.png"))]
     )
-    box, source = detector.day_box(volume)
+    box, source = detector.volume_box(volume)
     row = boxes.set_index("volume_id").loc["case1_day0"]
     assert (box, source) == (Box(*row[["y0", "x0", "y1", "x1"]].astype(int)), row["source"])  # same weights
     assert load_boxes("demo_det")["case1_day0"] == box

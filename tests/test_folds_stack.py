@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from layout import write_dataset
 
-from pipeline.data.folds import fold_days, fold_numbers, make_folds, read_folds
+from pipeline.data.folds import fold_numbers, fold_volumes, make_folds, read_folds
 from pipeline.data.stack import neighbour_indices
 from pipeline.datasets import get_dataset
 from pipeline.datasets.uwmgi_files import load_split
@@ -42,9 +42,9 @@ def test_folds_case_disjoint_and_seeded(dataset: Path) -> None:
     pd.testing.assert_frame_equal(folds, again)
     other = make_folds(catalog, has_label, n_folds=5, seed=4, exclude_volumes=("case7_day0",))
     assert not other["fold"].equals(folds["fold"])
-    train, val = fold_days(folds, 2)
+    train, val = fold_volumes(folds, 2)
     assert not set(train) & set(val) and "case7_day0" not in train + val
-    assert set(fold_days(folds, "all")[0]) == set(used["volume_id"])
+    assert set(fold_volumes(folds, "all")[0]) == set(used["volume_id"])
 
 
 def test_too_few_cases(dataset: Path) -> None:

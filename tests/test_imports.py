@@ -26,13 +26,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "pipeline.errors",
         "pipeline.device",
     ),
-    ("pipeline.rle*", "pipeline.metric_kernels", "pipeline.metric"),
+    ("pipeline.rle*",),
     ("pipeline.data",),
-    ("pipeline.datasets",),
+    ("pipeline.datasets", "pipeline.phantoms"),
     ("pipeline.models",),
     ("pipeline.train",),
     ("pipeline.infer",),
-    ("pipeline.kaggle",),
+    ("pipeline.kaggle", "pipeline.report"),
     ("pipeline.bench",),
 )
 

@@ -39,7 +39,7 @@ COMPETITION = "uw-madison-gi-tract-image-segmentation"  # the real data of the d
 
 def test_uwmgi_kaggle_source_is_the_competition() -> None:
     assert get_dataset("uwmgi").kaggle_source == ("competition", COMPETITION)
-    assert data_input("uwmgi") == COMPETITION  # mounted as /kaggle/input/<slug>
+    assert data_input(get_dataset("uwmgi")) == COMPETITION  # mounted as /kaggle/input/<slug>
 
 
 # --------------------------------------------------------------------------- toy runs
@@ -133,7 +133,7 @@ def files_under(folder: Path) -> set[str]:
 
 def test_bundle_layout_and_metadata(toy, tmp_path: Path) -> None:
     cfg, wheels = toy
-    bundle = build_bundle(cfg, tmp_path / "kaggle", user="alice", wheels=wheels)
+    bundle = build_bundle(cfg, get_dataset(cfg.dataset), tmp_path / "kaggle", user="alice", wheels=wheels)
     out = bundle.root
     assert sorted(p.name for p in out.iterdir()) == ["code", "kernel", "weights", "wheels"]
 
@@ -177,7 +177,7 @@ def test_bundle_layout_and_metadata(toy, tmp_path: Path) -> None:
         assert meta["licenses"] == [{"name": "CC0-1.0"}]
     kmeta = json.loads((out / "kernel" / "kernel-metadata.json").read_text())
     assert kmeta["id"] == "alice/gi-tract-submit" and kmeta["title"] == "gi-tract-submit"
-    assert kmeta["code_file"] == "gi_tract_submit.py" and (out / "kernel" / kmeta["code_file"]).is_file()
+    assert kmeta["code_file"] == "kaggle_submit.py" and (out / "kernel" / kmeta["code_file"]).is_file()
     assert (kmeta["language"], kmeta["kernel_type"]) == ("python", "script")
     assert kmeta["is_private"] is True and kmeta["enable_gpu"] is True and kmeta["enable_internet"] is False
     assert kmeta["competition_sources"] == [COMPETITION]
@@ -188,7 +188,7 @@ def test_bundle_layout_and_metadata(toy, tmp_path: Path) -> None:
     ]
 
     # the entry script knows the same slugs, ensemble, pins and build id as the datasets
-    settings = script_settings(out / "kernel" / "gi_tract_submit.py")
+    settings = script_settings(out / "kernel" / "kaggle_submit.py")
     assert settings["datasets"] == {
         "code": "gi-tract-code",
         "weights": "gi-tract-weights",
@@ -210,14 +210,17 @@ def script_settings(path: Path) -> dict:
 
 def test_build_id_follows_content_and_rebuild_replaces(toy, tmp_path: Path) -> None:
     cfg, wheels = toy
-    first = build_bundle(cfg, tmp_path / "k", user="alice", wheels=wheels)
+    first = build_bundle(cfg, get_dataset(cfg.dataset), tmp_path / "k", user="alice", wheels=wheels)
     (first.root / "weights" / "stale.txt").write_text("left over")
-    again = build_bundle(cfg, tmp_path / "k", user="alice", wheels=wheels)
+    again = build_bundle(cfg, get_dataset(cfg.dataset), tmp_path / "k", user="alice", wheels=wheels)
     assert again.build_id == first.build_id
     assert not (again.root / "weights" / "stale.txt").exists()
     best = Path(os.environ["RUNS_DIR"]) / "seg" / "toy_seg" / "fold_0" / "best.pt"
     best.write_text("retrained")
-    assert build_bundle(cfg, tmp_path / "k", user="alice", wheels=wheels).build_id != first.build_id
+    assert (
+        build_bundle(cfg, get_dataset(cfg.dataset), tmp_path / "k", user="alice", wheels=wheels).build_id
+        != first.build_id
+    )
 
 
 def test_missing_run_names_the_file_and_target(toy, tmp_path: Path) -> None:
@@ -227,7 +230,7 @@ def test_missing_run_names_the_file_and_target(toy, tmp_path: Path) -> None:
     with pytest.raises(
         BundleError, match=r"postprocess\.json not found: run `make tune ENSEMBLE=configs/toy_ens.yaml`"
     ):
-        build_bundle(cfg, tmp_path / "k", user="alice", wheels=wheels)
+        build_bundle(cfg, get_dataset(cfg.dataset), tmp_path / "k", user="alice", wheels=wheels)
     assert not (tmp_path / "k").exists()
     tuned.with_suffix(".bak").rename(tuned)
     (Path(os.environ["RUNS_DIR"]) / "seg" / "toy_seg" / "fold_1" / "best.pt").unlink()
@@ -235,20 +238,20 @@ def test_missing_run_names_the_file_and_target(toy, tmp_path: Path) -> None:
         BundleError,
         match=r"fold_1/best\.pt not found: run `make train-seg CONFIG=configs/toy_seg.yaml FOLDS=1`",
     ):
-        build_bundle(cfg, tmp_path / "k", user="alice", wheels=wheels)
+        build_bundle(cfg, get_dataset(cfg.dataset), tmp_path / "k", user="alice", wheels=wheels)
 
 
 def test_ungated_classifier_is_not_shipped(toy, tmp_path: Path) -> None:
     cfg, wheels = toy
     tuned = Path(os.environ["RUNS_DIR"]) / "ensemble" / "toy_ens" / "postprocess.json"
     tuned.write_text(json.dumps(toy_decisions(gate=0.0)))
-    out = build_bundle(cfg, tmp_path / "k", user="alice", wheels=wheels).root
+    out = build_bundle(cfg, get_dataset(cfg.dataset), tmp_path / "k", user="alice", wheels=wheels).root
     assert not (out / "weights" / "runs" / "cls").exists()
     assert (out / "weights" / "runs" / "seg" / "toy_seg" / "fold_1" / "best.pt").is_file()
 
 
 def test_render_entry_replaces_only_the_settings_block() -> None:
-    template = ROOT / "kernels" / "gi_tract_submit.py"
+    template = ROOT / "kernels" / "kaggle_submit.py"
     settings = {
         "dataset": "uwmgi",
         "data_input": COMPETITION,
@@ -292,7 +295,7 @@ def test_user_name_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def test_build_without_user_uses_placeholder(toy, tmp_path: Path, monkeypatch, caplog) -> None:
     cfg, wheels = toy
-    bundle = build_bundle(cfg, tmp_path / "k", user=None, wheels=wheels)
+    bundle = build_bundle(cfg, get_dataset(cfg.dataset), tmp_path / "k", user=None, wheels=wheels)
     meta = json.loads((bundle.root / "kernel" / "kernel-metadata.json").read_text())
     assert meta["id"] == f"{PLACEHOLDER_USER}/gi-tract-submit"
     assert "placeholder" in caplog.text
@@ -304,7 +307,7 @@ def test_build_without_user_uses_placeholder(toy, tmp_path: Path, monkeypatch, c
 @pytest.fixture
 def built(toy, tmp_path: Path) -> Path:
     cfg, wheels = toy
-    return build_bundle(cfg, tmp_path / "kaggle", user="alice", wheels=wheels).root
+    return build_bundle(cfg, get_dataset(cfg.dataset), tmp_path / "kaggle", user="alice", wheels=wheels).root
 
 
 @pytest.fixture
@@ -395,11 +398,11 @@ def test_push_refuses_placeholder_and_other_owner(toy, bare_home: Path, tmp_path
     fake_cli(tmp_path / "bin", existing=())
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     monkeypatch.setenv("KAGGLE_API_TOKEN", "t")
-    out = build_bundle(cfg, tmp_path / "k", user=None, wheels=wheels).root
+    out = build_bundle(cfg, get_dataset(cfg.dataset), tmp_path / "k", user=None, wheels=wheels).root
     message = push_failure(["push", "--out", str(out)])
     assert "built without a Kaggle user name" in message and "KAGGLE_USER=" in message
     assert "not installed" not in message and "credentials" not in message
-    out = build_bundle(cfg, tmp_path / "k", user="alice", wheels=wheels).root
+    out = build_bundle(cfg, get_dataset(cfg.dataset), tmp_path / "k", user="alice", wheels=wheels).root
     assert "built for 'alice', not 'bob'" in push_failure(["push", "--out", str(out), "--user", "bob"])
     assert not (tmp_path / "bin" / "calls.jsonl").exists()  # nothing was uploaded
 
@@ -510,7 +513,7 @@ def write_tiny_configs(folder: Path) -> Path:
     )
     data = "data: {img_size: [64, 64], det_config: k_det}\n"
     (folder / "k_det.yaml").write_text(
-        "stage: det\ndet: {imgsz: 64, epochs: 1, batch: 8, slices_per_day: 4, device: cpu, train_args: {nbs: 8}}\n"
+        "stage: det\ndet: {imgsz: 64, epochs: 1, batch: 8, slices_per_volume: 4, device: cpu, train_args: {nbs: 8}}\n"
     )
     (folder / "k_seg.yaml").write_text(
         "stage: seg\n" + data + train + "model: {arch: Unet, encoder: tu-mobilenetv3_small_050, "
@@ -571,7 +574,7 @@ def test_built_kernel_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ["build", "--config", str(ensemble), "--user", "tester", "--out", str(tmp_path / "b")]
     )
     kaggle = tmp_path / "kaggle"
-    settings = script_settings(bundle / "kernel" / "gi_tract_submit.py")
+    settings = script_settings(bundle / "kernel" / "kaggle_submit.py")
     for part, slug in settings["datasets"].items():
         shutil.copytree(bundle / part, kaggle / "input" / slug)
     mounted = kaggle / "input" / settings["data_input"]
@@ -586,7 +589,7 @@ def test_built_kernel_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert lacking.returncode != 0, "the stand-in image must lack what the wheels bring"
 
     net_log = tmp_path / "network.log"
-    result = run_offline(python, bundle / "kernel" / "gi_tract_submit.py", kaggle, net_log)
+    result = run_offline(python, bundle / "kernel" / "kaggle_submit.py", kaggle, net_log)
     assert result.returncode == 0, f"kernel failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     assert not net_log.exists(), f"the kernel used the network:\n{net_log.read_text()}"
     assert "1 classifier folds" in result.stderr and "detectors ['k_det']" in result.stderr
@@ -655,7 +658,11 @@ def test_bundle_of_pretrained_members_runs_without_the_weights_cache(
     reference = submit.main(["--config", str(ensemble), "--out", str(tmp_path / "reference.csv")])
 
     out = build_bundle(
-        load_config(ensemble), tmp_path / "b", user="t", wheels=fake_wheels(tmp_path / "wh")
+        load_config(ensemble),
+        get_dataset("uwmgi"),
+        tmp_path / "b",
+        user="t",
+        wheels=fake_wheels(tmp_path / "wh"),
     ).root
     shipped = load_config(out / "weights" / "runs" / "seg" / "k_seg" / "fold_0" / "config.yaml", stage="seg")
     start = shipped.model

@@ -16,9 +16,7 @@ from scipy import ndimage as ndi
 from scipy.spatial.distance import directed_hausdorff
 
 from pipeline.datasets.uwmgi_files import CLASSES
-from pipeline.datasets.uwmgi_submission import score_submission, slice_shapes, validate_submission
-from pipeline.errors import DataError, SubmissionError
-from pipeline.metric import (
+from pipeline.datasets.uwmgi_metric import (
     aggregate,
     dice_pair,
     hausdorff_volume,
@@ -26,7 +24,9 @@ from pipeline.metric import (
     score_volumes,
     volume_stats,
 )
-from pipeline.metric_kernels import class_runs, dice_runs, line_runs, union_runs
+from pipeline.datasets.uwmgi_metric_runs import class_runs, dice_runs, line_runs, union_runs
+from pipeline.datasets.uwmgi_submission import score_submission, slice_shapes, validate_submission
+from pipeline.errors import DataError, SubmissionError
 from pipeline.rle import rle_encode
 from stages import score as score_stage
 from stages._cli import run_cli

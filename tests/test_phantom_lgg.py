@@ -13,7 +13,10 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from pipeline.data.phantom_lgg import (
+from pipeline.data.stats import DataStats, dataset_stats
+from pipeline.datasets import get_dataset
+from pipeline.phantoms.common import SyntheticDataError
+from pipeline.phantoms.lgg import (
     PRESETS,
     Preset,
     format_stats,
@@ -22,9 +25,6 @@ from pipeline.data.phantom_lgg import (
     plan_patients,
     render_patient,
 )
-from pipeline.data.stats import DataStats, dataset_stats
-from pipeline.data.synthetic_io import SyntheticDataError
-from pipeline.datasets import get_dataset
 from pipeline.rle import rle_decode
 
 TINY = PRESETS["tiny"]

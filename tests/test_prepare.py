@@ -1,4 +1,4 @@
-"""Preprocessing: 2.5D stacks clamped at the ends, one path for training items and whole days,
+"""Preprocessing: 2.5D stacks clamped at the ends, one path for training items and whole volumes,
 crop + resize/pad geometry with an exact paste-back, crop boxes from the detector's CSV."""
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from pipeline.data.geometry import Box, Geometry, full_box
 from pipeline.data.prepare import (
     boxes_for,
     geometry_for,
-    prepare_day,
     prepare_masks,
     prepare_slice,
+    prepare_volume,
     volume_scale_of,
 )
 from pipeline.data.volumes import VolumeStore
 from pipeline.datasets import get_dataset
 from pipeline.datasets.uwmgi_files import load_split
-from pipeline.datasets.uwmgi_phantom import generate_dataset
 from pipeline.errors import DataError
+from pipeline.phantoms.uwmgi import generate_dataset
 
 SPEC = get_dataset("uwmgi")
 
@@ -45,7 +45,7 @@ def ramp_volume(n: int = 7, shape: tuple[int, int] = (20, 30)) -> np.ndarray:
 def test_stack_channels_are_clamped_neighbours() -> None:
     volume = ramp_volume()
     cfg = DataCfg(k=2, stride=2, img_size=(20, 30), normalize="volume", crop=False)
-    x, geometry = prepare_day(volume, full_box((20, 30)), cfg)
+    x, geometry = prepare_volume(volume, full_box((20, 30)), cfg)
     assert x.shape == (7, 5, 20, 30) and x.dtype == np.float32
     scale = np.percentile(volume.astype(np.float32), 99.5)
     for i in range(7):
@@ -57,7 +57,7 @@ def test_stack_channels_are_clamped_neighbours() -> None:
 
 def test_k0_is_a_single_channel_and_image_mode_scales_each_stack() -> None:
     volume = ramp_volume()
-    x, _ = prepare_day(volume, full_box((20, 30)), DataCfg(k=0, img_size=(16, 16), normalize="image"))
+    x, _ = prepare_volume(volume, full_box((20, 30)), DataCfg(k=0, img_size=(16, 16), normalize="image"))
     assert x.shape == (7, 1, 16, 16)
     np.testing.assert_allclose(x, 1.0, rtol=1e-6)  # each constant slice is its own 99.5th percentile
 
@@ -68,11 +68,11 @@ def test_training_item_equals_row_of_prepared_day(tiny_data: Path, normalize: st
     store = VolumeStore(
         tiny_data, load_split(tiny_data, "train"), "train", SPEC, cache_root=tiny_data.parent / "cache_prep"
     )
-    volume = store[store.days[0]]
+    volume = store[store.volume_ids[0]]
     h, w = volume.shape
     box = Box(h // 8, w // 6, h - h // 10, w - w // 5)
     cfg = DataCfg(k=1, stride=2, img_size=(48, 64), resize=resize, normalize=normalize)
-    x, geometry = prepare_day(volume.image, box, cfg)
+    x, geometry = prepare_volume(volume.image, box, cfg)
     assert x.shape == (len(volume), 3, 48, 64)
     assert geometry == geometry_for(volume.shape, box, cfg)
     vscale = volume_scale_of(volume.image, geometry) if normalize == "volume" else None
@@ -130,7 +130,7 @@ def test_paste_back_of_a_resampled_crop_is_close(tiny_data: Path) -> None:
     store = VolumeStore(
         tiny_data, load_split(tiny_data, "train"), "train", SPEC, cache_root=tiny_data.parent / "cache_prep"
     )
-    volume = store[store.days[1]]
+    volume = store[store.volume_ids[1]]
     h, w = volume.shape
     box = Box(h // 7, w // 9, h - h // 11, w - w // 8)
     for mode in ("resize", "pad"):
@@ -177,7 +177,7 @@ def test_multichannel_volume_keeps_each_slices_channels_together() -> None:
     rng = np.random.default_rng(3)
     image = rng.integers(0, 255, size=(6, 3, 32, 32)).astype(np.uint8)
     cfg = DataCfg(k=1, stride=2, img_size=(32, 32), crop=False, normalize="volume")
-    x, _ = prepare_day(image, full_box((32, 32)), cfg)
+    x, _ = prepare_volume(image, full_box((32, 32)), cfg)
     assert x.shape == (6, 9, 32, 32)
     scale = np.percentile(image.astype(np.float32), 99.5)
     for i in range(6):

@@ -232,7 +232,9 @@ def test_a_nerve_test_frame_of_another_size_is_submitted_at_its_size(isolated_di
     )
     folder = run_dir("seg", seg.name, 0)
     write_text(folder / "config.yaml", runtime.record_machine(dump_config(seg)))  # loads with its fingerprint
-    torch.save({"model": build_model(seg).state_dict(), "epoch": 1}, folder / "best.pt")
+    torch.save(
+        {"model": build_model(seg, get_dataset(seg.dataset)).state_dict(), "epoch": 1}, folder / "best.pt"
+    )
     cfg = EnsembleConfig(name="toy_nerve_ens", dataset="nerve", members=(MemberCfg(config=seg.name),))
     decisions = Decisions(
         classes={"nerve": ClassParams(0.0, 0.0, 0)},  # threshold 0: every pixel, so each RLE is "1 <H*W>"
@@ -243,7 +245,9 @@ def test_a_nerve_test_frame_of_another_size_is_submitted_at_its_size(isolated_di
         volumetric=False,
     )
     write_decisions(decisions_path(cfg.name), decisions)
-    out = run_submit(cfg, root, isolated_dirs / "submission.csv", device="cpu", force=True)
+    out = run_submit(
+        cfg, get_dataset(cfg.dataset), root, isolated_dirs / "submission.csv", device="cpu", force=True
+    )
     written = pd.read_csv(out, dtype=str, keep_default_na=False).set_index("img")["pixels"]
     assert written[odd.stem] == f"1 {64 * 116}"
     assert all(written[p.stem] == f"1 {84 * 116}" for p in frames if p != odd)

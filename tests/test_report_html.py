@@ -61,7 +61,7 @@ def _write_members(root: Path) -> None:
     store = VolumeStore(root, SPEC.load_split(root, "train"), "train", SPEC)
     rng = np.random.default_rng(0)
     cls_rows: dict[int, list[dict]] = {0: [], 1: []}
-    for volume_id in store.days:
+    for volume_id in store.volume_ids:
         volume = store[volume_id]
         fold = FOLD_OF_CASE[int(volume_id.split("_")[0][4:])]
         truth = np.asarray(volume.mask, bool)

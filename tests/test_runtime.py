@@ -76,11 +76,11 @@ def test_offline_switches_are_listed_once() -> None:
 def test_conftest_and_model_factories_apply_the_offline_switches(monkeypatch) -> None:
     import os
 
-    from pipeline.models.registry import set_offline
+    from pipeline.runtime import set_offline_env
 
     assert all(key in os.environ for key in OFFLINE_ENV)  # set by tests/conftest.py
     for key in OFFLINE_ENV:
         monkeypatch.delenv(key)
     monkeypatch.setenv("WANDB_MODE", "offline")  # a value already set is kept
-    set_offline()
+    set_offline_env()
     assert {key: os.environ[key] for key in OFFLINE_ENV} == {**OFFLINE_ENV, "WANDB_MODE": "offline"}

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError, ModelCfg, TTACfg, config_from_text, load_config
+from pipeline.config.networks3d import dynunet_plan, total_stride
 from pipeline.data.folds import make_folds
 from pipeline.data.geometry import full_box
 from pipeline.data.labels import IGNORE
@@ -19,11 +20,11 @@ from pipeline.data.prepare import boxes_for
 from pipeline.data.volume3d import PatchDataset, build_augment3d
 from pipeline.data.volumes import VolumeStore
 from pipeline.datasets import get_dataset
-from pipeline.datasets.uwmgi_phantom import generate_dataset
 from pipeline.infer.predict import load_member
 from pipeline.io import write_csv
-from pipeline.models.predict import build_model, predict_day, predict_volume
-from pipeline.models.segmenter3d import build_segmenter3d, dynunet_plan, total_stride
+from pipeline.models.predict import build_model, predict_sliding_window, predict_volume
+from pipeline.models.segmenter3d import build_segmenter3d
+from pipeline.phantoms.uwmgi import generate_dataset
 from pipeline.train import checkpoint, engine
 from stages import train_seg
 
@@ -109,14 +110,10 @@ def test_unknown_network_and_bad_sizes_are_refused_by_key() -> None:
         build_segmenter3d(ModelCfg(arch="VNetX", spatial_dims=3), 1, 3, (16, 32, 32))
     with pytest.raises(
         ConfigError, match=r"'seg3d.roi_size' = \[12, 32, 32\] must be a multiple of \[8, 8, 8\]"
-    ):
-        build_segmenter3d(
-            ModelCfg(arch="SegResNet", spatial_dims=3),
-            1,
-            3,
-            (16, 32, 32),
-            {"seg3d.patch_size": (16, 32, 32), "seg3d.roi_size": (12, 32, 32)},
-        )
+    ):  # at load, before any volume is decoded
+        load_config("demo_seg3d", ["seg3d.roi_size=[12,32,32]"])
+    with pytest.raises(ConfigError, match=r"'model.arch' = 'VNetX' is not one of the 3D networks"):
+        load_config("demo_seg3d", ["model.arch=VNetX"])
     with pytest.raises(ConfigError, match=r"data.k.*must be 0 for a 3D member"):
         load_config("demo_seg3d", ["data.k=1"])
     with pytest.raises(ConfigError, match=r"train.channels_last.*must be false"):
@@ -191,13 +188,15 @@ def test_flip_tta_is_inverted_exactly() -> None:
     np.testing.assert_allclose(both, (plain + mirrored + upside + rotated) / 4, atol=1e-5)
 
 
-def test_predict_day_runs_a_3d_member_by_sliding_window() -> None:
+def test_predict_volume_runs_a_3d_member_by_sliding_window() -> None:
     cfg = cfg3d()
-    model = build_model(cfg)
+    model = build_model(cfg, get_dataset(cfg.dataset))
     assert isinstance(model, nn.Module) and type(model).__name__ == "SegResNet"
     image = _volume(2)
-    probs = predict_day(model, cfg, image, full_box((20, 24)), batch_size=4)
-    np.testing.assert_array_equal(probs, predict_volume(model, cfg, image, full_box((20, 24))))
+    probs = predict_volume(model, cfg, image, full_box((20, 24)), batch_size=4)
+    np.testing.assert_array_equal(
+        probs, predict_sliding_window(model, cfg.data, cfg.seg3d, image, full_box((20, 24)))
+    )
 
 
 # --------------------------------------------------------------------------- patches
@@ -205,8 +204,8 @@ def test_predict_day_runs_a_3d_member_by_sliding_window() -> None:
 
 def test_patch_items_are_seeded_and_centred_on_labels(store: VolumeStore) -> None:
     cfg = cfg3d("seg3d.pos=1.0", "seg3d.neg=0.0", "seg3d.samples_per_volume=3")
-    data = PatchDataset(store, store.days, boxes_for(cfg.data, store), cfg, seed=3)
-    assert len(data) == len(store.days)
+    data = PatchDataset(store, store.volume_ids, boxes_for(cfg.data, store), cfg, seed=3)
+    assert len(data) == len(store.volume_ids)
     item = data[(1, 0)]
     assert item["image"].shape == (3, 1, 8, 32, 32) and item["target"].shape == (3, 3, 8, 32, 32)
     again, other = data[(1, 0)], data[(2, 0)]
@@ -221,7 +220,7 @@ def test_patch_items_are_seeded_and_centred_on_labels(store: VolumeStore) -> Non
 
 def test_patch_targets_carry_the_ignore_label_on_missing_planes(store: VolumeStore) -> None:
     cfg = cfg3d("data.missing_labels=ignore", "data.missing_classes=[large_bowel]")
-    data = PatchDataset(store, store.days, boxes_for(cfg.data, store), cfg)
+    data = PatchDataset(store, store.volume_ids, boxes_for(cfg.data, store), cfg)
     checked = 0
     for index, item in enumerate(data.volumes):
         present = SPEC.presence(store.catalog).loc[store[item.volume_id].ids].to_numpy(bool)
@@ -268,16 +267,16 @@ def test_train_3d_member_resumes_and_writes_oof_in_the_2d_format(
         assert (out / name).is_file(), name
     assert len(pd.read_csv(out / "metrics.csv")) == 2
     cfg = config_from_text((out / "config.yaml").read_text())
-    val_days = sorted(p.stem for p in (out / "oof").glob("*.npz"))
-    assert val_days == sorted(set(pd.read_csv(store.root / "folds.csv").query("fold == 1")["volume_id"]))
+    val_volumes = sorted(p.stem for p in (out / "oof").glob("*.npz"))
+    assert val_volumes == sorted(set(pd.read_csv(store.root / "folds.csv").query("fold == 1")["volume_id"]))
     model, loaded = load_member(out, "cpu")
     assert loaded == cfg
-    for volume_id in val_days:
+    for volume_id in val_volumes:
         oof = np.load(out / "oof" / f"{volume_id}.npz")
         volume = store[volume_id]
         assert oof["probs"].dtype == np.uint8 and oof["probs"].shape == (len(volume), 3, *volume.shape)
         assert oof["ids"].tolist() == volume.ids
-        probs = predict_day(model, cfg, volume.image, full_box(volume.shape))
+        probs = predict_volume(model, cfg, volume.image, full_box(volume.shape))
         np.testing.assert_array_equal(np.rint(probs * 255).astype(np.uint8), oof["probs"])  # OOF = best.pt
 
     # killed after epoch 1 of 2, then resumed: the same weights as the straight two-epoch run
@@ -304,7 +303,7 @@ def test_train_3d_member_resumes_and_writes_oof_in_the_2d_format(
 
 
 def test_fold_wise_fine_tuning_fills_the_fold_into_the_weights_path(isolated_dirs: Path) -> None:
-    from pipeline.train.tasks import fold_weights
+    from pipeline.train.fold_data import fold_weights
 
     cfg = load_config("full_seg3d_segresnet_ft", stage="seg")
     filled = fold_weights(cfg, 3).model.pretrained_path

@@ -17,7 +17,14 @@ from pipeline.config import EnsembleConfig, MemberCfg, TuneCfg
 from pipeline.data.volumes import VolumeStore
 from pipeline.datasets import get_dataset
 from pipeline.infer import steps as steps_module
-from pipeline.infer.masks import gate_keep, prob_gate_keep, remove_small_components, threshold_probs, z_keep
+from pipeline.infer.masks import (
+    gate_keep,
+    keep_large_components,
+    prob_gate_keep,
+    remove_small_components,
+    threshold_probs,
+    z_keep,
+)
 from pipeline.infer.postprocess import apply_class, read_decisions
 from pipeline.infer.step_base import (
     Axis,
@@ -40,6 +47,7 @@ WIDE = TuneCfg(
     prob_gate_pixels=(0, 1, 2, 3, 50),
     prob_gate_levels=(0.5, 0.6, 0.9),
     z_runs=(0, 1, 2, 3, 5),
+    component_fractions=(0.0, 0.05, 0.3, 0.5, 1.0),
 )
 
 
@@ -57,12 +65,14 @@ def _probs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def test_apply_class_is_the_steps_in_registry_order() -> None:
     """A brute-force twin: the kernels composed by hand in the documented order."""
     probs, gate = _probs()
-    params = ClassParams(0.5, 0.3, 3, prob_gate_pixels=1, prob_gate_level=0.6, z_run=2)
+    params = ClassParams(
+        0.5, 0.3, 3, prob_gate_pixels=1, prob_gate_level=0.6, z_run=2, component_fraction=0.3
+    )
     mask = threshold_probs(probs, 0.5)
     for keep in (gate_keep(gate, 0.3, len(mask)), prob_gate_keep(probs, 1, 0.6)):
         mask[~keep] = False
     mask[~z_keep(mask, 2)] = False
-    want = remove_small_components(mask, 3)
+    want = keep_large_components(remove_small_components(mask, 3), 0.3)
     assert np.array_equal(apply_class(probs, gate, params), want)
     x = ClassInput(probs, gate)
     chained = None
@@ -74,7 +84,9 @@ def test_apply_class_is_the_steps_in_registry_order() -> None:
 @pytest.mark.parametrize("step", REGISTRY.steps, ids=lambda s: s.name)
 def test_every_step_sets_its_fields_and_varies_like_apply(step: Step) -> None:
     """get/set round trip on its own fields only; each candidate's shared-work mask equals apply_class."""
-    base = ClassParams(0.55, 0.3, 3, prob_gate_pixels=2, prob_gate_level=0.6, z_run=2)
+    base = ClassParams(
+        0.55, 0.3, 3, prob_gate_pixels=2, prob_gate_level=0.6, z_run=2, component_fraction=0.05
+    )
     values = registry().candidates(step, WIDE)
     assert values and (step.off is None or values[0] == step.off)
     probs, gate = _probs(1)
@@ -189,7 +201,7 @@ def thin_oof(isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     probs = np.where(thin, 220, 0).astype(np.uint8)
     spec = get_dataset("uwmgi")
     store = VolumeStore(root, spec.load_split(root, "train"), "train", spec)
-    write_member("m", dict.fromkeys(store.days, probs), {v: store[v].ids for v in store.days})
+    write_member("m", dict.fromkeys(store.volume_ids, probs), {v: store[v].ids for v in store.volume_ids})
     return root
 
 
@@ -214,7 +226,9 @@ def test_a_toy_step_runs_through_apply_search_json_and_report(toy_registry: Regi
         members=(MemberCfg(config="m"),),
         tune=TuneCfg(pixel_thresholds=(0.5,), gate_thresholds=(0.0,), min_component_sizes=(0,), holdout=0.0),
     )
-    decisions = read_decisions("toy_ensemble", run_tune(cfg, thin_oof, workers=1, progress=False))
+    decisions = read_decisions(
+        "toy_ensemble", run_tune(cfg, get_dataset("uwmgi"), thin_oof, workers=1, progress=False)
+    )
     assert all(isinstance(p, ToyParams) and p.dilate == 1 for p in decisions.params())
     rows = [s["step"] for s in decisions.steps]
     assert rows[rows.index("blend_raw") + 1 :][: len(toy_registry.steps)] == toy_registry.names()
@@ -231,7 +245,9 @@ def test_steps_are_searched_and_written_in_registry_order(thin_oof: Path) -> Non
     cfg = EnsembleConfig(
         name="order", members=(MemberCfg(config="m"),), tune=TuneCfg(holdout=0.0, z_runs=(0, 2))
     )
-    decisions = read_decisions("order", run_tune(cfg, thin_oof, workers=1, progress=False))
+    decisions = read_decisions(
+        "order", run_tune(cfg, get_dataset("uwmgi"), thin_oof, workers=1, progress=False)
+    )
     rows = [s["step"] for s in decisions.steps]
     names = registry().names()
     assert rows[rows.index("blend_raw") + 1 :][: len(names)] == names
@@ -239,3 +255,26 @@ def test_steps_are_searched_and_written_in_registry_order(thin_oof: Path) -> Non
     assert [k for k in decisions.curves if k in names] == [n for n in names if n in decisions.curves]
     owned = [f for step in registry() for f in step.fields]
     assert sorted(owned) == sorted(dataclasses.asdict(decisions.params()[0]))
+
+
+@pytest.mark.parametrize("volumetric", [True, False])
+def test_keep_large_components_equals_a_brute_force_twin(volumetric: bool) -> None:
+    """Against scipy labelling and a plain loop: the volume's largest (3D) or each image's largest (2D)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    mask = rng.random((6, 20, 20)) < 0.25
+    for fraction in (0.0, 0.1, 0.5, 1.0):
+        want = np.zeros_like(mask)
+        planes = [mask] if volumetric else list(mask)
+        outs = [want] if volumetric else list(want)
+        structure = np.ones((3,) * planes[0].ndim)
+        for plane, out in zip(planes, outs):
+            labels, n = ndimage.label(plane, structure=structure)
+            sizes = [int((labels == i).sum()) for i in range(1, n + 1)]
+            for i, size in enumerate(sizes, start=1):
+                if fraction == 0 or size >= fraction * max(sizes):
+                    out[labels == i] = True
+        got = keep_large_components(mask, fraction, volumetric)
+        assert np.array_equal(got, want), fraction
+    assert keep_large_components(mask, 1.0, volumetric).sum() < mask.sum()  # the test can fail

@@ -72,7 +72,7 @@ def toy(isolated_dirs: Path) -> tuple[EnsembleConfig, Path]:
 
 def test_submission_has_sample_rows_in_order(toy, tmp_path: Path) -> None:
     cfg, root = toy
-    out = run_submit(cfg, root, tmp_path / "submission.csv", device="cpu")
+    out = run_submit(cfg, get_dataset(cfg.dataset), root, tmp_path / "submission.csv", device="cpu")
     sub = pd.read_csv(out, dtype=str, keep_default_na=False)
     sample = pd.read_csv(root / "sample_submission.csv", dtype=str, keep_default_na=False)
     assert list(sub.columns) == ["id", "class", "predicted"]
@@ -83,12 +83,12 @@ def test_submission_has_sample_rows_in_order(toy, tmp_path: Path) -> None:
 
 
 def test_submission_equals_direct_prediction(toy, tmp_path: Path) -> None:
-    """Every row is the RLE of predict_day (TTA) -> uint8 -> post-processing of its own slice and class."""
+    """Every row is the RLE of predict_volume (TTA) -> uint8 -> post-processing of its own slice and class."""
     from pipeline.data.geometry import full_box
     from pipeline.datasets.uwmgi_files import scan_split
     from pipeline.infer.postprocess import apply_postprocess, to_uint8
     from pipeline.infer.predict import load_member
-    from pipeline.models.predict import predict_day
+    from pipeline.models.predict import predict_volume
 
     cfg, root = toy
     params = {
@@ -101,14 +101,16 @@ def test_submission_equals_direct_prediction(toy, tmp_path: Path) -> None:
         Decisions(classes=params, weights={"toy_seg": 1.0}, members=[{"config": "toy_seg", "folds": [0]}]),
     )
     sub = pd.read_csv(
-        run_submit(cfg, root, tmp_path / "s.csv", device="cpu"), dtype=str, keep_default_na=False
+        run_submit(cfg, get_dataset(cfg.dataset), root, tmp_path / "s.csv", device="cpu"),
+        dtype=str,
+        keep_default_na=False,
     )
     got = dict(zip(zip(sub["id"], sub["class"]), sub["predicted"]))
     model, member = load_member(run_dir("seg", "toy_seg", 0), "cpu")
     expected = {}
     for _, rows in scan_split(root, "test").groupby("volume_id"):
         volume = get_dataset("uwmgi").read_volume(rows, False)
-        probs = predict_day(
+        probs = predict_volume(
             model, member, volume.image, full_box(volume.image.shape[1:]), tta=cfg.tta, amp=False
         )
         masks = apply_postprocess(to_uint8(probs), None, params)
@@ -126,7 +128,7 @@ def test_per_class_weights_and_unused_members(toy, tmp_path: Path) -> None:
     from pipeline.datasets.uwmgi_files import scan_split
     from pipeline.infer.postprocess import apply_postprocess, to_uint8
     from pipeline.infer.predict import load_member
-    from pipeline.models.predict import predict_day
+    from pipeline.models.predict import predict_volume
 
     cfg, root = toy
     torch.manual_seed(1)
@@ -154,7 +156,9 @@ def test_per_class_weights_and_unused_members(toy, tmp_path: Path) -> None:
     )
     write_decisions(decisions_path("toy_ens"), decisions)
     sub = pd.read_csv(
-        run_submit(cfg, root, tmp_path / "pc.csv", device="cpu"), dtype=str, keep_default_na=False
+        run_submit(cfg, get_dataset(cfg.dataset), root, tmp_path / "pc.csv", device="cpu"),
+        dtype=str,
+        keep_default_na=False,
     )
     got = dict(zip(zip(sub["id"], sub["class"]), sub["predicted"]))
     nets = [load_member(run_dir("seg", n, 0), "cpu") for n in names[:2]]
@@ -165,7 +169,7 @@ def test_per_class_weights_and_unused_members(toy, tmp_path: Path) -> None:
         box = full_box(volume.image.shape[1:])
         total = 0
         for j, (model, member) in enumerate(nets):
-            probs = predict_day(model, member, volume.image, box, tta=cfg.tta, amp=False)
+            probs = predict_volume(model, member, volume.image, box, tta=cfg.tta, amp=False)
             total = total + matrix[:, j][None, :, None, None] * probs
         masks = apply_postprocess(to_uint8(total), None, params)
         for s, slice_id in enumerate(volume.ids):
@@ -178,7 +182,9 @@ def test_per_class_weights_and_unused_members(toy, tmp_path: Path) -> None:
         replace(decisions, weights={c: {"toy_seg": 1.0, "toy_seg_b": 0.0, "ghost": 0.0} for c in CLASSES}),
     )
     alone = pd.read_csv(
-        run_submit(cfg, root, tmp_path / "a.csv", device="cpu"), dtype=str, keep_default_na=False
+        run_submit(cfg, get_dataset(cfg.dataset), root, tmp_path / "a.csv", device="cpu"),
+        dtype=str,
+        keep_default_na=False,
     )
     assert {
         k: v for k, v in zip(zip(alone["id"], alone["class"]), alone["predicted"]) if k[1] == "large_bowel"
@@ -209,7 +215,7 @@ def test_gate_empties_the_gated_class(toy, tmp_path: Path) -> None:
             classifier={"config": "toy_cls", "folds": [0]},
         )
         write_decisions(decisions_path("toy_ens"), decisions)
-        out = run_submit(cfg, root, tmp_path / f"gate{gate}.csv", device="cpu")
+        out = run_submit(cfg, get_dataset(cfg.dataset), root, tmp_path / f"gate{gate}.csv", device="cpu")
         outs[gate] = pd.read_csv(out, dtype=str, keep_default_na=False)
     open_, gated = outs[0.0], outs[1.5]
     stomach = gated["class"] == "stomach"
@@ -228,22 +234,28 @@ def test_failed_write_keeps_previous_file(toy, tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setattr("pipeline.datasets.uwmgi_submission.validate_rows", broken)
     with pytest.raises(SubmissionError, match="simulated"):
-        run_submit(cfg, root, out, device="cpu")
+        run_submit(cfg, get_dataset(cfg.dataset), root, out, device="cpu")
     assert out.read_text() == "previous\n"
     assert sorted(p.name for p in out.parent.iterdir()) == ["submission.csv"]  # no temporary left
 
 
-def test_empty_test_folder_and_debug_train_days(toy, tmp_path: Path) -> None:
+def test_empty_test_folder_and_debug_train_volumes(toy, tmp_path: Path) -> None:
     cfg, root = toy
     import shutil
 
     shutil.rmtree(root / "test")
-    out = run_submit(cfg, root, tmp_path / "empty.csv", device="cpu")
+    out = run_submit(cfg, get_dataset(cfg.dataset), root, tmp_path / "empty.csv", device="cpu")
     sub = pd.read_csv(out, dtype=str, keep_default_na=False)
     assert len(sub) == 8 * 3 and (sub["predicted"] == "").all()
     (root / "sample_submission.csv").write_text("id,class,predicted\n")  # the public Kaggle page
-    assert pd.read_csv(run_submit(cfg, root, tmp_path / "header.csv", device="cpu")).empty
-    debug = pd.read_csv(run_submit(cfg, root, tmp_path / "debug.csv", debug_train_days=1, device="cpu"))
+    assert pd.read_csv(
+        run_submit(cfg, get_dataset(cfg.dataset), root, tmp_path / "header.csv", device="cpu")
+    ).empty
+    debug = pd.read_csv(
+        run_submit(
+            cfg, get_dataset(cfg.dataset), root, tmp_path / "debug.csv", debug_train_volumes=1, device="cpu"
+        )
+    )
     assert set(debug["id"].str.slice(0, 10)) == {"case1_day0"} and len(debug) == 3 * 3
 
 
@@ -251,7 +263,7 @@ def test_missing_decisions_say_run_make_tune(toy, tmp_path: Path) -> None:
     cfg, root = toy
     decisions_path("toy_ens").unlink()
     with pytest.raises(DecisionsError, match="make tune"):
-        run_submit(cfg, root, tmp_path / "s.csv", device="cpu")
+        run_submit(cfg, get_dataset(cfg.dataset), root, tmp_path / "s.csv", device="cpu")
     assert not (tmp_path / "s.csv").exists()
 
 
@@ -278,7 +290,8 @@ def _toy_detector(name: str) -> None:
 
     from pipeline.config import DetConfig
     from pipeline.data.volumes import VolumeStore
-    from pipeline.models.detector import choose_day_box, save_weights, write_boxes
+    from pipeline.models.detector import save_weights, write_boxes
+    from pipeline.models.detector_boxes import choose_volume_box
     from pipeline.paths import data_dir
 
     det = DetConfig(name=name)
@@ -287,7 +300,9 @@ def _toy_detector(name: str) -> None:
     write_text(out / "config.yaml", dump_config(det))
     spec = get_dataset("uwmgi")
     store = VolumeStore(data_dir(), spec.load_split(data_dir(), "train"), "train", spec)
-    write_boxes(out / "boxes_train.csv", {d: choose_day_box(store[d].image, [], det.det) for d in store.days})
+    write_boxes(
+        out / "boxes_train.csv", {d: choose_volume_box(store[d].image, [], det.det) for d in store.volume_ids}
+    )
 
 
 def test_tiny_trained_chain_tune_cv_submit(
@@ -350,7 +365,7 @@ def test_tiny_trained_chain_tune_cv_submit(
         rle_decode(row.predicted, size[row.id])
 
     debug = submit_stage.main(
-        ["--config", str(config), "--out", str(tmp_path / "debug.csv"), "--debug-train-days", "2"]
+        ["--config", str(config), "--out", str(tmp_path / "debug.csv"), "--debug-train-volumes", "2"]
     )
     debug_sub = pd.read_csv(debug, dtype=str, keep_default_na=False)
     train_days = list(dict.fromkeys(scan_split(root, "train")["volume_id"]))[:2]

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.data.synthetic_io import SyntheticDataError
 from pipeline.datasets import get_dataset
 from pipeline.datasets.uwmgi_files import CLASSES, load_split, read_labels, read_slice, scan_split
-from pipeline.datasets.uwmgi_phantom import (
+from pipeline.phantoms.common import SyntheticDataError
+from pipeline.phantoms.uwmgi import (
     PRESETS,
     SIZES,
     Preset,

@@ -18,16 +18,17 @@ from pipeline.data.datasets import EpochSampler, SliceDataset
 from pipeline.data.folds import make_folds
 from pipeline.data.geometry import Box, full_box
 from pipeline.data.labels import IGNORE
-from pipeline.data.prepare import boxes_for, prepare_day
+from pipeline.data.prepare import boxes_for, prepare_volume
 from pipeline.data.volumes import VolumeStore
 from pipeline.datasets import get_dataset, load_config  # with the dataset's defaults, as the stages load
 from pipeline.datasets.uwmgi_files import CLASSES
-from pipeline.datasets.uwmgi_phantom import generate_dataset
 from pipeline.errors import DataError
 from pipeline.infer.predict import MemberError, load_member
 from pipeline.io import write_csv
-from pipeline.models.predict import forward_views, predict_day, predict_day_cls, tta_views
-from pipeline.train.tasks import cls_metrics, parse_folds
+from pipeline.models.predict import forward_views, predict_volume, tta_views
+from pipeline.phantoms.uwmgi import generate_dataset
+from pipeline.train.fold_data import parse_folds
+from pipeline.train.validation import cls_metrics
 from stages import train_cls, train_seg
 
 SPEC = get_dataset("uwmgi")
@@ -87,9 +88,9 @@ def test_train_on_is_checked_at_load() -> None:
 def test_slice_dataset_items(store: VolumeStore) -> None:
     cfg = DataCfg(k=1, stride=2, img_size=(48, 40), crop=False)
     boxes = boxes_for(cfg, store)
-    days = store.days
-    seg = SliceDataset(store, days, boxes, cfg, with_masks=True)
-    every = SliceDataset(store, days, boxes, cfg, with_masks=False, train_on="all")
+    volume_ids = store.volume_ids
+    seg = SliceDataset(store, volume_ids, boxes, cfg, with_masks=True)
+    every = SliceDataset(store, volume_ids, boxes, cfg, with_masks=False, train_on="all")
     assert len(every) == len(store.catalog) > len(seg) > 0
     assert seg.presence.any(axis=1).all()
     item = seg[3]
@@ -97,21 +98,21 @@ def test_slice_dataset_items(store: VolumeStore) -> None:
     assert item["target"].shape == (3, 48, 40) and set(item["target"].unique().tolist()) <= {0.0, 1.0}
     volume = store[item["id"].rsplit("_slice", 1)[0]]
     pos = volume.ids.index(item["id"])
-    x, _ = prepare_day(volume.image, boxes[volume.volume_id], cfg)
+    x, _ = prepare_volume(volume.image, boxes[volume.volume_id], cfg)
     np.testing.assert_array_equal(item["image"].numpy(), x[pos])  # the inference preprocessing
     cls_item = every[5]
     expect = SPEC.presence_of(store.catalog, [cls_item["id"]])[0]
     np.testing.assert_array_equal(cls_item["target"].numpy(), expect.astype(np.float32))
     capped = SliceDataset(
-        store, days, boxes, DataCfg(img_size=(48, 40), crop=False, max_days=2), with_masks=True
+        store, volume_ids, boxes, DataCfg(img_size=(48, 40), crop=False, max_volumes=2), with_masks=True
     )
-    assert len(capped.days) == 2
+    assert len(capped.volumes) == 2
 
 
 def test_truncated_tail_is_dropped(store: VolumeStore) -> None:
     cfg = DataCfg(img_size=(32, 32), crop=False, train_on="all", missing_labels="drop")
-    data = SliceDataset(store, store.days, boxes_for(cfg, store), cfg, with_masks=False)
-    for volume_id in store.days:
+    data = SliceDataset(store, store.volume_ids, boxes_for(cfg, store), cfg, with_masks=False)
+    for volume_id in store.volume_ids:
         volume = store[volume_id]
         labelled = SPEC.presence_of(store.catalog, volume.ids).any(axis=1)
         kept = [i for i in data.ids if i in set(volume.ids)]
@@ -122,7 +123,7 @@ def test_truncated_tail_is_dropped(store: VolumeStore) -> None:
 def _planned_ignores(store: VolumeStore, tail: int) -> set[tuple[str, int]]:
     """(slice id, class) of the bowel labels in the ``tail`` slices after each volume's last labelled one."""
     out = set()
-    for volume_id in store.days:
+    for volume_id in store.volume_ids:
         volume = store[volume_id]
         last = int(np.flatnonzero(SPEC.presence_of(store.catalog, volume.ids).any(axis=1))[-1])
         out |= {
@@ -146,13 +147,15 @@ def test_slice_dataset_carries_ignore_exactly_where_planned(store: VolumeStore) 
         ],
     )
     boxes = boxes_for(cfg.data, store)
-    seg = SliceDataset(store, store.days, boxes, cfg.data, augment=build_augment(cfg.augment), seed=1)
-    cls = SliceDataset(store, store.days, boxes, cfg.data, with_masks=False)
-    assert seg.ids == cls.ids == [i for d in store.days for i in store[d].ids]  # nothing dropped
+    seg = SliceDataset(store, store.volume_ids, boxes, cfg.data, augment=build_augment(cfg.augment), seed=1)
+    cls = SliceDataset(store, store.volume_ids, boxes, cfg.data, with_masks=False)
+    assert seg.ids == cls.ids == [i for d in store.volume_ids for i in store[d].ids]  # nothing dropped
     planned = _planned_ignores(store, tail=2)
     assert planned and {(seg.ids[i], c) for i, c in zip(*np.nonzero(seg.ignore))} == planned
     trusted = dataclasses.replace(cfg.data, missing_labels="empty")
-    unplanned = SliceDataset(store, store.days, boxes, trusted, augment=build_augment(cfg.augment), seed=1)
+    unplanned = SliceDataset(
+        store, store.volume_ids, boxes, trusted, augment=build_augment(cfg.augment), seed=1
+    )
     for index, slice_id in enumerate(seg.ids):
         mask, presence = seg[(2, index)]["target"], cls[index]["target"]
         truth = SPEC.presence_of(store.catalog, [slice_id])[0]
@@ -173,7 +176,7 @@ def test_order_and_augmentation_reproducible_from_seed_and_epoch(store: VolumeSt
     assert [i for _, i in a] != [i for _, i in b] and {e for e, _ in b} == {3}
     cfg = load_config("demo_seg", ["data.crop=false", "data.img_size=[64,64]"])
     data = SliceDataset(
-        store, store.days, boxes_for(cfg.data, store), cfg.data, augment=build_augment(cfg.augment)
+        store, store.volume_ids, boxes_for(cfg.data, store), cfg.data, augment=build_augment(cfg.augment)
     )
     first, again, other = data[(1, 4)], data[(1, 4)], data[(2, 4)]
     assert torch.equal(first["image"], again["image"]) and torch.equal(first["target"], again["target"])
@@ -229,17 +232,17 @@ def test_flip_views_are_inverted_exactly() -> None:
     torch.testing.assert_close(out, expect)
 
 
-def test_predict_day_returns_original_geometry() -> None:
+def test_predict_volume_returns_original_geometry() -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 3000, size=(5, 40, 50)).astype(np.uint16)
     cfg = load_config("demo_seg", ["data.img_size=[32,32]", "data.k=1"])
     box = Box(4, 6, 36, 44)
-    probs = predict_day(PixelModel(), cfg, image, box, batch_size=2, tta=TTACfg(hflip=True))
+    probs = predict_volume(PixelModel(), cfg, image, box, batch_size=2, tta=TTACfg(hflip=True))
     assert probs.shape == (5, 3, 40, 50) and probs.dtype == np.float32
     assert probs[:, :, :4].max() == 0 and probs[:, :, 4:36, 6:44].min() >= 0.5  # sigmoid(x >= 0) inside
     cls_cfg = load_config("demo_cls", ["data.img_size=[32,32]"])
     pooled = nn.Sequential(PixelModel(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    assert predict_day_cls(pooled, cls_cfg, image, full_box((40, 50)), tta=TTACfg(vflip=True)).shape == (5, 3)
+    assert predict_volume(pooled, cls_cfg, image, full_box((40, 50)), tta=TTACfg(vflip=True)).shape == (5, 3)
 
 
 def test_cls_metrics_handle_single_class_folds() -> None:
@@ -272,19 +275,19 @@ def test_train_seg_end_to_end(env: Path, store: VolumeStore) -> None:
     assert {"score", "dice", "hausdorff", "train_loss"} <= set(metrics.columns) and len(metrics) == 1
     cfg = config_from_text((out / "config.yaml").read_text())
     assert cfg == load_config("demo_seg", FAST)
-    val_days = sorted(p.stem for p in (out / "oof").glob("*.npz"))
-    expect_days = sorted(set(_folds(store).query("fold == 1")["volume_id"]))
-    assert val_days == expect_days
-    for volume_id in val_days:
+    val_volumes = sorted(p.stem for p in (out / "oof").glob("*.npz"))
+    expect_volumes = sorted(set(_folds(store).query("fold == 1")["volume_id"]))
+    assert val_volumes == expect_volumes
+    for volume_id in val_volumes:
         oof = np.load(out / "oof" / f"{volume_id}.npz")
         volume = store[volume_id]
         assert oof["probs"].dtype == np.uint8 and oof["probs"].shape == (len(volume), 3, *volume.shape)
         assert oof["ids"].tolist() == volume.ids
     model, loaded = load_member(out, "cpu")
     assert loaded == cfg and not model.training
-    volume = store[val_days[0]]
-    probs = predict_day(model, cfg, volume.image, full_box(volume.shape), batch_size=8)
-    saved = np.load(out / "oof" / f"{val_days[0]}.npz")["probs"]
+    volume = store[val_volumes[0]]
+    probs = predict_volume(model, cfg, volume.image, full_box(volume.shape), batch_size=8)
+    saved = np.load(out / "oof" / f"{val_volumes[0]}.npz")["probs"]
     np.testing.assert_array_equal(np.rint(probs * 255).astype(np.uint8), saved)  # OOF = best.pt, no TTA
 
 
@@ -296,11 +299,11 @@ def test_train_seg_folds_side_by_side(env: Path, store: VolumeStore, monkeypatch
     seq = train_seg.main(["--config", "demo_seg", "--folds", "2", "0", "--jobs", "1", "--set", *FAST])
     for a, b in zip(side, seq):
         assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
-        days = sorted(p.name for p in (a / "oof").glob("*.npz"))
-        assert days and days == sorted(p.name for p in (b / "oof").glob("*.npz"))
-        for day in days:  # the same seeds: equal up to thread-count rounding
-            pa, pb = (np.load(d / "oof" / day)["probs"].astype(int) for d in (a, b))
-            assert np.abs(pa - pb).max() <= 2, day
+        names = sorted(p.name for p in (a / "oof").glob("*.npz"))
+        assert names and names == sorted(p.name for p in (b / "oof").glob("*.npz"))
+        for name in names:  # the same seeds: equal up to thread-count rounding
+            pa, pb = (np.load(d / "oof" / name)["probs"].astype(int) for d in (a, b))
+            assert np.abs(pa - pb).max() <= 2, name
         ma, mb = pd.read_csv(a / "metrics.csv"), pd.read_csv(b / "metrics.csv")
         np.testing.assert_allclose(ma["train_loss"], mb["train_loss"], rtol=1e-4)
 
@@ -311,7 +314,7 @@ def _folds(store: VolumeStore) -> pd.DataFrame:
 
 def test_train_seg_with_crop_boxes_and_all_folds(env: Path, store: VolumeStore) -> None:
     rows = []
-    for volume_id in store.days:
+    for volume_id in store.volume_ids:
         h, w = store[volume_id].shape
         rows.append(
             {"volume_id": volume_id, "y0": 8, "x0": 10, "y1": h - 8, "x1": w - 12, "source": "threshold"}

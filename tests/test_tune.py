@@ -15,6 +15,7 @@ from pipeline.data.volumes import VolumeStore
 from pipeline.datasets import get_dataset
 from pipeline.datasets.uwmgi_files import CLASSES
 from pipeline.infer.postprocess import DecisionsError, read_decisions
+from pipeline.infer.steps import REGISTRY
 from pipeline.infer.tune import run_tune, simplex_grid
 from pipeline.io import write_with
 from pipeline.paths import run_dir
@@ -33,7 +34,7 @@ def planted_oof(isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     spec = get_dataset("uwmgi")
     store = VolumeStore(root, spec.load_split(root, "train"), "train", spec)
     rng = np.random.default_rng(0)
-    for volume_id in store.days:
+    for volume_id in store.volume_ids:
         volume = store[volume_id]
         truth = np.asarray(volume.mask, bool)
         noise = (rng.random(truth.shape) < 0.02) & ~truth
@@ -60,7 +61,7 @@ def test_tune_finds_planted_threshold_and_blend(planted_oof: Path) -> None:
     )
     with pytest.raises(DecisionsError, match="make tune"):
         read_decisions("planted")
-    path = run_tune(cfg, planted_oof, workers=1, progress=False)
+    path = run_tune(cfg, get_dataset("uwmgi"), planted_oof, workers=1, progress=False)
     decisions = read_decisions("planted", path)
     assert path == run_dir("ensemble", "planted") / "postprocess.json"
     assert decisions.weights == {c: {"good": 1.0, "bad": 0.0} for c in CLASSES}
@@ -73,11 +74,7 @@ def test_tune_finds_planted_threshold_and_blend(planted_oof: Path) -> None:
         "alone:bad",
         "raw",
         "blend_raw",
-        "pixel_threshold",
-        "gate_threshold",
-        "prob_gate",
-        "z_run",
-        "min_component_size",
+        *REGISTRY.names(),
         "refine",
         "blend",
     ]
@@ -99,7 +96,9 @@ def test_tune_single_member_picks_known_threshold(planted_oof: Path) -> None:
             pixel_thresholds=(0.5, 0.65, 0.8), gate_thresholds=(0.0,), min_component_sizes=(0,), blend_steps=1
         ),
     )
-    decisions = read_decisions("single", run_tune(cfg, planted_oof, workers=1, progress=False))
+    decisions = read_decisions(
+        "single", run_tune(cfg, get_dataset("uwmgi"), planted_oof, workers=1, progress=False)
+    )
     assert {c: decisions.classes[c].pixel_threshold for c in CLASSES} == dict.fromkeys(CLASSES, 0.65)
     assert decisions.oof.score == pytest.approx(1.0)
     assert decisions.steps[0]["score"] < 1.0  # raw 0.5 keeps the planted false positives
@@ -115,7 +114,7 @@ def gated_oof(isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     spec = get_dataset("uwmgi")
     store = VolumeStore(root, spec.load_split(root, "train"), "train", spec)
     rows = []
-    for volume_id in store.days:
+    for volume_id in store.volume_ids:
         volume = store[volume_id]
         truth = np.asarray(volume.mask, bool)
         probs = np.where(truth, 200, 0).astype(np.uint8)
@@ -156,7 +155,9 @@ def test_tune_finds_planted_gate_and_component_size(gated_oof: Path) -> None:
             pixel_thresholds=(0.5,), gate_thresholds=(0.0, 0.5, 0.9), min_component_sizes=(0, 3, 5000)
         ),
     )
-    decisions = read_decisions("gated", run_tune(cfg, gated_oof, workers=2, progress=False))
+    decisions = read_decisions(
+        "gated", run_tune(cfg, get_dataset("uwmgi"), gated_oof, workers=2, progress=False)
+    )
     assert {
         c: (p.gate_threshold, p.min_component_size) for c, p in decisions.classes.items()
     } == dict.fromkeys(CLASSES, (0.5, 3))
@@ -170,15 +171,15 @@ def test_tune_finds_planted_gate_and_component_size(gated_oof: Path) -> None:
 
 def test_evaluate_equals_score_volumes(planted_oof: Path) -> None:
     """The per-volume, per-variant evaluation of tuning is the metric itself (score_volumes twin)."""
+    from pipeline.datasets.uwmgi_metric import score_volumes
     from pipeline.infer.ensemble import load_oof
     from pipeline.infer.evaluate import VaryStep
     from pipeline.infer.postprocess import ClassParams, apply_postprocess
     from pipeline.infer.steps import with_value
     from pipeline.infer.tune import evaluate
-    from pipeline.metric import score_volumes
 
     cfg = EnsembleConfig(name="twin", members=(MemberCfg(config="good"), MemberCfg(config="bad")))
-    oof = load_oof(cfg, planted_oof, progress=False)
+    oof = load_oof(cfg, get_dataset("uwmgi"), planted_oof, progress=False)
     params = [ClassParams(0.55, 0.0, 0), ClassParams(0.3, 0.0, 4), ClassParams(0.8, 0.0, 0)]
     weights = [np.array([0.6, 0.4]), np.array([1.0, 0.0])]
     values = [0.2, 0.5, 0.9]
@@ -242,8 +243,8 @@ def designed_oof(isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     probs[6, 1, 1:3, 12:14] = 170
     spec = get_dataset("uwmgi")
     store = VolumeStore(root, spec.load_split(root, "train"), "train", spec)
-    assert all(np.array_equal(store[d].mask, truth) for d in store.days)
-    write_member("m", dict.fromkeys(store.days, probs), {d: store[d].ids for d in store.days})
+    assert all(np.array_equal(store[d].mask, truth) for d in store.volume_ids)
+    write_member("m", dict.fromkeys(store.volume_ids, probs), {d: store[d].ids for d in store.volume_ids})
     return root
 
 
@@ -261,7 +262,9 @@ def test_tune_probability_gate_on_where_it_helps_off_where_it_hurts(designed_oof
     """N = 5: at t = 0.7 the large-bowel patch (9 pixels at 0.67) has none and goes, at t = 0.6 it stays;
     the 4-pixel small-bowel patch goes at either t; the 4-pixel stomach truth would go too: off."""
     cfg = _designed_cfg("pg", prob_gate_pixels=(5, 100), prob_gate_levels=(0.6, 0.7))
-    decisions = read_decisions("pg", run_tune(cfg, designed_oof, workers=1, progress=False))
+    decisions = read_decisions(
+        "pg", run_tune(cfg, get_dataset("uwmgi"), designed_oof, workers=1, progress=False)
+    )
     gates = {c: (p.prob_gate_pixels, p.prob_gate_level) for c, p in decisions.classes.items()}
     assert gates == {"large_bowel": (5, 0.7), "small_bowel": (5, 0.6), "stomach": (0, 0.0)}
     steps = {s["step"]: s for s in decisions.steps}
@@ -278,7 +281,9 @@ def test_tune_z_continuity_on_where_it_helps_off_where_it_hurts(designed_oof: Pa
     """k = 2 cuts the isolated false slices of both bowels; k = 5 finds no run and empties them (worse);
     the stomach lies on one slice, so any k >= 2 would empty it: off."""
     cfg = _designed_cfg("zr", z_runs=(2, 5))
-    decisions = read_decisions("zr", run_tune(cfg, designed_oof, workers=1, progress=False))
+    decisions = read_decisions(
+        "zr", run_tune(cfg, get_dataset("uwmgi"), designed_oof, workers=1, progress=False)
+    )
     assert {c: p.z_run for c, p in decisions.classes.items()} == {
         "large_bowel": 2,
         "small_bowel": 2,
@@ -298,7 +303,7 @@ def test_class_variants_equal_applying_each_candidate(planted_oof: Path) -> None
     from pipeline.infer.steps import with_value
 
     cfg = EnsembleConfig(name="cv", members=(MemberCfg(config="good"), MemberCfg(config="bad")))
-    oof = load_oof(cfg, planted_oof, progress=False)
+    oof = load_oof(cfg, get_dataset("uwmgi"), planted_oof, progress=False)
     q = oof.blend(oof.volumes[0], [0.7, 0.3])[:, 1]
     gate = np.linspace(0, 1, len(q))
     base = ClassParams(0.55, 0.3, 3, prob_gate_pixels=2, prob_gate_level=0.6, z_run=2)
@@ -330,7 +335,7 @@ def split_oof(isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     spec = get_dataset("uwmgi")
     store = VolumeStore(root, spec.load_split(root, "train"), "train", spec)
     rng = np.random.default_rng(3)
-    for day in store.days:
+    for day in store.volume_ids:
         truth = np.asarray(store[day].mask, bool)
         exact = np.where(truth, 230, 0).astype(np.uint8)
         noise = rng.integers(0, 256, truth.shape).astype(np.uint8)
@@ -350,7 +355,9 @@ def test_per_class_blend_picks_each_class_member(split_oof: Path) -> None:
     }
     members = (MemberCfg(config="a"), MemberCfg(config="b"))
     per_class = EnsembleConfig(name="pc", members=members, tune=TuneCfg(**tune))
-    decisions = read_decisions("pc", run_tune(per_class, split_oof, workers=2, progress=False))
+    decisions = read_decisions(
+        "pc", run_tune(per_class, get_dataset("uwmgi"), split_oof, workers=2, progress=False)
+    )
     assert decisions.weights == {
         "large_bowel": {"a": 1.0, "b": 0.0},
         "small_bowel": {"a": 0.0, "b": 1.0},
@@ -363,7 +370,7 @@ def test_per_class_blend_picks_each_class_member(split_oof: Path) -> None:
     assert set(decisions.curves["blend_raw"]) == {"members", *CLASSES}
 
     one = EnsembleConfig(name="one", members=members, tune=TuneCfg(**tune, per_class_blend=False))
-    shared = read_decisions("one", run_tune(one, split_oof, workers=2, progress=False))
+    shared = read_decisions("one", run_tune(one, get_dataset("uwmgi"), split_oof, workers=2, progress=False))
     rows = list(shared.weights.values())
     assert all(r == rows[0] for r in rows) and shared.oof.score < decisions.oof.score
 
@@ -403,8 +410,10 @@ def test_held_out_scores_are_the_tuning_part_choices_on_held_days(planted_oof: P
         holdout_seed=3,
     )
     cfg = EnsembleConfig(name="held", members=(MemberCfg(config="good"), MemberCfg(config="bad")), tune=tune)
-    decisions = read_decisions("held", run_tune(cfg, planted_oof, workers=2, progress=False))
-    oof = load_oof(cfg, planted_oof, progress=False)
+    decisions = read_decisions(
+        "held", run_tune(cfg, get_dataset("uwmgi"), planted_oof, workers=2, progress=False)
+    )
+    oof = load_oof(cfg, get_dataset("uwmgi"), planted_oof, progress=False)
     tuning, held, groups = split_volumes(oof, 0.5, 3)
     h = decisions.holdout
     assert (h["groups"], h["days_held"], h["days_tuning"]) == (groups, len(held), len(tuning)) and len(
@@ -433,7 +442,9 @@ def test_cv_report_shows_members_alone_held_out_and_new_stages(split_oof: Path) 
         " prob_gate_pixels: [0, 12], prob_gate_levels: [0.6], z_runs: [0, 2], blend_steps: 1, holdout: 0.5}\n"
     )
     cfg = load_config(str(config), stage="ensemble")
-    tuned = read_decisions("split_ensemble", run_tune(cfg, split_oof, workers=2, progress=False))
+    tuned = read_decisions(
+        "split_ensemble", run_tune(cfg, get_dataset("uwmgi"), split_oof, workers=2, progress=False)
+    )
     report = cv.main(["--config", str(config), "--workers", "2"])
     steps = pd.read_csv(report / "cv_steps.csv")
     assert steps["step"].tolist()[:3] == ["alone:a", "alone:b", "raw"]

@@ -15,13 +15,13 @@ from pipeline.config import EnsembleConfig, MemberCfg, TuneCfg
 from pipeline.data.volumes import VolumeStore
 from pipeline.datasets import get_dataset
 from pipeline.datasets.uwmgi_files import CLASSES
+from pipeline.datasets.uwmgi_metric import reference, score_volumes, volume_stats
 from pipeline.infer.ensemble import load_oof
 from pipeline.infer.evaluate import VaryStep, VaryWeights, evaluate
 from pipeline.infer.oof_cache import oof_entry, read_oof_volume
 from pipeline.infer.postprocess import ClassParams, apply_postprocess
 from pipeline.infer.search import Search
 from pipeline.infer.steps import with_value
-from pipeline.metric import reference, score_volumes, volume_stats
 from pipeline.paths import run_dir
 
 SHAPE = (10, 3, 32, 32)
@@ -58,10 +58,10 @@ def sparse_oof(isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("DATA_DIR", str(root))
     spec = get_dataset("uwmgi")
     store = VolumeStore(root, spec.load_split(root, "train"), "train", spec)
-    ids = {d: store[d].ids for d in store.days}
+    ids = {d: store[d].ids for d in store.volume_ids}
     for name, spread in (("a", 3), ("b", 5)):
         write_member(
-            name, {d: _member(np.asarray(store[d].mask, bool), rng, spread) for d in store.days}, ids
+            name, {d: _member(np.asarray(store[d].mask, bool), rng, spread) for d in store.volume_ids}, ids
         )
     return root
 
@@ -83,7 +83,7 @@ def _cfg(**tune) -> EnsembleConfig:
 
 
 def test_volumes_are_cut_to_a_box_smaller_than_the_volume(sparse_oof: Path) -> None:
-    oof = load_oof(_cfg(), sparse_oof, progress=False)
+    oof = load_oof(_cfg(), get_dataset("uwmgi"), sparse_oof, progress=False)
     for volume in oof.volumes:
         view = oof.view(volume)
         full = oof.view(volume, cut=False)
@@ -124,7 +124,7 @@ def test_cut_stats_with_grid_equal_whole_volume_stats() -> None:
     ],
 )
 def test_evaluate_on_cut_volumes_equals_the_metric_on_whole_volumes(sparse_oof: Path, stage, values) -> None:
-    oof = load_oof(_cfg(), sparse_oof, progress=False)
+    oof = load_oof(_cfg(), get_dataset("uwmgi"), sparse_oof, progress=False)
     params = [
         ClassParams(0.4, 0.0, 2, 3, 0.6, 2),
         ClassParams(0.6, 0.0, 0),
@@ -148,7 +148,7 @@ def test_evaluate_on_cut_volumes_equals_the_metric_on_whole_volumes(sparse_oof: 
 
 def test_lockstep_tracks_equal_searches_run_alone(sparse_oof: Path) -> None:
     cfg = _cfg(sweeps=3)
-    oof = load_oof(cfg, sparse_oof, progress=False)
+    oof = load_oof(cfg, get_dataset("uwmgi"), sparse_oof, progress=False)
     part = oof.volumes[:3]
     both = Search(oof, cfg, [("", oof.volumes), ("part: ", part)], workers=2, progress=False).run().tracks
     alone = [Search(oof, cfg, [("", v)], progress=False).run().tracks[0] for v in (oof.volumes, part)]
@@ -164,7 +164,7 @@ def test_lockstep_tracks_equal_searches_run_alone(sparse_oof: Path) -> None:
 def test_decoded_cache_holds_the_box_and_follows_its_source(
     sparse_oof: Path, isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    volume = load_oof(_cfg(), sparse_oof, progress=False).volumes[0]
+    volume = load_oof(_cfg(), get_dataset("uwmgi"), sparse_oof, progress=False).volumes[0]
     path = run_dir("seg", "a", 0) / "oof" / f"{volume}.npz"
     with np.load(path) as npz:
         probs = npz["probs"]
@@ -192,13 +192,15 @@ def test_blend_guard_keeps_the_member_that_wins_held_apart(sparse_oof: Path) -> 
     from pipeline.infer.tune import run_tune, split_volumes
 
     cfg = _cfg(holdout=0.4, holdout_seed=1)
-    oof = load_oof(cfg, sparse_oof, progress=False)
+    oof = load_oof(cfg, get_dataset("uwmgi"), sparse_oof, progress=False)
     tuning, held, _ = split_volumes(oof, 0.4, 1)
     rng = np.random.default_rng(5)
     probs = {d: np.where(oof.truth_mask(d), 230, 0).astype(np.uint8) for d in tuning}
     probs |= {d: rng.integers(0, 256, SHAPE).astype(np.uint8) for d in held}
     write_member("b", probs, oof.ids)
-    guarded = read_decisions("sparse", run_tune(cfg, sparse_oof, workers=2, progress=False))
+    guarded = read_decisions(
+        "sparse", run_tune(cfg, get_dataset("uwmgi"), sparse_oof, workers=2, progress=False)
+    )
     guard = guarded.oof.blend_guard
     assert guard is not None and guard.kept == "a" and guard.blend_held_out < guard.alone_held_out
     assert guarded.used_members() == ["a"] and all(
@@ -209,7 +211,9 @@ def test_blend_guard_keeps_the_member_that_wins_held_apart(sparse_oof: Path) -> 
     assert all(w == {"a": 1.0, "b": 0.0} for w in guarded.holdout["weights"].values())
     # switched off, the blend (which leans on 'b') is kept, and it is what lost held apart
     cfg_off = _cfg(holdout=0.4, holdout_seed=1, blend_guard=False)
-    blended = read_decisions("sparse", run_tune(cfg_off, sparse_oof, workers=2, progress=False))
+    blended = read_decisions(
+        "sparse", run_tune(cfg_off, get_dataset("uwmgi"), sparse_oof, workers=2, progress=False)
+    )
     assert blended.oof.blend_guard is None and "b" in blended.used_members()
     assert blended.holdout["held_score"] == pytest.approx(guard.blend_held_out)
     assert blended.steps[:2] == guarded.steps[:2]  # the members-alone rows are the blend search's

@@ -15,6 +15,7 @@ from test_tune import planted_oof  # noqa: F401  (fixture)
 from test_tune_passes import sparse_oof  # noqa: F401  (fixture)
 
 from pipeline.config import EnsembleConfig, MemberCfg, TuneCfg
+from pipeline.datasets import get_dataset
 from pipeline.infer.ensemble import load_oof
 from pipeline.infer.evaluate import VolumeWork, variant_stats
 from pipeline.infer.postprocess import read_decisions
@@ -38,7 +39,7 @@ def _cfg(name: str, **tune: object) -> EnsembleConfig:
 
 
 def test_fold_splits_hold_every_group_apart_once_seeded(sparse_oof: Path) -> None:  # noqa: F811
-    oof = load_oof(_cfg("f"), sparse_oof, progress=False)
+    oof = load_oof(_cfg("f"), get_dataset("uwmgi"), sparse_oof, progress=False)
     splits = fold_splits(oof, 3, seed=4)
     assert len(splits) == 3
     held = [v for _, h, _ in splits for v in h]
@@ -55,8 +56,10 @@ def test_fold_splits_hold_every_group_apart_once_seeded(sparse_oof: Path) -> Non
 
 def test_cross_fitted_estimate_equals_searches_run_alone_on_each_fold(sparse_oof: Path) -> None:  # noqa: F811
     cfg = _cfg("xfit", holdout_folds=3, holdout_seed=2)
-    decisions = read_decisions("xfit", run_tune(cfg, sparse_oof, workers=2, progress=False))
-    oof = load_oof(cfg, sparse_oof, progress=False)
+    decisions = read_decisions(
+        "xfit", run_tune(cfg, get_dataset("uwmgi"), sparse_oof, workers=2, progress=False)
+    )
+    oof = load_oof(cfg, get_dataset("uwmgi"), sparse_oof, progress=False)
     splits = fold_splits(oof, 3, seed=2)
     # the twin: each fold's search alone, its settings after each step scored volume by volume on the
     # fold it did not see, the per-volume stats pooled over the folds
@@ -78,7 +81,10 @@ def test_cross_fitted_estimate_equals_searches_run_alone_on_each_fold(sparse_oof
     assert sorted(h["groups"]) == sorted({oof.groups[v] for v in oof.volumes})
     assert decisions.oof.held_out == pytest.approx(twin[-1])
     # the decisions themselves come from the search on every volume, as without the estimate
-    plain = read_decisions("plain", run_tune(_renamed(cfg, "plain", holdout=0.0), sparse_oof, progress=False))
+    plain = read_decisions(
+        "plain",
+        run_tune(_renamed(cfg, "plain", holdout=0.0), get_dataset("uwmgi"), sparse_oof, progress=False),
+    )
     assert decisions.classes == plain.classes and decisions.weights == plain.weights
 
 
@@ -92,7 +98,9 @@ def test_min_gain_keeps_the_current_value_unless_a_candidate_clears_it(planted_o
     members = (MemberCfg(config="good"), MemberCfg(config="bad"))
     grids = {"pixel_thresholds": (0.5, 0.65, 0.8), "gate_thresholds": (0.0,), "min_component_sizes": (0, 5)}
     free = EnsembleConfig(name="free", members=members, tune=TuneCfg(**grids, blend_steps=2, holdout=0.0))
-    tuned = read_decisions("free", run_tune(free, planted_oof, workers=1, progress=False))
+    tuned = read_decisions(
+        "free", run_tune(free, get_dataset("uwmgi"), planted_oof, workers=1, progress=False)
+    )
     steps = {s["step"]: s for s in tuned.steps}
     moved = [s for s in ("blend_raw", "pixel_threshold", "min_component_size") if steps[s]["gain"] > 0]
     assert moved, "the planted OOF must reward some step, or this test cannot fail"
@@ -101,7 +109,9 @@ def test_min_gain_keeps_the_current_value_unless_a_candidate_clears_it(planted_o
     held = EnsembleConfig(
         name="held", members=members, tune=TuneCfg(**grids, blend_steps=2, holdout=0.0, min_gain=high)
     )
-    kept = read_decisions("held", run_tune(held, planted_oof, workers=1, progress=False))
+    kept = read_decisions(
+        "held", run_tune(held, get_dataset("uwmgi"), planted_oof, workers=1, progress=False)
+    )
     assert all(p.pixel_threshold == 0.5 and p.min_component_size == 0 for p in kept.classes.values())
     assert all(w == {"good": 0.5, "bad": 0.5} for w in kept.weights.values())
     assert all(s["gain"] in (None, 0) for s in kept.steps if not s["step"].startswith("alone:"))
@@ -109,7 +119,7 @@ def test_min_gain_keeps_the_current_value_unless_a_candidate_clears_it(planted_o
     low = EnsembleConfig(
         name="low", members=members, tune=TuneCfg(**grids, blend_steps=2, holdout=0.0, min_gain=1e-9)
     )
-    same = read_decisions("low", run_tune(low, planted_oof, workers=1, progress=False))
+    same = read_decisions("low", run_tune(low, get_dataset("uwmgi"), planted_oof, workers=1, progress=False))
     assert same.classes == tuned.classes and same.weights == tuned.weights
 
 

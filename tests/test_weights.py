@@ -193,7 +193,7 @@ def test_train_det_starts_from_cached_coco_weights(cache: Path, isolated_dirs: P
         cache,
     )
     data = write_body_dataset(isolated_dirs / "data")
-    sets = [f"data.data_dir={data}", "det.epochs=1", "det.imgsz=64", "det.batch=4", "det.slices_per_day=4"]
+    sets = [f"data.data_dir={data}", "det.epochs=1", "det.imgsz=64", "det.batch=4", "det.slices_per_volume=4"]
     out = train_det.main(["--config", "demo_det", "--set", *sets, "det.pretrained=coco"])
     assert json.loads((out / "metrics.json").read_text())["pretrained_tensors"] > 300
 

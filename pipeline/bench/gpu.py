@@ -5,7 +5,7 @@
 2. ``train``: AMP training images/s of each full config's network (segmenters, classifiers, the 3D
    member) at its ``data.img_size`` (3D: ``seg3d.patch_size``) and batch, on random inputs: forward,
    BCE, backward and an AdamW step in the config's precision and memory layout;
-3. ``submit``: slices/s of ``predict_day`` (prepare, network, TTA views, paste-back: `make submit`'s
+3. ``submit``: slices/s of ``predict_volume`` (prepare, network, TTA views, paste-back: `make submit`'s
    per-member work, measured as ``stages.bench_infer`` does) per 2.5D ensemble member, without and
    with the ensemble's TTA, on a synthetic volume;
 4. ``sliding``: 3D sliding-window volumes/s of the full 3D member (its ROI, overlap and Gaussian
@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import TTACfg
+from pipeline.bench.timing import median_seconds
+from pipeline.config import CONFIG_DIR, ClsConfig, ConfigError, MemberConfig, SegConfig, TTACfg
 from pipeline.data.geometry import full_box
 from pipeline.datasets import get_dataset, load_config
 from pipeline.device import amp_autocast, amp_dtype
-from pipeline.models.predict import build_model, channels_last, input_channels, is_3d, predict_day
+from pipeline.models.predict import build_model, channels_last, input_channels, is_3d, predict_volume
 from pipeline.rle import encode_masks
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ class Plan:
     train_configs: tuple[str, ...]  # seg / cls configs whose networks train (empty: every full config)
     ensemble: str  # its members (and TTA) give the submit figures
     seg3d: str  # the 3D member of the sliding-window figure
-    slices: int = 144  # synthetic volume (a UW-Madison day: 144 slices of 266x266)
+    slices: int = 144  # synthetic volume (a UW-Madison scan: 144 slices of 266x266)
     size: tuple[int, int] = (266, 266)
     rle_masks: int = 2048
     steps: int = 10  # optimizer steps per timed training run
@@ -75,35 +74,29 @@ TINY = Plan(
 )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after a warm-up run (cuDNN, JIT, allocator)."""
-    fn()
-    times = []
-    for _ in range(max(1, repeats)):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``fn`` over ``repeats`` runs after a warm-up run, the GPU's queue included."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    return median_seconds(fn, repeats, sync)
 
 
 def full_configs() -> list[str]:
     """Every full seg and cls config of the three datasets (``configs/{,lgg_,nerve_}full_*.yaml``)."""
-    from pipeline.config import CONFIG_DIR
-
     names = sorted({p.stem for pattern in FULL_PATTERNS for p in CONFIG_DIR.glob(pattern)})
-    return [n for n in names if load_config(n).stage in ("seg", "cls")]
+    return [n for n in names if isinstance(load_config(n), SegConfig | ClsConfig)]
 
 
-def prepared(name: str, plan: Plan) -> Any:
-    """A config as the bench builds it: no starting weights (untrained), toy sizes when ``plan.shrink``."""
+def member_config(name: str) -> MemberConfig:
+    """A seg or cls config by name (with its dataset's defaults); another stage's config fails."""
     cfg = load_config(name)
+    if not isinstance(cfg, SegConfig | ClsConfig):
+        raise ConfigError(f"{name}: a '{cfg.stage}' config, not a segmenter's or a classifier's")
+    return cfg
+
+
+def prepared(name: str, plan: Plan) -> MemberConfig:
+    """A config as the bench builds it: no starting weights (untrained), toy sizes when ``plan.shrink``."""
+    cfg = member_config(name)
     cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, encoder_weights=None, pretrained_path=None)
     )
@@ -158,23 +151,24 @@ def rle_rate(device: torch.device, plan: Plan) -> dict[str, Any]:
 # --------------------------------------------------------------------------- 2. training
 
 
-def _batch(cfg: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(cfg: MemberConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Random inputs and targets of one training batch of ``cfg``'s network."""
-    classes = len(get_dataset(cfg.dataset).classes)
+    spec = get_dataset(cfg.dataset)
     if is_3d(cfg):
         batch = cfg.train.batch_size * cfg.seg3d.samples_per_volume
         spatial: tuple[int, ...] = tuple(cfg.seg3d.patch_size)
     else:
         batch, spatial = cfg.train.batch_size, tuple(cfg.data.img_size)
-    x = torch.randn(batch, input_channels(cfg), *spatial, device=device)
-    target = (batch, classes) if cfg.stage == "cls" else (batch, classes, *spatial)
+    x = torch.randn(batch, input_channels(cfg.data, spec.channels), *spatial, device=device)
+    classes = len(spec.classes)
+    target = (batch, classes) if isinstance(cfg, ClsConfig) else (batch, classes, *spatial)
     y = (torch.rand(*target, device=device) > 0.5).float()
     if channels_last(cfg):
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y
 
 
-def train_rate(model: nn.Module, cfg: Any, device: torch.device, plan: Plan) -> float:
+def train_rate(model: nn.Module, cfg: MemberConfig, device: torch.device, plan: Plan) -> float:
     """Images (3D: patches) per second of ``plan.steps`` AMP training steps of ``model``."""
     x, y = _batch(cfg, device)
     optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=1e-4)
@@ -194,8 +188,8 @@ def train_rate(model: nn.Module, cfg: Any, device: torch.device, plan: Plan) -> 
     return len(x) * plan.steps / timed(steps, plan.repeats, device)
 
 
-def network(cfg: Any, device: torch.device) -> nn.Module:
-    model = build_model(cfg, pretrained=False).to(device)
+def network(cfg: MemberConfig, device: torch.device) -> nn.Module:
+    model = build_model(cfg, get_dataset(cfg.dataset), pretrained=False).to(device)
     return model.to(memory_format=torch.channels_last) if channels_last(cfg) else model
 
 
@@ -221,19 +215,19 @@ def train_rates(device: torch.device, plan: Plan) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- 3-4. inference
 
 
-def synthetic_volume(cfg: Any, plan: Plan) -> np.ndarray:
+def synthetic_volume(cfg: MemberConfig, plan: Plan) -> np.ndarray:
     channels = get_dataset(cfg.dataset).channels
     shape = (plan.slices, *plan.size) if channels == 1 else (plan.slices, channels, *plan.size)
     return np.random.default_rng(0).integers(0, 4000, shape).astype(np.uint16)
 
 
-def predict_rate(model: nn.Module, cfg: Any, image: np.ndarray, tta: TTACfg, device: torch.device,
+def predict_rate(model: nn.Module, cfg: MemberConfig, image: np.ndarray, tta: TTACfg, device: torch.device,
                  plan: Plan, batch_size: int) -> float:  # fmt: skip
-    """Seconds per volume of ``predict_day`` (the whole frame as the box)."""
+    """Seconds per volume of ``predict_volume`` (the whole frame as the box)."""
 
     def run() -> None:
         with torch.no_grad():
-            predict_day(model, cfg, image, full_box(image.shape[-2:]), device=device, batch_size=batch_size,
+            predict_volume(model, cfg, image, full_box(image.shape[-2:]), device=device, batch_size=batch_size,
                         tta=tta, amp=device.type == "cuda")  # fmt: skip
 
     return timed(run, plan.repeats, device)
@@ -247,7 +241,7 @@ def submit_rates(device: torch.device, plan: Plan) -> list[dict[str, Any]]:
     for name in names:
         cfg = prepared(name, plan)
         if cfg.stage != "seg" or is_3d(cfg):
-            continue  # the 3D member: the sliding-window figure; the gate: stages.bench_infer (predict_day_cls)
+            continue  # the 3D member: the sliding-window figure; the gate: stages.bench_infer
         model = network(cfg, device).eval()
         image = synthetic_volume(cfg, plan)
         row = {"config": name, "slices": plan.slices}
@@ -260,8 +254,10 @@ def submit_rates(device: torch.device, plan: Plan) -> list[dict[str, Any]]:
 
 
 def sliding_rate(device: torch.device, plan: Plan) -> dict[str, Any]:
-    """Volumes/s of the 3D member's sliding window (``predict_volume`` through ``predict_day``)."""
+    """Volumes/s of the 3D member's sliding window (``predict_sliding_window`` through ``predict_volume``)."""
     cfg = prepared(plan.seg3d, plan)
+    if not is_3d(cfg):
+        raise ConfigError(f"{plan.seg3d} is not a 3D member (model.spatial_dims: 3)")
     ens = load_config(plan.ensemble, stage="ensemble")
     model = network(cfg, device).eval()
     image = synthetic_volume(cfg, plan)

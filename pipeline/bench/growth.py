@@ -21,11 +21,11 @@ SUPERLINEAR = 1.15  # a time exponent above this is reported (scales differ in f
 
 def growth_exponent(n: Sequence[float], y: Sequence[float]) -> float:
     """Least-squares slope ``a`` of log y against log n (y ~ n^a); NaN with fewer than two sizes."""
-    n, y = np.asarray(n, float), np.asarray(y, float)
-    ok = (n > 0) & (y > 0)
-    if len(np.unique(n[ok])) < 2:
+    sizes, values = np.asarray(n, float), np.asarray(y, float)
+    ok = (sizes > 0) & (values > 0)
+    if len(np.unique(sizes[ok])) < 2:
         return float("nan")
-    return float(np.polyfit(np.log(n[ok]), np.log(y[ok]), 1)[0])
+    return float(np.polyfit(np.log(sizes[ok]), np.log(values[ok]), 1)[0])
 
 
 def extrapolate(n: Sequence[float], y: Sequence[float], target: float, min_exponent: float = 0.0) -> float:
@@ -35,14 +35,14 @@ def extrapolate(n: Sequence[float], y: Sequence[float], target: float, min_expon
     Scaling from the largest run (not from the fit's intercept) with a floor on the exponent keeps
     a small scale that did extra work (tune's second sweep) from bending the projection down.
     """
-    n, y = np.asarray(n, float), np.asarray(y, float)
-    if np.any(n == target):
-        return float(y[n == target][-1])
+    sizes, values = np.asarray(n, float), np.asarray(y, float)
+    if np.any(sizes == target):
+        return float(values[sizes == target][-1])
     a = growth_exponent(n, y)
     if np.isnan(a):
         return float("nan")
-    last = int(np.argmax(n))
-    return float(y[last] * (target / n[last]) ** max(a, min_exponent))
+    last = int(np.argmax(sizes))
+    return float(values[last] * (target / sizes[last]) ** max(a, min_exponent))
 
 
 def growth_table(runs: pd.DataFrame, full: dict[str, dict[str, float]]) -> pd.DataFrame:

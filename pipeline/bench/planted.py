@@ -28,11 +28,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from pipeline.config import EnsembleConfig
-from pipeline.data.folds import fold_days, fold_numbers, read_folds
+from pipeline.data.folds import fold_numbers, fold_volumes, read_folds
 from pipeline.data.volumes import VolumeStore
-from pipeline.datasets import get_dataset
+from pipeline.datasets.base import DatasetSpec
 from pipeline.datasets.uwmgi_files import decode_masks, load_split
-from pipeline.infer.ensemble import CLS_OOF_FILE, OOF_DIR, config_name
+from pipeline.infer.ensemble import CLS_OOF_FILE, OOF_DIR, run_name
 from pipeline.infer.postprocess import apply_postprocess, read_decisions, to_uint8
 from pipeline.infer.submit import check_decisions, read_volumes
 from pipeline.io import write_csv, write_with
@@ -70,7 +70,7 @@ def plant_probs(truth: np.ndarray, style: MemberStyle, rng: np.random.Generator)
     n_s, n_c, height, width = truth.shape
     out = np.zeros(truth.shape, dtype=np.uint8)
     dy, dx = rng.uniform(-style.shift, style.shift, 2)
-    move = np.float32([[1, 0, dx], [0, 1, dy]])
+    move = np.array([[1, 0, dx], [0, 1, dy]], dtype=np.float32)
     scale = np.float32(255.0 * style.gain)
     for c in range(n_c):
         present = np.flatnonzero(truth[:, c].reshape(n_s, -1).any(axis=1))
@@ -98,10 +98,17 @@ def plant_gate(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def member_names(cfg: EnsembleConfig) -> list[str]:
     """The run-folder names of the ensemble's members (a style each, in order)."""
-    names = [config_name(m.config, "seg") for m in cfg.members]
+    names = [run_name(m.config) for m in cfg.members]
     if not names or not cfg.classifier:
         raise ValueError(f"ensemble config '{cfg.name}' needs members and a classifier to plant predictions")
     return names
+
+
+def classifier_name(cfg: EnsembleConfig) -> str:
+    """The run-folder name of the ensemble's classifier (planted predictions need one)."""
+    if not cfg.classifier:
+        raise ValueError(f"ensemble config '{cfg.name}' needs a classifier to plant predictions")
+    return run_name(cfg.classifier)
 
 
 def _member_probs(truth: np.ndarray, volume_id: str, n_members: int) -> list[np.ndarray]:
@@ -111,30 +118,28 @@ def _member_probs(truth: np.ndarray, volume_id: str, n_members: int) -> list[np.
 # --------------------------------------------------------------------------- the planted stages
 
 
-def build_cache(root: Path, progress: bool = True) -> dict:
+def build_cache(spec: DatasetSpec, root: Path, progress: bool = True) -> dict:
     """Decode every train volume into the ``VolumeStore`` cache (what training does on first use)."""
-    spec = get_dataset("uwmgi")
     store = VolumeStore(root, spec.load_split(root, "train"), "train", spec)
     store.build(progress)
-    return {"volumes": len(store.days)}
+    return {"volumes": len(store.volume_ids)}
 
 
 def _save_oof(path: Path, probs: np.ndarray, ids: list[str]) -> Path:
     return write_with(path, lambda tmp: np.savez_compressed(tmp, probs=probs, ids=np.asarray(ids)))
 
 
-def write_planted_oof(root: Path, cfg: EnsembleConfig, progress: bool = True) -> dict:
+def write_planted_oof(spec: DatasetSpec, root: Path, cfg: EnsembleConfig, progress: bool = True) -> dict:
     """Every fold's validation volumes: ``oof/<volume_id>.npz`` per member, ``oof.csv`` of the classifier."""
-    spec = get_dataset(cfg.dataset)
     names = member_names(cfg)
-    cls_name = config_name(cfg.classifier, "cls")
+    cls_name = classifier_name(cfg)
     store = VolumeStore(root, spec.load_split(root, "train"), "train", spec)
     folds = read_folds(root)
     plant_s = 0.0
     for fold in fold_numbers(folds):
         rows = []
         for volume_id in tqdm(
-            fold_days(folds, fold)[1], desc=f"oof fold {fold}", unit="vol", disable=not progress
+            fold_volumes(folds, fold)[1], desc=f"oof fold {fold}", unit="vol", disable=not progress
         ):
             volume = store[volume_id]
             truth = np.asarray(volume.mask)
@@ -151,13 +156,14 @@ def write_planted_oof(root: Path, cfg: EnsembleConfig, progress: bool = True) ->
     return {"plant_s": plant_s}
 
 
-def planted_submit(root: Path, cfg: EnsembleConfig, out: Path, progress: bool = True) -> dict:
+def planted_submit(
+    spec: DatasetSpec, root: Path, cfg: EnsembleConfig, out: Path, progress: bool = True
+) -> dict:
     """``make submit`` on planted member and classifier outputs: blend, post-processing, RLE, CSV.
 
     The test images are read as the real stage reads them (the next volume in the background);
     the planted probabilities come from ``test_labels.csv``, the phantom's hidden answers.
     """
-    spec = get_dataset(cfg.dataset)
     decisions = read_decisions(cfg.name)
     check_decisions(cfg, decisions)
     names = member_names(cfg)
@@ -186,12 +192,14 @@ def planted_submit(root: Path, cfg: EnsembleConfig, out: Path, progress: bool = 
     return {"plant_s": plant_s, "volumes": n_volumes}
 
 
-def run_planted(stage: str, root: Path, cfg: EnsembleConfig, out: Path, progress: bool = True) -> dict:
-    """One planted stage by name (``cache``, ``oof`` or ``submit``); what it reports."""
+def run_planted(
+    stage: str, spec: DatasetSpec, root: Path, cfg: EnsembleConfig, out: Path, progress: bool = True
+) -> dict:
+    """One planted stage by name (``cache``, ``oof`` or ``submit``) on the dataset ``spec``; what it reports."""
     if stage == "cache":
-        return build_cache(root, progress)
+        return build_cache(spec, root, progress)
     if stage == "oof":
-        return write_planted_oof(root, cfg, progress)
+        return write_planted_oof(spec, root, cfg, progress)
     if stage == "submit":
-        return planted_submit(root, cfg, out, progress)
+        return planted_submit(spec, root, cfg, out, progress)
     raise ValueError(f"unknown planted stage '{stage}' (expected cache, oof or submit)")

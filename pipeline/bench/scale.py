@@ -1,7 +1,7 @@
 """``make bench-scale``: every stage after training, timed at fractions of the ``full`` synthetic set.
 
 The preset's set is generated once (not timed) under ``<root>/<preset>/``; each scale is a nested
-subset of its cases (:func:`pipeline.datasets.uwmgi_phantom.subset_dataset`, images hard-linked)
+subset of its cases (:func:`pipeline.phantoms.uwmgi.subset_dataset`, images hard-linked)
 with its own ``data``, ``runs`` and ``cache`` folders (``DATA_DIR``, ``RUNS_DIR``, ``CACHE_DIR``).
 The stages run in order, each in a fresh process, so that its wall time and peak resident memory
 (the child's own ``VmHWM``) are its own: ``folds``, ``cache`` (the volume cache build), ``oof`` (planted
@@ -29,12 +29,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from pipeline.bench.growth import GIB, TEST_SIDE, checks, growth_table
-from pipeline.datasets import get_dataset
-from pipeline.datasets.uwmgi_files import scan_split
-from pipeline.datasets.uwmgi_phantom import subset_dataset
+from pipeline.datasets.uwmgi_files import CLASSES, scan_split
 from pipeline.errors import PipelineError
 from pipeline.io import write_csv, write_with
 from pipeline.paths import PROJECT_ROOT
+from pipeline.phantoms.uwmgi import generate_dataset, subset_dataset
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +176,9 @@ def check_disk(dirs: ScaleDirs, n_members: int, n_classes: int) -> None:
 
 def prepare_base(settings: BenchSettings) -> Path:
     """The preset's generated set under ``<root>/<preset>`` (generated when absent; kept when it matches)."""
-    phantom = get_dataset("uwmgi").phantom()
     base = settings.root / settings.preset
     start = time.perf_counter()
-    phantom.generate(base, settings.preset, seed=settings.seed, workers=settings.workers, force=True)
+    generate_dataset(base, settings.preset, seed=settings.seed, workers=settings.workers, force=True)
     log.info(
         "data: %s (%s preset) ready in %.0f s (not timed)", base, settings.preset, time.perf_counter() - start
     )
@@ -265,7 +263,7 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
     from pipeline.datasets import load_config
 
     cfg = load_config(settings.ensemble, list(settings.tune_set), stage="ensemble")
-    n_classes = len(get_dataset(cfg.dataset).classes)
+    n_classes = len(CLASSES)  # the bench runs on the UW-Madison phantom (ScaleDirs.env)
     base = prepare_base(settings)
     full = {split: split_size(base, split) for split in ("train", "test")}
     runs, disk = [], []

@@ -45,7 +45,7 @@ def transform_names() -> list[str]:
 def _transform_class(name: str, where: str) -> type:
     obj = getattr(A, name, None)
     valid = inspect.isclass(obj) and (issubclass(obj, A.BasicTransform) or name in COMPOSITES)
-    if not valid:
+    if not valid or not isinstance(obj, type):
         close = difflib.get_close_matches(name, [*transform_names(), *COMPOSITES], n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else " (no close match)"
         raise AugmentError(f"{where}: unknown albumentations transform '{name}'{hint}")
@@ -54,7 +54,7 @@ def _transform_class(name: str, where: str) -> type:
 
 def accepted_args(cls: type) -> list[str]:
     """Constructor arguments a transform accepts (its ``__init__`` signature)."""
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls).parameters  # the constructor's, without self
     return [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 

@@ -1,7 +1,7 @@
 """Torch datasets of prepared slices for the segmenters and the slice classifier.
 
 An item is one slice of a volume, prepared by :func:`pipeline.data.prepare.prepare_slice`
-(the same computation inference runs on the whole day) from the memory-mapped cache:
+(the same computation inference runs on the whole volume) from the memory-mapped cache:
 
 - ``with_masks=True`` (segmenters): ``image`` (C, Hn, Wn) float32, ``target`` (classes, Hn, Wn)
   float32 masks on the network grid, ``id``;
@@ -59,8 +59,8 @@ class EpochSampler(Sampler):
         return self.n
 
 
-class _Day:
-    """What the dataset keeps of one day: the memory-mapped volume and its geometry."""
+class _Volume:
+    """What the dataset keeps of one volume: the memory-mapped arrays and their geometry."""
 
     def __init__(self, volume: Volume, box: Box, data_cfg: DataCfg) -> None:
         self.volume = volume
@@ -76,7 +76,7 @@ class SliceDataset(Dataset):
     def __init__(
         self,
         store: VolumeStore,
-        days: Sequence[str],
+        volume_ids: Sequence[str],
         boxes: dict[str, Box],
         data_cfg: DataCfg,
         *,
@@ -92,27 +92,26 @@ class SliceDataset(Dataset):
             seed,
             0,
         )
-        self.channels = int(store.spec.channels)
-        days = list(days)[: data_cfg.max_days] if data_cfg.max_days is not None else list(days)
-        missing = [d for d in days if d not in boxes]
+        volume_ids = list(volume_ids)[: data_cfg.max_volumes]  # None: every volume
+        missing = [v for v in volume_ids if v not in boxes]
         if missing:
             raise ValueError(f"no crop box for volume {missing[0]} ({len(missing)} missing)")
         train_on = train_on or data_cfg.train_on
         plan_cfg = dataclasses.replace(data_cfg, train_on=train_on)
-        self.days: list[_Day] = []
+        self.volumes: list[_Volume] = []
         table = store.spec.presence(store.catalog)
         n_classes = table.shape[1]
         rows, ids, targets, ignores = [], [], [], []
-        for volume_id in days:
+        for volume_id in volume_ids:
             volume = store[volume_id]
             present = table.loc[volume.ids].to_numpy(dtype=bool)
             plan = label_plan(present, plan_cfg, store.spec.classes)
             keep = np.flatnonzero(plan.keep)
             if keep.size == 0:
                 continue
-            day_index = len(self.days)
-            self.days.append(_Day(volume, boxes[volume_id], data_cfg))
-            rows += [(day_index, int(p)) for p in keep]
+            volume_index = len(self.volumes)
+            self.volumes.append(_Volume(volume, boxes[volume_id], data_cfg))
+            rows += [(volume_index, int(p)) for p in keep]
             ids += [volume.ids[p] for p in keep]
             targets.append(present[keep])
             ignores.append(plan.ignore[keep])
@@ -126,16 +125,12 @@ class SliceDataset(Dataset):
             "%d class maps ignored",
             "mask" if with_masks else "presence",
             len(self.ids),
-            len(self.days),
+            len(self.volumes),
             train_on,
             data_cfg.missing_labels,
             100 * float(self.presence.any(axis=1).mean()) if len(self.ids) else 0.0,
             int(self.ignore.sum()),
         )
-
-    @property
-    def in_channels(self) -> int:
-        return (2 * self.cfg.k + 1) * self.channels
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -143,7 +138,7 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _key(self, key: int | tuple[int, int] | Sequence[int]) -> tuple[int, int]:
+    def _key(self, key: int | tuple[int, int] | torch.Tensor) -> tuple[int, int]:
         if isinstance(key, (tuple, list)) or (isinstance(key, torch.Tensor) and key.ndim == 1):
             epoch, index = (int(v) for v in key)
             return epoch, index
@@ -151,15 +146,15 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, object]:
         epoch, index = self._key(key)
-        day_index, pos = self.items[index]
-        day = self.days[day_index]
-        image = prepare_slice(day.volume.image, pos, day.geometry, self.cfg, day.volume_scale)
+        volume_index, pos = self.items[index]
+        item = self.volumes[volume_index]
+        image = prepare_slice(item.volume.image, pos, item.geometry, self.cfg, item.volume_scale)
         mask = None
         if self.with_masks:
-            mask = prepare_masks(day.volume.mask[pos][None], day.geometry)[0]
+            mask = prepare_masks(item.volume.mask[pos][None], item.geometry)[0]
         if self.augment is not None:
             seed_augment(self.augment, [self.seed, epoch, index])
             image, mask = apply_augment(self.augment, image, mask)
-        target = mask.astype(np.float32) if self.with_masks else self.presence[index].astype(np.float32)
+        target = mask.astype(np.float32) if mask is not None else self.presence[index].astype(np.float32)
         target[self.ignore[index]] = IGNORE  # whole maps (or presences) of the missing classes
         return {"image": torch.from_numpy(image), "target": torch.from_numpy(target), "id": self.ids[index]}

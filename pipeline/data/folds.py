@@ -65,12 +65,12 @@ def read_folds(root: Path) -> pd.DataFrame:
 
 
 def fold_numbers(folds: pd.DataFrame) -> list[int]:
-    """The folds of a folds table, in order (the excluded days' -1 left out)."""
+    """The folds of a folds table, in order (the excluded volumes' -1 left out)."""
     return sorted(int(k) for k in set(folds["fold"]) if k != EXCLUDED)
 
 
-def fold_days(folds: pd.DataFrame, fold: int | str) -> tuple[list[str], list[str]]:
-    """(train days, validation days) of a fold; ``"all"`` trains on every non-excluded day."""
+def fold_volumes(folds: pd.DataFrame, fold: int | str) -> tuple[list[str], list[str]]:
+    """(train volumes, validation volumes) of a fold; ``"all"`` trains on every non-excluded volume."""
     usable = folds[folds["fold"] != EXCLUDED]
     if str(fold) == "all":
         return list(dict.fromkeys(usable["volume_id"])), []

@@ -74,7 +74,7 @@ def label_plan(present: np.ndarray, data_cfg: DataCfg, classes: tuple[str, ...])
             f"present must be (slices, {len(classes)}) for classes {classes}, got {present.shape}"
         )
     cols = class_indices(data_cfg.missing_classes, classes)  # a misspelt class fails whatever the mode
-    labelled = present.any(axis=1)
+    labelled = np.asarray(present.any(axis=1), dtype=bool)
     keep = labelled.copy() if data_cfg.train_on == "labelled" else np.ones_like(labelled)
     ignore = np.zeros(present.shape, dtype=bool)
     if data_cfg.missing_labels == "empty":
@@ -83,5 +83,5 @@ def label_plan(present: np.ndarray, data_cfg: DataCfg, classes: tuple[str, ...])
     if data_cfg.missing_labels == "drop":
         keep &= ~missing
     else:  # "ignore" (the values are checked when the config is loaded)
-        ignore[np.ix_(missing, cols)] = True
+        ignore[np.ix_(missing, np.asarray(cols, dtype=np.intp))] = True
     return LabelPlan(keep, ignore)

@@ -7,13 +7,13 @@ For a volume ``image (S, H, W)`` and its crop ``box``:
 2. the 2.5D stack of slice ``i`` takes the prepared slices ``i - k*s ... i + k*s``, clamped
    at the volume ends (:func:`~pipeline.data.stack.neighbour_indices`);
 3. intensities are divided by a robust scale (99.5th percentile) and clipped to [0, 1.5]:
-   one scale per stack (``data.normalize: image``) or one per day (``volume``), both taken
+   one scale per stack (``data.normalize: image``) or one per volume (``volume``), both taken
    on the network-size pixels.
 
 Cropping and resizing commute with stacking (each slice is resized on its own) and with the
 scalar normalisation, so doing them first prepares every slice once instead of ``2k+1`` times.
 A training item (:func:`prepare_slice`) is the same computation restricted to one slice, and
-equals the corresponding row of :func:`prepare_day` exactly.
+equals the corresponding row of :func:`prepare_volume` exactly.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from pipeline.data.stack import neighbour_indices
 log = logging.getLogger(__name__)
 
 
-
-def geometry_for(shape: tuple[int, int], box: Box, data_cfg: DataCfg) -> Geometry:
-    """The crop/resize geometry of a day of slice shape ``shape``."""
-    return Geometry((int(shape[0]), int(shape[1])), box, tuple(data_cfg.img_size), data_cfg.resize)
+def geometry_for(shape: tuple[int, ...], box: Box, data_cfg: DataCfg) -> Geometry:
+    """The crop/resize geometry of a volume of slice shape ``shape`` (H, W)."""
+    size = (int(data_cfg.img_size[0]), int(data_cfg.img_size[1]))
+    return Geometry((int(shape[0]), int(shape[1])), box, size, data_cfg.resize)
 
 
 def prepare_planes(image: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -49,15 +49,15 @@ def normalise_stacks(stacks: np.ndarray, mode: str, volume_scale: float | None =
     n = stacks.shape[0]
     if mode == "volume":
         if volume_scale is None:
-            raise ValueError("normalize='volume' needs the day's volume_scale")
+            raise ValueError("normalize='volume' needs the volume's volume_scale")
         scale = np.full((n, 1, 1, 1), volume_scale, dtype=np.float32)
     else:
-        scale = robust_scale(stacks.reshape(n, -1), axis=1).reshape(n, 1, 1, 1)
+        scale = np.asarray(robust_scale(stacks.reshape(n, -1), axis=1)).reshape(n, 1, 1, 1)
     out = np.divide(stacks, scale, dtype=np.float32)
     return np.clip(out, 0.0, CLIP, out=out)
 
 
-def prepare_day(image: np.ndarray, box: Box, data_cfg: DataCfg) -> tuple[np.ndarray, Geometry]:
+def prepare_volume(image: np.ndarray, box: Box, data_cfg: DataCfg) -> tuple[np.ndarray, Geometry]:
     """(S, H, W) or (S, C, H, W) volume -> (x float32 (S, (2k+1)*C, Hn, Wn), Geometry) for the network.
 
     A multi-channel slice (LGG's three MR contrasts) keeps its channels together: the stack is
@@ -65,18 +65,20 @@ def prepare_day(image: np.ndarray, box: Box, data_cfg: DataCfg) -> tuple[np.ndar
     """
     image = np.asarray(image)
     if image.ndim not in (3, 4):
-        raise ValueError(f"prepare_day expects a (S, H, W) or (S, C, H, W) volume, got shape {image.shape}")
+        raise ValueError(
+            f"prepare_volume expects a (S, H, W) or (S, C, H, W) volume, got shape {image.shape}"
+        )
     geometry = geometry_for(image.shape[-2:], box, data_cfg)
     planes = prepare_planes(image, geometry)
     index = neighbour_indices(len(planes), data_cfg.k, data_cfg.stride)
-    volume_scale = robust_scale(planes) if data_cfg.normalize == "volume" else None
+    volume_scale = float(robust_scale(planes)) if data_cfg.normalize == "volume" else None
     stacks = planes[index].reshape(len(planes), -1, *planes.shape[-2:])  # (S, (2k+1)*C, Hn, Wn)
     return normalise_stacks(stacks, data_cfg.normalize, volume_scale), geometry
 
 
 def volume_scale_of(image: np.ndarray, geometry: Geometry) -> float:
-    """The per-day scale used by ``normalize: volume`` (as :func:`prepare_day` computes it)."""
-    return robust_scale(prepare_planes(image, geometry))
+    """The per-volume scale used by ``normalize: volume`` (as :func:`prepare_volume` computes it)."""
+    return float(robust_scale(prepare_planes(image, geometry)))
 
 
 def prepare_slice(
@@ -86,7 +88,7 @@ def prepare_slice(
     data_cfg: DataCfg,
     volume_scale: float | None = None,
 ) -> np.ndarray:
-    """((2k+1)*C, Hn, Wn) input of slice ``index``; equals ``prepare_day(image, ...)[0][index]``.
+    """((2k+1)*C, Hn, Wn) input of slice ``index``; equals ``prepare_volume(image, ...)[0][index]``.
 
     Reads only the ``2k+1`` slices it needs, so ``image`` can be a memory-mapped volume.
     """
@@ -102,19 +104,19 @@ def prepare_masks(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
     return geometry.forward(np.asarray(mask, dtype=np.uint8), interpolation=cv2.INTER_NEAREST)
 
 
-def day_shapes(catalog: pd.DataFrame) -> dict[str, tuple[int, int]]:
+def volume_shapes(catalog: pd.DataFrame) -> dict[str, tuple[int, int]]:
     """(H, W) of every volume of a catalog."""
     first = catalog.drop_duplicates("volume_id")
     return {row.volume_id: (int(row.height), int(row.width)) for row in first.itertuples(index=False)}
 
 
 def boxes_for(data_cfg: DataCfg, store_or_catalog: Any, split: str = "train") -> dict[str, Box]:
-    """Crop box of every day: the detector's boxes when ``data.crop``, else the full frame.
+    """Crop box of every volume: the detector's boxes when ``data.crop``, else the full frame.
 
     ``store_or_catalog`` is a :class:`~pipeline.data.volumes.VolumeStore` or a catalog frame.
     """
     catalog = getattr(store_or_catalog, "catalog", store_or_catalog)
-    shapes = day_shapes(catalog)
+    shapes = volume_shapes(catalog)
     if not data_cfg.crop:
         return {volume_id: full_box(shape) for volume_id, shape in shapes.items()}
     boxes = load_boxes(data_cfg.det_config, split=split)

@@ -17,8 +17,7 @@ are calibrated against these rows on the real development folders.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +25,6 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 from tqdm.auto import tqdm
 
 from pipeline.data.images import tiff_shape
@@ -42,11 +40,20 @@ RING_PX = (5, 20)  # the ring around a nerve: from 5 to 20 px outside its outlin
 DECODE_CHUNK = 256  # nerve masks decoded at a time (420x580 bytes each)
 
 
+class Describer(Protocol):
+    """The part of a dataset spec (:mod:`pipeline.datasets`) that describes a folder."""
+
+    def describe_folder(self, root: Path) -> DataStats: ...
+
+
 class Reader(Protocol):
     """The parts of a dataset spec (pipeline.datasets) the statistics read through."""
 
-    name: str
-    rle_order: str
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def rle_order(self) -> str: ...
 
     def load_split(self, root: Path, split: str = "train") -> pd.DataFrame: ...
 
@@ -92,99 +99,10 @@ class DataStats:
         raise KeyError(f"no row '{label}' in the {self.dataset} statistics of {self.root}")
 
 
-def pct(values: Sequence[float], qs: Sequence[float]) -> list[float]:
+def pct(values: Sequence[float] | np.ndarray, qs: Sequence[float]) -> list[float]:
     """Percentiles ``qs`` (0-100) of ``values``; NaN for each when there are none."""
-    values = np.asarray(values, dtype=np.float64)
-    return np.percentile(values, qs).tolist() if values.size else [np.nan] * len(qs)
-
-
-# --------------------------------------------------------------------------- LGG
-
-
-def head_mask(flair: np.ndarray) -> np.ndarray:
-    """(H, W) bool: the head of one slice, from its FLAIR channel (the one never replaced).
-
-    Pixels of the lightly blurred slice above a tenth of its 99th percentile (at least 8), holes
-    filled, the largest component kept: robust to the dark frames and grey skull of real scans.
-    """
-    smooth = cv2.GaussianBlur(flair.astype(np.float32), (0, 0), 2.0)
-    level = max(8.0, 0.1 * float(np.percentile(smooth, 99)))
-    fg = ndimage.binary_fill_holes(smooth > level)
-    labels, n = ndimage.label(fg)
-    if n <= 1:
-        return fg
-    sizes = np.bincount(labels.ravel())[1:]
-    return labels == (1 + int(np.argmax(sizes)))
-
-
-def solidity(mask: np.ndarray) -> float:
-    """Area / area of the convex hull of every mask pixel (both counted in pixels: at most 1)."""
-    points = cv2.findNonZero(mask.astype(np.uint8))
-    hull = np.zeros(mask.shape, np.uint8)
-    cv2.fillPoly(hull, [cv2.convexHull(points)], 1)
-    return float(np.count_nonzero(mask)) / max(int(np.count_nonzero(hull | mask)), 1)
-
-
-def _lgg_slice(image: np.ndarray, mask: np.ndarray, head: np.ndarray, scale: float, out: dict) -> None:
-    """Add one (3, H, W) slice's figures to ``out`` (lists keyed by figure); ``head`` is its head mask."""
-    out["head_share"].append(head.mean())
-    if head.any():
-        rows, cols = np.flatnonzero(head.any(axis=1)), np.flatnonzero(head.any(axis=0))
-        out["head_box"].append((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1) / head.size)
-    area = int(np.count_nonzero(mask))
-    if not area:
-        return
-    out["area"].append(area * scale)
-    if area * scale >= MIN_SHAPE_PX:
-        flair, outside = image[1], head & ~ndimage.binary_dilation(mask, iterations=2)
-        if outside.any():
-            out["contrast"].append(np.median(flair[mask]) / max(float(np.median(flair[outside])), 1.0))
-        out["solidity"].append(solidity(mask))
-
-
-def _lgg_patient(volume: Any, out: dict) -> None:
-    """Add one patient's figures (its slices, volume, tumour share, FLAIR level, replaced sequences)."""
-    image, mask = np.asarray(volume.image), np.asarray(volume.mask)[:, 0] > 0
-    h, w = image.shape[-2:]
-    scale = LGG_GRID[0] * LGG_GRID[1] / (h * w)
-    heads = np.stack([head_mask(flair) for flair in image[:, 1]])
-    for s in range(len(image)):
-        _lgg_slice(image[s], mask[s], heads[s], scale, out)
-    out["volume"].append(mask.sum() * scale)
-    out["share"].append(mask.any(axis=(1, 2)).mean())
-    out["flair_level"].append(float(np.median(image[:, 1][heads])) if heads.any() else np.nan)
-    out["copied"].append(any(np.array_equal(image[:, c], image[:, 1]) for c in (0, 2)))
-    corners = image[:, :, :8, :8].reshape(len(image), 3, -1)
-    out["grey"].append(bool((np.median(corners, axis=(0, 2)) > 20).any()))
-
-
-LGG_ROWS = (  # label, figure, percentiles, kind
-    ("tumour area per tumour slice (px at 256x256), p5 / p50 / p95", "area", (5, 50, 95), "int"),
-    ("tumour volume per patient (px), p5 / p50 / p95", "volume", (5, 50, 95), "int"),
-    ("share of slices with tumour per patient, p10 / p50 / p90", "share", (10, 50, 90), "float"),
-    ("FLAIR tumour / rest of head (medians), p10 / p50 / p90", "contrast", (10, 50, 90), "float"),
-    ("tumour solidity (area / convex hull), p10 / p50 / p90", "solidity", (10, 50, 90), "float"),
-    ("head share of the frame per slice, p10 / p50 / p90", "head_share", (10, 50, 90), "float"),
-    ("head box share of the frame per slice, p10 / p50 / p90", "head_box", (10, 50, 90), "float"),
-    ("median FLAIR of the head per patient, p10 / p50 / p90", "flair_level", (10, 50, 90), "int"),
-)
-
-
-def lgg_stats(spec: Reader, root: Path) -> DataStats:
-    """The LGG rows: tumour size, extent, contrast and shape, head size, per-patient intensity."""
-    catalog = spec.load_split(root, "train")
-    out: dict[str, list] = defaultdict(list)
-    volumes = catalog.groupby("volume_id", sort=False)
-    for _, rows in tqdm(volumes, total=volumes.ngroups, desc="patients", unit="patient", leave=False):
-        _lgg_patient(spec.read_volume(rows, with_masks=True), out)
-    stats = DataStats("lgg", Path(root))
-    n = len(out["volume"])
-    stats.add("patients / slices / tumour slices", [n, len(catalog), len(out["area"])])
-    for label, key, qs, kind in LGG_ROWS:
-        stats.add(label, pct(out[key], qs), kind)
-    stats.add("patients with a sequence copied from FLAIR", [sum(out["copied"]) / max(n, 1)], "share")
-    stats.add("patients with a grey background in a sequence", [sum(out["grey"]) / max(n, 1)], "share")
-    return stats
+    array = np.asarray(values, dtype=np.float64)
+    return np.percentile(array, qs).tolist() if array.size else [np.nan] * len(qs)
 
 
 # --------------------------------------------------------------------------- Ultrasound Nerve
@@ -209,7 +127,10 @@ def frame_shape(root: Path) -> tuple[int, int]:
     first = next(
         (p for p in sorted((Path(root) / "train").glob("*.tif")) if not p.stem.endswith("_mask")), None
     )
-    return tuple(tiff_shape(first)[:2]) if first is not None else NERVE_GRID
+    if first is None:
+        return NERVE_GRID
+    height, width = tiff_shape(first)[:2]
+    return int(height), int(width)
 
 
 def mask_geometry(masks: np.ndarray) -> np.ndarray:
@@ -271,44 +192,15 @@ def nerve_stats(spec: Reader, root: Path) -> DataStats:
     return stats
 
 
-# --------------------------------------------------------------------------- UW-Madison
+# --------------------------------------------------------------------------- entry and printing
 
 
-def uwmgi_stats(spec: Reader, root: Path) -> DataStats:
-    """The cheap UW-Madison rows, from ``train.csv`` alone: labelled share and mask areas per class."""
-    path = Path(root) / "train.csv"
-    if not path.is_file():
-        raise DataError(f"{path} not found: the UW-Madison statistics read the labels from it")
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    table["area"] = [sum(map(int, s.split()[1::2])) for s in table["segmentation"]]
-    stats = DataStats("uwmgi", Path(root))
-    labelled = table.groupby("id")["area"].max() > 0
-    stats.add("slices", [len(labelled)])
-    stats.add("slices with any label", [labelled.mean()], "share")
-    for name, rows in table.groupby("class", sort=True):
-        areas = rows["area"][rows["area"] > 0]
-        stats.add(f"{name}: share of slices labelled", [(rows["area"] > 0).mean()], "share")
-        stats.add(f"{name}: mask area (px), p5 / p50 / p95", pct(areas, (5, 50, 95)))
-    return stats
-
-
-# --------------------------------------------------------------------------- dispatch and printing
-
-BY_DATASET: dict[str, Callable[[Reader, Path], DataStats]] = {
-    "lgg": lgg_stats,
-    "nerve": nerve_stats,
-    "uwmgi": uwmgi_stats,
-}
-
-
-def dataset_stats(spec: Reader, root: Path | str) -> DataStats:
-    """The statistics of the dataset folder ``root``, read through ``spec`` (a dataset plug-in)."""
-    if spec.name not in BY_DATASET:
-        raise DataError(f"no statistics for dataset '{spec.name}'; available: {', '.join(BY_DATASET)}")
+def dataset_stats(spec: Describer, root: Path | str) -> DataStats:
+    """The statistics of the dataset folder ``root``: the figures its dataset plug-in ``spec`` gives."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root} (set DATA_DIR or pass --data-dir)")
-    return BY_DATASET[spec.name](spec, root)
+    return spec.describe_folder(root)
 
 
 def format_table(tables: Sequence[DataStats], names: Sequence[str] | None = None) -> str:

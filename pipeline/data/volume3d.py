@@ -1,7 +1,7 @@
 """The 3D member's data: whole volumes on the network grid, and patches sampled from them by MONAI.
 
 A volume ``(S, [C,] H, W)`` goes through the same preparation as the 2.5D members
-(:func:`pipeline.data.prepare.prepare_day` with ``k = 0``: cropped to the detector's box,
+(:func:`pipeline.data.prepare.prepare_volume` with ``k = 0``: cropped to the detector's box,
 resized in-plane to ``data.img_size``, scaled), its slices kept, and is laid out for a 3D network
 as ``(C, S, Hn, Wn)`` (depth first, as torch's ``Conv3d`` expects). Masks follow on the same grid
 (nearest), with the labels that ``data.missing_labels`` marks as missing set to
@@ -16,6 +16,7 @@ an item is seeded from ``(seed, epoch, index)``, so an epoch does not depend on 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from collections.abc import Sequence
@@ -25,11 +26,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.config import AugSpec, SegConfig
+from pipeline.config import AugSpec, DataCfg, SegConfig
 from pipeline.data.augment import AugmentError
-from pipeline.data.geometry import Box
+from pipeline.data.geometry import Box, Geometry
 from pipeline.data.labels import IGNORE, label_plan
-from pipeline.data.prepare import prepare_day, prepare_masks
+from pipeline.data.prepare import prepare_masks, prepare_volume
 from pipeline.data.volumes import VolumeStore
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,9 @@ def to_depth_first(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x, 0, 1))
 
 
-def prepare_volume(image: np.ndarray, box: Box, cfg: SegConfig) -> tuple[np.ndarray, Any]:
+def prepare_volume3d(image: np.ndarray, box: Box, data: DataCfg) -> tuple[np.ndarray, Geometry]:
     """A volume -> (x float32 (C, S, Hn, Wn), Geometry); ``geometry.inverse`` maps (S, ...) planes back."""
-    x, geometry = prepare_day(image, box, cfg.data)  # k = 0: (S, C, Hn, Wn)
+    x, geometry = prepare_volume(image, box, data)  # k = 0: (S, C, Hn, Wn)
     return to_depth_first(x), geometry
 
 
@@ -63,7 +64,7 @@ def build_augment3d(specs: Sequence[AugSpec]) -> Any | None:
     transforms = []
     for i, spec in enumerate(specs):
         where = f"augment[{i}]"
-        cls = getattr(mt, spec.name, None)
+        cls: Any = getattr(mt, spec.name, None)
         if cls is None or not inspect.isclass(cls) or not spec.name.endswith("d"):
             raise AugmentError(
                 f"{where}: '{spec.name}' is not a MONAI dictionary transform (e.g. RandFlipd, RandAffined, "
@@ -81,8 +82,9 @@ def build_augment3d(specs: Sequence[AugSpec]) -> Any | None:
         keys = KEYS[:1] if intensity else KEYS
         if not intensity and "mode" in accepted and "mode" not in params:
             params["mode"] = ("bilinear", "nearest")
+        make: Any = cls  # a MONAI transform class, found by name above
         try:
-            transforms.append(cls(keys=keys, **params))
+            transforms.append(make(keys=keys, **params))
         except (TypeError, ValueError) as exc:
             raise AugmentError(f"{where} ({spec.name}): {exc}") from None
     return mt.Compose(transforms) if transforms else None
@@ -103,17 +105,23 @@ class PatchDataset(Dataset):
     """
 
     def __init__(
-        self, store: VolumeStore, days: Sequence[str], boxes: dict[str, Box], cfg: SegConfig, *, seed: int = 0
+        self,
+        store: VolumeStore,
+        volume_ids: Sequence[str],
+        boxes: dict[str, Box],
+        cfg: SegConfig,
+        *,
+        seed: int = 0,
     ) -> None:
         self.store, self.cfg, self.seed, self.epoch = store, cfg, seed, 0
         self.augment = build_augment3d(cfg.augment)
-        days = list(days)[: cfg.data.max_days] if cfg.data.max_days is not None else list(days)
-        missing = [d for d in days if d not in boxes]
+        volume_ids = list(volume_ids)[: cfg.data.max_volumes]  # None: every volume
+        missing = [v for v in volume_ids if v not in boxes]
         if missing:
             raise ValueError(f"no crop box for volume {missing[0]} ({len(missing)} missing)")
         table = store.spec.presence(store.catalog)
         self.volumes: list[_Volume] = []
-        for volume_id in days:
+        for volume_id in volume_ids:
             volume = store[volume_id]
             present = table.loc[volume.ids].to_numpy(dtype=bool)
             plan = label_plan(present, _all_slices(cfg), store.spec.classes)
@@ -142,7 +150,9 @@ class PatchDataset(Dataset):
         """(image (C, S, Hn, Wn), target (classes, S, Hn, Wn) float32 with IGNORE) of volume ``index``."""
         item = self.volumes[index]
         volume = self.store[item.volume_id]
-        image, geometry = prepare_volume(volume.image[: item.end], item.box, self.cfg)
+        if volume.mask is None:
+            raise ValueError(f"{item.volume_id} has no masks: a 3D member trains on labelled volumes")
+        image, geometry = prepare_volume3d(volume.image[: item.end], item.box, self.cfg.data)
         mask = prepare_masks(volume.mask[: item.end], geometry).astype(np.float32)  # (S, classes, Hn, Wn)
         mask[item.ignore] = IGNORE
         return image, to_depth_first(mask)
@@ -156,11 +166,11 @@ class PatchDataset(Dataset):
             epoch, index = self.epoch, int(key)
         s3 = self.cfg.seg3d
         image, target = self.prepared(index)
-        pad = SpatialPad(s3.patch_size)  # volumes shallower or smaller than a patch are zero-padded
-        image, target = np.asarray(pad(image)), np.asarray(pad(target))
+        pad: Any = SpatialPad(s3.patch_size)  # volumes shallower or smaller than a patch are zero-padded
+        image, target = np.asarray(pad(image)), np.asarray(pad(target))  # MONAI takes NumPy arrays too
         crop = RandCropByPosNegLabel(
             s3.patch_size,
-            label=(target > 0).any(axis=0, keepdims=True),
+            label=(target > 0).any(axis=0, keepdims=True),  # type: ignore[arg-type]  # an array works too
             pos=s3.pos,
             neg=s3.neg,
             num_samples=s3.samples_per_volume,
@@ -192,8 +202,6 @@ class PatchDataset(Dataset):
         }
 
 
-def _all_slices(cfg: SegConfig) -> Any:
+def _all_slices(cfg: SegConfig) -> DataCfg:
     """The data section with ``train_on: all``: a volume is used whole (its tail cut by ``drop``)."""
-    from dataclasses import replace
-
-    return replace(cfg.data, train_on="all")
+    return dataclasses.replace(cfg.data, train_on="all")

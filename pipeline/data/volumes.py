@@ -94,7 +94,7 @@ class VolumeStore:
         self._source = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns} if stat else None
 
     @property
-    def days(self) -> list[str]:
+    def volume_ids(self) -> list[str]:
         """The volume ids of the split, in catalog order."""
         return volume_ids(self.catalog)
 
@@ -137,7 +137,7 @@ class VolumeStore:
         Threads suffice: PNG/TIFF decoding and ``np.save`` release the GIL (the build takes half the
         time on 2 cores), and each thread holds one volume.
         """
-        todo = [d for d in self.days if not self.is_cached(d)]
+        todo = [v for v in self.volume_ids if not self.is_cached(v)]
         if not todo:
             return
         workers = max(1, min(workers or available_cores(), len(todo)))

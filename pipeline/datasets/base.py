@@ -1,27 +1,39 @@
-"""What a dataset plug-in declares, and the parts every dataset shares.
+"""The dataset contract: what a dataset plug-in declares and the methods its author writes.
 
-A dataset module (``pipeline/datasets/<name>.py``) defines one :class:`DatasetSpec` subclass and
-an instance ``DATASET``. The rest of the pipeline asks the spec and never names a dataset:
+A dataset module defines one :class:`DatasetSpec` subclass and an instance ``DATASET``; the rest of the
+pipeline is handed that spec and never names a dataset. The class is checked when it is defined (its
+declarations, and that every abstract method is written), so a plug-in with a gap fails at import, not
+an hour into training. The parts, in the order an author fills them in:
 
-- **layout**: :meth:`~DatasetSpec.scan` turns a split folder into a *catalog*, one row per image
-  with the columns of :data:`CATALOG_COLUMNS` (plus the dataset's label columns): ``id``;
-  ``group`` (folds never split a group); ``volume_id`` (the unit of 2.5D neighbours, 3D
-  post-processing and volumetric metrics; a 2D dataset uses it only to batch images);
-  ``slice`` (order inside the volume); ``path``; ``height``/``width``; ``px``/``py`` spacing.
-- **images and labels**: :meth:`read_image` gives ``(H, W)`` or ``(C, H, W)`` for ``channels``
-  > 1; :meth:`read_masks` gives a volume's ``(S, classes, H, W)`` uint8 masks;
-  :meth:`presence` which classes a slice holds (folds, classifier targets).
-- **metric**: :meth:`volume_stats` is what one volume adds, :meth:`aggregate` sums those into a
-  dict whose ``score`` is the number tuning maximises; ``metric_keys`` are shown in tables.
-- **submission**: :meth:`prediction_catalog` lists what to predict, :meth:`submission_writer`
-  writes the file(s) in the competition's format, :meth:`score_files` scores them.
-- **defaults**: ``config_defaults[stage]`` is a config delta applied under every config of that
-  stage for the dataset (``data.k``, ``data.crop``, excluded volumes...); the file may override it.
+- **declarations** (class attributes, :data:`DECLARATIONS`): ``name``, ``title``, ``classes``,
+  ``channels`` (per slice: LGG's three MR contrasts), ``volumetric`` (slices form a 3D stack: 2.5D
+  input, z-continuity and 3D components make sense), ``rle_order`` ("C" row-major or "F"
+  column-major), ``labels_file`` (its size/mtime invalidate the volume cache), ``metric_keys``,
+  ``cuts_to_box``, ``config_defaults[stage]`` (a config delta under every config of that stage),
+  ``kaggle_source``, ``train_folder``, ``truth_file``.
+- **layout**: :meth:`~DatasetSpec.scan` turns a split folder into a *catalog*, one row per image with
+  the columns of :data:`~pipeline.datasets.common.CATALOG_COLUMNS` (plus the dataset's label columns): ``id``; ``group`` (folds
+  never split a group); ``volume_id`` (the unit of 2.5D neighbours, 3D post-processing and volumetric
+  metrics; a 2D dataset uses it only to batch images); ``slice`` (order inside the volume); ``path``;
+  ``height``/``width``; ``px``/``py`` spacing. :meth:`has_labels` and :meth:`presence` (which classes
+  a slice holds: folds, classifier targets).
+- **images**: :meth:`read_image` gives ``(H, W)``, or ``(C, H, W)`` when ``channels`` > 1;
+  :meth:`read_masks` a volume's ``(S, classes, H, W)`` uint8 masks.
+- **metric**: :meth:`volume_stats` is what one volume adds, :meth:`aggregate` sums those into a dict
+  whose ``score`` is the number tuning maximises.
+- **submission**: :meth:`submission_writer` writes the competition's file(s) volume by volume,
+  :meth:`score_files` scores a written submission against the phantom's hidden answers.
+- **phantom**: :meth:`phantom`, the synthetic folder ``make data`` writes in the dataset's layout.
+
+The other methods have defaults that serve most datasets (reading a volume, validation stats,
+the debug catalog, the statistics of ``make data-stats``); override them where yours differs.
 """
 
 from __future__ import annotations
 
+import abc
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -29,14 +41,17 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import pandas as pd
 
+from pipeline.config import SCHEMAS
+from pipeline.data.stats import DataStats
 from pipeline.data.volumes import Volume
+from pipeline.datasets.common import check_one_size, check_slices
 from pipeline.errors import DataError
-from pipeline.rle import RLEError, rle_decode
 
 log = logging.getLogger(__name__)
 
-CATALOG_COLUMNS = ["id", "group", "volume_id", "slice", "path", "height", "width", "px", "py"]
 Encoder = Callable[[np.ndarray, str], list[str]]  # (N, H, W) masks, RLE order -> strings
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+KAGGLE_KINDS = ("competition", "dataset")
 
 
 class Phantom(NamedTuple):
@@ -47,41 +62,128 @@ class Phantom(NamedTuple):
     format_stats: Callable[[dict], str]
 
 
-class SubmissionWriter:
+class SubmissionWriter(abc.ABC):
     """Collects a dataset's predicted masks volume by volume, then writes and checks the files."""
 
-    def add(self, volume: Volume, masks: np.ndarray) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def add(self, volume: Volume, masks: np.ndarray) -> None:
+        """Take one volume's (S, classes, H, W) bool masks."""
 
-    def finish(self) -> Path:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def finish(self) -> Path:
+        """Write the submission (atomically, checked) and return its path."""
 
 
-class DatasetSpec:
-    """A dataset plug-in (see the module doc). Subclasses fill in the class attributes and methods."""
+class ContractError(TypeError):
+    """A dataset plug-in class breaks the contract; raised when the class is defined."""
 
+
+def _names(value: Any) -> bool:
+    """A non-empty tuple of distinct non-empty strings."""
+    return (
+        isinstance(value, tuple)
+        and len(value) > 0
+        and all(isinstance(v, str) and v for v in value)
+        and len(set(value)) == len(value)
+    )
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+# the declarations of a spec: (class attribute, check of its value, what it must be)
+DECLARATIONS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("name", lambda v: isinstance(v, str) and bool(NAME_RE.match(v)), "a lower-case identifier (DATASET=)"),
+    ("title", _text, "a non-empty string"),
+    ("classes", _names, "a tuple of distinct class names"),
+    ("channels", lambda v: type(v) is int and v >= 1, "an int >= 1"),
+    ("volumetric", lambda v: isinstance(v, bool), "True or False"),
+    ("rle_order", lambda v: v in ("C", "F"), "'C' (row-major) or 'F' (column-major)"),
+    ("labels_file", lambda v: v is None or _text(v), "None or a file name"),
+    ("metric_keys", lambda v: _names(v) and v[0] == "score", "a tuple of metric names, 'score' first"),
+    ("cuts_to_box", lambda v: isinstance(v, bool), "True or False"),
+    (
+        "config_defaults",
+        lambda v: (
+            isinstance(v, Mapping)
+            and set(v) <= set(SCHEMAS)
+            and all(isinstance(d, Mapping) for d in v.values())
+        ),
+        f"{{stage: config delta}} with stages among {sorted(SCHEMAS)}",
+    ),
+    (
+        "kaggle_source",
+        lambda v: isinstance(v, tuple) and len(v) == 2 and v[0] in KAGGLE_KINDS and isinstance(v[1], str),
+        f"(kind, slug) with kind one of {KAGGLE_KINDS}",
+    ),
+    ("train_folder", _text, "a folder name"),
+    ("truth_file", _text, "a file name"),
+)
+
+
+def check_declarations(cls: type) -> None:
+    """Raise :class:`ContractError` naming the first class attribute of a dataset spec that is wrong."""
+    for key, ok, want in DECLARATIONS:
+        if not ok(getattr(cls, key, None)):
+            raise ContractError(
+                f"dataset plug-in {cls.__module__}.{cls.__qualname__}: {key} = {getattr(cls, key, None)!r} "
+                f"must be {want} (see pipeline/datasets/base.py)"
+            )
+
+
+class DatasetSpec(abc.ABC):
+    """A dataset plug-in (see the module doc): fill in the declarations and the abstract methods.
+
+    A subclass that is itself a base for other plug-ins says so: ``class TiffSpec(DatasetSpec,
+    abstract=True)``; every other subclass is checked when it is defined.
+    """
+
+    # ------------------------------------------------------------------ declarations
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
     classes: ClassVar[tuple[str, ...]] = ()
     channels: ClassVar[int] = 1
-    volumetric: ClassVar[bool] = True  # slices of a volume form a 3D stack
+    volumetric: ClassVar[bool] = True
     rle_order: ClassVar[str] = "C"
-    labels_file: ClassVar[str | None] = None  # its size/mtime invalidate the decoded cache
+    labels_file: ClassVar[str | None] = None
     metric_keys: ClassVar[tuple[str, ...]] = ("score",)
     # the metric of a volume is unchanged when it is cut to a box holding every predicted and true
     # voxel (with the uncut grid passed to fast_stats): tuning then scores only that box
     cuts_to_box: ClassVar[bool] = False
-    config_defaults: ClassVar[Mapping[str, Any]] = {}
+    config_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    kaggle_source: ClassVar[tuple[str, str]] = ("competition", "")  # (competition|dataset, slug)
+    train_folder: ClassVar[str] = "train"
     truth_file: ClassVar[str] = "test_labels.csv"  # the phantom's hidden answers, kept apart
-    kaggle_source: ClassVar[tuple[str, str]] = (
-        "competition",
-        "",
-    )  # (competition|dataset, slug) of the real data
+
+    def __init_subclass__(cls, abstract: bool = False, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if abstract:
+            return
+        missing = sorted(
+            name for name in dir(cls) if getattr(getattr(cls, name, None), "__isabstractmethod__", False)
+        )
+        if missing:
+            raise ContractError(
+                f"dataset plug-in {cls.__module__}.{cls.__qualname__} does not write {', '.join(missing)} "
+                "(the abstract methods of pipeline.datasets.base.DatasetSpec); write them, or declare the "
+                "class a base with `abstract=True`"
+            )
+        check_declarations(cls)
 
     # ------------------------------------------------------------------ layout
 
-    def scan(self, root: Path, split: str = "train") -> pd.DataFrame:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def scan(self, root: Path, split: str = "train") -> pd.DataFrame:
+        """The catalog of ``root/<split>`` (``CATALOG_COLUMNS`` + label columns); empty when absent."""
+
+    @abc.abstractmethod
+    def has_labels(self, catalog: pd.DataFrame) -> bool:
+        """Does the catalog carry the labels (:meth:`read_masks` and :meth:`presence` can run)."""
+
+    @abc.abstractmethod
+    def presence(self, catalog: pd.DataFrame) -> pd.DataFrame:
+        """Per id (index), one bool column per class: does the slice hold that class."""
 
     def load_split(self, root: Path, split: str = "train") -> pd.DataFrame:
         """The catalog of a split with its labels; the train split must have images and labels."""
@@ -95,26 +197,24 @@ class DatasetSpec:
 
     def check_volumes(self, catalog: pd.DataFrame) -> pd.DataFrame:
         """The catalog, once every volume of a ``volumetric`` dataset holds its slices 1..N
-        (:func:`check_slices`); 2D datasets pass as they are."""
+        (:func:`~pipeline.datasets.common.check_slices`); 2D datasets pass as they are."""
         if self.volumetric:
             check_slices(catalog)
         return catalog
 
-    train_folder: ClassVar[str] = "train"
+    def presence_of(self, catalog: pd.DataFrame, ids: Sequence[str]) -> np.ndarray:
+        """(len(ids), classes) bool presence of the slices ``ids``."""
+        return self.presence(catalog).loc[list(ids)].to_numpy(dtype=bool)
 
-    def has_labels(self, catalog: pd.DataFrame) -> bool:  # pragma: no cover - interface
-        raise NotImplementedError
+    # ------------------------------------------------------------------ images
 
-    def presence(self, catalog: pd.DataFrame) -> pd.DataFrame:  # pragma: no cover - interface
-        """Per id (index), one bool column per class: does the slice hold that class."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def read_image(self, path: str | Path, height: int, width: int) -> np.ndarray:
+        """One image as (H, W), or (C, H, W) when ``channels`` > 1; its size checked against the catalog."""
 
-    def read_image(self, path: str | Path, height: int, width: int) -> np.ndarray:  # pragma: no cover
-        raise NotImplementedError
-
-    def read_masks(self, rows: pd.DataFrame) -> np.ndarray:  # pragma: no cover - interface
+    @abc.abstractmethod
+    def read_masks(self, rows: pd.DataFrame) -> np.ndarray:
         """(S, classes, H, W) uint8 masks of one volume's rows (in slice order)."""
-        raise NotImplementedError
 
     def read_volume(self, rows: pd.DataFrame, with_masks: bool | None = None) -> Volume:
         """One volume straight from its files (``rows``: that volume's catalog rows, any order)."""
@@ -126,15 +226,15 @@ class DatasetSpec:
         spacing = (float(rows["py"].iloc[0]), float(rows["px"].iloc[0]))
         return Volume(str(rows["volume_id"].iloc[0]), list(rows["id"]), image, mask, spacing)
 
-    def presence_of(self, catalog: pd.DataFrame, ids: Sequence[str]) -> np.ndarray:
-        """(len(ids), classes) bool presence of the slices ``ids``."""
-        return self.presence(catalog).loc[list(ids)].to_numpy(dtype=bool)
-
     # ------------------------------------------------------------------ metric
 
-    def volume_stats(self, pred: np.ndarray, truth: np.ndarray) -> Any:  # pragma: no cover - interface
+    @abc.abstractmethod
+    def volume_stats(self, pred: np.ndarray, truth: np.ndarray) -> Any:
         """What one volume's (S, classes, H, W) prediction adds to the score (bool or uint8 masks)."""
-        raise NotImplementedError
+
+    @abc.abstractmethod
+    def aggregate(self, stats: Sequence[Any]) -> dict:
+        """The metric dict (``score`` first, ``per_class`` {class: {"score": ...}}) of per-volume stats."""
 
     def fast_stats(self, pred: np.ndarray, truth: Any, grid: tuple[int, int, int] | None = None) -> Any:
         """The stats for validation and tuning (a dataset may skip analysis-only parts).
@@ -147,10 +247,6 @@ class DatasetSpec:
     def reference(self, truth: np.ndarray) -> Any:
         """The truth as :meth:`fast_stats` takes it, digested once for many predictions (default: as is)."""
         return truth
-
-    def aggregate(self, stats: Sequence[Any]) -> dict:  # pragma: no cover - interface
-        """The metric dict (``score`` first, ``per_class`` {class: {"score": ...}}) of per-volume stats."""
-        raise NotImplementedError
 
     def format_score(self, result: dict) -> str:
         """A short human table of a metric dict."""
@@ -166,6 +262,16 @@ class DatasetSpec:
 
     # ------------------------------------------------------------------ submission
 
+    @abc.abstractmethod
+    def submission_writer(
+        self, root: Path, out: Path, catalog: pd.DataFrame, encode: Encoder, force: bool = False
+    ) -> SubmissionWriter:
+        """The writer of ``out`` for the images of ``catalog``; ``force`` skips the sanity refusals."""
+
+    @abc.abstractmethod
+    def score_files(self, submission: Path, truth: Path, root: Path) -> dict:
+        """Score a written submission against the hidden answers (``truth_file``), as :meth:`aggregate`."""
+
     def prediction_catalog(self, root: Path, debug_volumes: int = 0) -> pd.DataFrame:
         """The images ``make submit`` predicts: the test split, or the first train volumes when debugging.
 
@@ -176,7 +282,7 @@ class DatasetSpec:
             train = self.scan(root, "train")
             if train.empty:
                 raise DataError(
-                    f"debug_train_days={debug_volumes} but {root / self.train_folder} has no images"
+                    f"debug_train_volumes={debug_volumes} but {root / self.train_folder} has no images"
                 )
             keep = list(dict.fromkeys(train["volume_id"]))[:debug_volumes]
             catalog = train[train["volume_id"].isin(keep)].reset_index(drop=True)
@@ -188,123 +294,27 @@ class DatasetSpec:
             return self.check_volumes(catalog).assign(debug=True)
         return self.check_volumes(self.scan(root, "test"))
 
-    def submission_writer(
-        self, root: Path, out: Path, catalog: pd.DataFrame, encode: Encoder, force: bool = False
-    ) -> SubmissionWriter:  # pragma: no cover - interface
-        raise NotImplementedError
+    # ------------------------------------------------------------------ phantom and statistics
 
-    def score_files(self, submission: Path, truth: Path, root: Path) -> dict:  # pragma: no cover
-        """Score a written submission against the hidden answers (``truth_file``)."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def phantom(self) -> Phantom:
+        """How ``make data`` writes this dataset's synthetic phantom (import it here, lazily)."""
 
-    # ------------------------------------------------------------------ the embedded phantom
+    def describe_folder(self, root: Path) -> DataStats:
+        """The figures ``make data-stats`` prints for a data folder, real or phantom, to set them side by side.
 
-    def phantom(self) -> Phantom:  # pragma: no cover - interface
-        """How ``make data`` writes this dataset's synthetic phantom."""
-        raise NotImplementedError
+        The default counts groups, volumes and images and the share of images holding each class;
+        a dataset whose phantom is calibrated against real statistics gives its own figures.
+        """
+        catalog = self.load_split(Path(root), "train")
+        presence = self.presence(catalog)
+        stats = DataStats(self.name, Path(root))
+        counts = [catalog["group"].nunique(), catalog["volume_id"].nunique(), len(catalog)]
+        stats.add("groups / volumes / images", counts)
+        stats.add("images with any class", [presence.any(axis=1).mean()], "share")
+        for name in self.classes:
+            stats.add(f"{name}: share of images", [presence[name].mean()], "share")
+        return stats
 
     def __repr__(self) -> str:
         return f"<dataset {self.name}: {len(self.classes)} classes, {self.channels} channel(s)>"
-
-
-def sort_catalog(
-    frame: pd.DataFrame, where: Path | str, keys: Sequence[str] = ("group", "volume_id", "slice")
-) -> pd.DataFrame:
-    """Check ids are unique and order a catalog by ``keys`` (numeric columns sort numerically)."""
-    if frame.empty:
-        return pd.DataFrame(columns=frame.columns if len(frame.columns) else CATALOG_COLUMNS)
-    dup = frame[frame["id"].duplicated(keep=False)]
-    if not dup.empty:
-        raise DataError(
-            f"{where}: two image files for id {dup['id'].iloc[0]}: {', '.join(map(str, dup['path']))}"
-        )
-    return frame.sort_values(list(keys), kind="stable").reset_index(drop=True)
-
-
-def check_slices(catalog: pd.DataFrame) -> None:
-    """Every volume must hold its slices 1..N, each once (both Kaggle sets number them so).
-
-    A missing slice would let 2.5D stacks and 3D patches join slices that are not neighbours, and the
-    volumetric metrics measure a volume with a hole; the first damaged volume is named with its
-    missing (or repeated) slice numbers.
-    """
-    for volume_id, rows in catalog.groupby("volume_id", sort=False):
-        numbers = rows["slice"].astype(int)
-        repeated = sorted(set(numbers[numbers.duplicated()]))
-        missing = sorted(set(range(1, int(numbers.max()) + 1)) - set(numbers))
-        if not (missing or repeated):
-            continue
-        folder = Path(rows["path"].iloc[0]).parent
-        if missing:
-            problem = f"lacks slice(s) {_numbers(missing)} of 1..{int(numbers.max())}"
-            fix = "restore the missing images (and their masks)"
-        else:
-            problem = f"has slice(s) {_numbers(repeated)} twice"
-            fix = "keep one file per slice"
-        raise DataError(
-            f"{volume_id} ({folder}) {problem}: 2.5D stacks and 3D patches would join slices that are "
-            f"not neighbours; {fix}, or move the whole volume out of the split"
-        )
-
-
-def _numbers(values: Sequence[int], shown: int = 10) -> str:
-    text = ", ".join(str(v) for v in values[:shown])
-    return text + (f" ... ({len(values)} in all)" if len(values) > shown else "")
-
-
-def check_one_size(rows: pd.DataFrame) -> tuple[int, int]:
-    """The (height, width) every image of one volume's ``rows`` shares; an odd image is named."""
-    sizes = list(zip(rows["height"].astype(int), rows["width"].astype(int)))
-    common = max(dict.fromkeys(sizes), key=sizes.count)  # ties: the first
-    odd = [i for i, size in enumerate(sizes) if size != common]
-    if odd:
-        first = rows.iloc[odd[0]]
-        raise DataError(
-            f"{first['path']}: image is {int(first['width'])}x{int(first['height'])}, but the other images of "
-            f"{first['volume_id']} are {common[1]}x{common[0]} ({len(odd)} of {len(rows)} differ); every "
-            "image of a volume must share its size: replace the file or move it out"
-        )
-    return common
-
-
-def slice_dice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """(S, C) Dice of every (slice, class) of (S, C, H, W) masks; 1 where both are empty."""
-    p, t = np.asarray(pred) != 0, np.asarray(truth) != 0
-    if p.shape != t.shape or p.ndim != 4:
-        raise ValueError(f"prediction {p.shape} and truth {t.shape} must be equal (S, C, H, W) shapes")
-    inter = np.count_nonzero(p & t, axis=(2, 3))
-    total = np.count_nonzero(p, axis=(2, 3)) + np.count_nonzero(t, axis=(2, 3))
-    return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
-
-
-def slice_iou(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """(S, C) IoU of every (slice, class); 1 where both are empty."""
-    p, t = np.asarray(pred) != 0, np.asarray(truth) != 0
-    inter = np.count_nonzero(p & t, axis=(2, 3))
-    union = np.count_nonzero(p | t, axis=(2, 3))
-    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
-
-
-def decode_rle(
-    rle: str, shape: tuple[int, int], order: str, where: str, error: type[ValueError]
-) -> np.ndarray:
-    """An RLE string decoded, its problem raised as ``error`` (DataError for truth, SubmissionError for a submission)."""
-    try:
-        return rle_decode(rle, shape, order, where=where)
-    except RLEError as err:
-        raise error(str(err)) from None
-
-
-def read_csv_strings(path: Path, columns: Sequence[str], what: str) -> pd.DataFrame:
-    """A CSV as strings (blanks ""), with a one-line error naming the file and the missing columns."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} not found: {path}")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a readable CSV ({err})") from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: missing columns {missing} (expected {','.join(columns)})")
-    return frame

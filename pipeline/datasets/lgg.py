@@ -7,18 +7,14 @@ after ``_9``). ``kaggle_3m/data.csv`` holds per-patient clinical columns. There 
 set: ``test/`` holds held-out patients in the same folder shape, and the phantom keeps their
 masks apart in ``test_labels.csv`` (``id,segmentation``, row-major RLE).
 
-One class (``tumour``); volume = patient folder; group = patient (``TCGA_<inst>_<pid>``). Metric:
-mean per-patient volumetric Dice (Buda et al. 2019), reported with the mean per-slice Dice (empty
-vs empty = 1) and the mean per-slice IoU. A submission is one CSV (``id,predicted``, row-major RLE)
-plus the predicted ``_mask.tif`` files in the test layout, in a folder beside the CSV.
+One class (``tumour``); volume = patient folder; group = patient (``TCGA_<inst>_<pid>``). The metric
+and the submission (a CSV plus mask files): :mod:`pipeline.datasets.lgg_submission`; the figures of
+``make data-stats``: :mod:`pipeline.datasets.lgg_figures`.
 """
 
 from __future__ import annotations
 
-import logging
 import re
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,22 +22,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data.images import read_tiff, tiff_shape
-from pipeline.data.volumes import Volume
-from pipeline.datasets.base import (
-    DatasetSpec,
-    Encoder,
-    Phantom,
-    SubmissionWriter,
-    decode_rle,
-    read_csv_strings,
-    slice_dice,
-    slice_iou,
-    sort_catalog,
-)
-from pipeline.errors import DataError, SubmissionError
-from pipeline.io import atomic_path
-
-log = logging.getLogger(__name__)
+from pipeline.data.stats import DataStats
+from pipeline.datasets import lgg_figures, lgg_submission
+from pipeline.datasets.base import DatasetSpec, Encoder, Phantom, SubmissionWriter
+from pipeline.datasets.common import sort_catalog, volume_shape
+from pipeline.errors import DataError
 
 CLASSES = ("tumour",)
 VOLUME_RE = re.compile(r"^(?P<patient>TCGA_[A-Z0-9]+_[A-Z0-9]+)_(?P<date>\d+)$")
@@ -96,88 +81,24 @@ def read_mask(path: str | Path, height: int, width: int) -> np.ndarray:
     return (mask > 0).astype(np.uint8)
 
 
-@dataclass(frozen=True)
-class LGGStats:
-    """One patient: volumetric Dice (None when both are empty), per-slice Dice and IoU sums."""
-
-    volume_dice: float | None
-    slice_dice_sum: float
-    slice_iou_sum: float
-    n_slices: int
-
-
-def lgg_stats(pred: np.ndarray, truth: np.ndarray) -> LGGStats:
-    """What one patient's (S, 1, H, W) prediction adds to the LGG metric."""
-    p, t = np.asarray(pred) != 0, np.asarray(truth) != 0
-    dice = slice_dice(p, t)
-    total = int(np.count_nonzero(p)) + int(np.count_nonzero(t))
-    volume = None if total == 0 else 2.0 * np.count_nonzero(p & t) / total
-    return LGGStats(volume, float(dice.sum()), float(slice_iou(p, t).sum()), int(dice.size))
-
-
-def lgg_aggregate(stats: list[LGGStats]) -> dict:
-    """Mean per-patient volumetric Dice (both empty = 1), mean per-slice Dice and IoU."""
-    stats = list(stats)
-    volumes = [1.0 if s.volume_dice is None else s.volume_dice for s in stats]
-    n = sum(s.n_slices for s in stats)
-    score = float(np.mean(volumes)) if volumes else 1.0
-    return {
-        "score": score,
-        "slice_dice": sum(s.slice_dice_sum for s in stats) / n if n else 1.0,
-        "iou": sum(s.slice_iou_sum for s in stats) / n if n else 1.0,
-        "per_class": {"tumour": {"score": score}},
-        "n_volumes": len(stats),
-        "n_slices": n,
-    }
-
-
-def _decode(rle: str, shape: tuple[int, int], where: str, error: type[ValueError]) -> np.ndarray:
-    return decode_rle(rle, shape, "C", where, error)
-
-
-class LGGSubmissionWriter(SubmissionWriter):
-    """``id,predicted`` (row-major RLE) for every test slice, and the masks as ``_mask.tif`` files."""
-
-    def __init__(self, out: Path, catalog: pd.DataFrame, encode: Encoder) -> None:
-        self.out, self.encode = Path(out), encode
-        self.ids = list(catalog["id"])
-        self.masks_dir = self.out.with_name(f"{self.out.stem}_masks")
-        self.tmp_dir = self.masks_dir.with_name(f".{self.masks_dir.name}.tmp")
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        self.tmp_dir.mkdir(parents=True)
-        self.predicted: dict[str, str] = {}
-
-    def add(self, volume: Volume, masks: np.ndarray) -> None:
-        import tifffile
-
-        folder = self.tmp_dir / volume.volume_id
-        folder.mkdir(exist_ok=True)
-        for slice_id, mask in zip(volume.ids, masks[:, 0]):
-            tifffile.imwrite(folder / f"{slice_id}_mask.tif", (mask > 0).astype(np.uint8) * 255)
-        self.predicted.update(zip(volume.ids, self.encode(masks[:, 0], "C")))
-
-    def finish(self) -> Path:
-        missing = [i for i in self.ids if i not in self.predicted]
-        if missing:
-            raise SubmissionError(
-                f"{self.out}: {len(missing)} test slices were not predicted (first {missing[0]})"
-            )
-        frame = pd.DataFrame({"id": self.ids, "predicted": [self.predicted[i] for i in self.ids]})
-        with atomic_path(self.out) as tmp:
-            frame.to_csv(tmp, index=False)
-        shutil.rmtree(self.masks_dir, ignore_errors=True)
-        self.tmp_dir.rename(self.masks_dir)
-        log.info(
-            "%s: %d slices (%d non-empty); masks in %s",
-            self.out,
-            len(frame),
-            int((frame["predicted"] != "").sum()),
-            self.masks_dir,
-        )
-        return self.out
-
-
 class LGG(DatasetSpec):
+    """The LGG plug-in: a multi-channel volumetric dataset whose labels are mask images beside the slices.
+
+    A plug-in author copying it fills in, in order:
+
+    - declarations: one class, three channels (the MR contrasts, kept together in 2.5D stacks),
+      ``volumetric`` (a patient's slices form a stack), row-major RLE, no ``labels_file`` (the masks
+      are the label files), the Kaggle dataset it comes from, its train folder (``kaggle_3m``), and
+      ``config_defaults`` (2.5D of direct neighbours, cropped to the head, for every network stage);
+    - layout: :meth:`scan` lists the patient folders and reads from each mask whether the slice holds
+      tumour (the ``tumour`` label column); :meth:`presence` is that column;
+    - images: :meth:`read_image` one RGB TIFF as (3, H, W), :meth:`read_masks` the ``_mask.tif`` files;
+    - metric: per-patient volumetric Dice (:mod:`~pipeline.datasets.lgg_submission`);
+    - submission: ``id,predicted`` plus the predicted mask files, scored against ``test_labels.csv``;
+    - phantom and statistics: the synthetic heads of ``make data``; the tumour, head and intensity
+      figures the phantom is calibrated against (:mod:`~pipeline.datasets.lgg_figures`).
+    """
+
     name: ClassVar[str] = "lgg"
     title: ClassVar[str] = "LGG brain MRI"
     classes: ClassVar[tuple[str, ...]] = CLASSES
@@ -192,6 +113,8 @@ class LGG(DatasetSpec):
     config_defaults: ClassVar[dict[str, Any]] = {
         stage: {"data": {"k": 1, "stride": 1, "crop": True}} for stage in ("det", "cls", "seg")
     }
+
+    # ------------------------------------------------------------------ layout
 
     def scan(self, root: Path, split: str = "train") -> pd.DataFrame:
         catalog = scan_lgg(root, split)
@@ -210,6 +133,8 @@ class LGG(DatasetSpec):
             raise DataError("the LGG catalog has no masks: training needs the train split (kaggle_3m/)")
         return catalog.set_index("id")[["tumour"]].astype(bool)
 
+    # ------------------------------------------------------------------ images
+
     def read_image(self, path: str | Path, height: int, width: int) -> np.ndarray:
         image = read_tiff(path)
         if image.ndim != 3 or image.shape[-1] != 3:
@@ -221,64 +146,37 @@ class LGG(DatasetSpec):
         return np.ascontiguousarray(np.moveaxis(image, -1, 0))  # (3, H, W)
 
     def read_masks(self, rows: pd.DataFrame) -> np.ndarray:
-        height, width = int(rows["height"].iloc[0]), int(rows["width"].iloc[0])
+        height, width = volume_shape(rows)
         return np.stack([read_mask(p, height, width) for p in rows["mask_path"]])[:, None]
 
-    def volume_stats(self, pred: np.ndarray, truth: np.ndarray) -> LGGStats:
-        return lgg_stats(pred, truth)
+    # ------------------------------------------------------------------ metric
+
+    def volume_stats(self, pred: np.ndarray, truth: np.ndarray) -> lgg_submission.LGGStats:
+        return lgg_submission.lgg_stats(pred, truth)
 
     def aggregate(self, stats: Any) -> dict:
-        return lgg_aggregate(stats)
+        return lgg_submission.lgg_aggregate(stats)
+
+    # ------------------------------------------------------------------ submission
 
     def submission_writer(
         self, root: Path, out: Path, catalog: pd.DataFrame, encode: Encoder, force: bool = False
     ) -> SubmissionWriter:
-        return LGGSubmissionWriter(out, catalog, encode)
+        return lgg_submission.LGGSubmissionWriter(out, catalog, encode, self.rle_order)
 
     def score_files(self, submission: Path, truth: Path, root: Path) -> dict:
-        """The submission CSV against ``test_labels.csv``; slice shapes and order from ``root/test``."""
-        sub = read_csv_strings(submission, ("id", "predicted"), "submission")
-        labels = read_csv_strings(truth, ("id", "segmentation"), "truth")
-        catalog = scan_lgg(root, "test")
-        if catalog.empty:
-            raise DataError(
-                f"no test images under {Path(root) / 'test'}: slice shapes and order come from there"
-            )
-        dup = sub["id"][sub["id"].duplicated()]
-        if len(dup):
-            raise SubmissionError(f"{submission}: id {dup.iloc[0]} appears twice")
-        missing = sorted(set(labels["id"]) - set(sub["id"]))
-        extra = sorted(set(sub["id"]) - set(labels["id"]))
-        if missing or extra:
-            raise SubmissionError(
-                f"{submission}: {len(missing)} truth ids have no row (first {missing[:1]}), "
-                f"{len(extra)} rows are not in the truth (first {extra[:1]})"
-            )
-        unknown = sorted(set(labels["id"]) - set(catalog["id"]))
-        if unknown:
-            raise DataError(
-                f"{truth}: {len(unknown)} ids have no image under {Path(root) / 'test'} (first {unknown[0]})"
-            )
-        predicted, segmentation = (
-            dict(zip(sub["id"], sub["predicted"])),
-            dict(zip(labels["id"], labels["segmentation"])),
-        )
-        stats = []
-        for _, rows in catalog[catalog["id"].isin(segmentation)].groupby("volume_id", sort=False):
-            shape = (int(rows["height"].iloc[0]), int(rows["width"].iloc[0]))
-            pred = np.stack(
-                [_decode(predicted[i], shape, f"{submission} ({i})", SubmissionError) for i in rows["id"]]
-            )
-            true = np.stack(
-                [_decode(segmentation[i], shape, f"{truth} ({i})", DataError) for i in rows["id"]]
-            )
-            stats.append(lgg_stats(pred[:, None], true[:, None]))
-        return lgg_aggregate(stats)
+        test = scan_lgg(root, "test")
+        return lgg_submission.score_files(submission, truth, test, Path(root) / "test", self.rle_order)
+
+    # ------------------------------------------------------------------ phantom and statistics
 
     def phantom(self) -> Phantom:
-        from pipeline.data import phantom_lgg
+        from pipeline.phantoms import lgg as phantom_lgg
 
         return Phantom(phantom_lgg.PRESETS, phantom_lgg.generate_lgg, phantom_lgg.format_stats)
+
+    def describe_folder(self, root: Path) -> DataStats:
+        return lgg_figures.describe(self, Path(root))
 
 
 DATASET = LGG()

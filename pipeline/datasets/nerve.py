@@ -9,16 +9,13 @@ as 1-indexed **column-major** RLE (the label source used here); ``test/<img>.tif
 One class (``nerve``); group = subject; no volumes: images are 2D (``data.k = 0``), a subject's
 frames are batched together as a "volume" only for caching, and test images in blocks of
 :data:`TEST_BLOCK` frames of one size (a frame of another size is predicted at its own size).
-Metric: mean over images of Dice, where an empty prediction of an empty truth scores 1 (an
-all-empty submission scored about 0.53 on the real leaderboard). The writer refuses a submission
-whose masks are all full or all identical (the all-white ``1 243600`` failure) unless forced.
+The metric (mean per-image Dice, empty vs empty = 1) and the submission writer:
+:mod:`pipeline.datasets.nerve_submission`.
 """
 
 from __future__ import annotations
 
-import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,21 +23,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data.images import read_tiff, tiff_shape
-from pipeline.data.volumes import Volume
-from pipeline.datasets.base import (
-    DatasetSpec,
-    Encoder,
-    Phantom,
-    SubmissionWriter,
-    decode_rle,
-    read_csv_strings,
-    slice_dice,
-    sort_catalog,
-)
-from pipeline.errors import DataError, SubmissionError
-from pipeline.io import atomic_path
-
-log = logging.getLogger(__name__)
+from pipeline.data.stats import DataStats
+from pipeline.datasets import nerve_submission
+from pipeline.datasets.base import DatasetSpec, Encoder, Phantom, SubmissionWriter
+from pipeline.datasets.common import decode_rle, read_csv_strings, sort_catalog, volume_shape
+from pipeline.errors import DataError
 
 CLASSES = ("nerve",)
 TRAIN_RE = re.compile(r"^(?P<subject>\d+)_(?P<img>\d+)$")
@@ -52,7 +39,7 @@ COLUMNS = ["id", "group", "volume_id", "slice", "path", "height", "width", "px",
 def scan_nerve(root: Path, split: str = "train") -> pd.DataFrame:
     """``train/<subject>_<img>.tif`` (group = subject) or ``test/<img>.tif`` (:func:`batch_names`)."""
     base = Path(root) / split
-    rows = []
+    rows: list[tuple] = []
     pattern = TRAIN_RE if split == "train" else TEST_RE
     files = sorted(p for p in base.glob("*.tif") if not p.stem.endswith("_mask")) if base.is_dir() else []
     for tif in files:
@@ -110,99 +97,23 @@ def read_train_masks(root: Path) -> pd.DataFrame:
     return frame.set_index("id")[["pixels"]].assign(pixels=lambda f: f["pixels"].str.strip())
 
 
-def _decode(rle: str, shape: tuple[int, int], where: str, error: type[ValueError]) -> np.ndarray:
-    return decode_rle(rle, shape, "F", where, error)
-
-
-@dataclass(frozen=True)
-class NerveStats:
-    """Per-image Dice sum (empty vs empty = 1), image count, and the empty-image bookkeeping."""
-
-    dice_sum: float
-    n_images: int
-    nonempty_dice_sum: float
-    n_nonempty: int
-    empty_correct: int  # empty truths predicted empty
-    n_empty: int
-
-
-def nerve_stats(pred: np.ndarray, truth: np.ndarray) -> NerveStats:
-    p, t = np.asarray(pred) != 0, np.asarray(truth) != 0
-    dice = slice_dice(p, t)[:, 0]
-    has_t = t.reshape(len(t), -1).any(axis=1)
-    has_p = p.reshape(len(p), -1).any(axis=1)
-    return NerveStats(
-        float(dice.sum()), len(dice), float(dice[has_t].sum()), int(has_t.sum()),
-        int((~has_t & ~has_p).sum()), int((~has_t).sum()),
-    )  # fmt: skip
-
-
-def nerve_aggregate(stats: list[NerveStats]) -> dict:
-    """Mean per-image Dice (the competition score), Dice over images with a nerve, empty accuracy."""
-    stats = list(stats)
-    n = sum(s.n_images for s in stats)
-    n_pos, n_empty = sum(s.n_nonempty for s in stats), sum(s.n_empty for s in stats)
-    score = sum(s.dice_sum for s in stats) / n if n else 1.0
-    return {
-        "score": score,
-        "dice_nonempty": sum(s.nonempty_dice_sum for s in stats) / n_pos if n_pos else 1.0,
-        "empty_accuracy": sum(s.empty_correct for s in stats) / n_empty if n_empty else 1.0,
-        "per_class": {"nerve": {"score": score}},
-        "n_images": n,
-    }
-
-
-def check_masks_sane(rles: list[str], size: int | list[int], where: str) -> None:
-    """Refuse the tell-tale failures: every mask full (``1 <H*W>``), or every mask the same.
-
-    ``size``: H*W of every image, or of each image in ``rles``' order.
-    """
-    sizes = [size] * len(rles) if isinstance(size, int) else list(size)
-    if len(rles) > 1 and all(r == f"1 {n}" for r, n in zip(rles, sizes)):
-        raise SubmissionError(
-            f"{where}: every predicted mask is the whole image ('1 {sizes[0]}'): the model or its threshold "
-            "is broken (check the tuned threshold and the input scaling); pass --force to write it anyway"
-        )
-    if len(rles) > 1 and len(set(rles)) == 1:
-        what = "empty" if not rles[0] else f"'{rles[0][:40]}'"
-        raise SubmissionError(
-            f"{where}: all {len(rles)} predicted masks are identical ({what}): the model did not look at "
-            "the images (or the gate emptied everything); pass --force to write it anyway"
-        )
-
-
-class NerveSubmissionWriter(SubmissionWriter):
-    """``img,pixels`` (column-major RLE) in the rows and order of sample_submission.csv."""
-
-    def __init__(self, root: Path, out: Path, catalog: pd.DataFrame, encode: Encoder, force: bool) -> None:
-        self.out, self.encode, self.force = Path(out), encode, force
-        sample = Path(root) / "sample_submission.csv"
-        if sample.is_file() and "debug" not in catalog.columns:
-            self.rows = list(read_csv_strings(sample, ("img", "pixels"), "sample_submission.csv")["img"])
-        else:
-            self.rows = list(catalog["id"])
-        self.sizes = dict(zip(catalog["id"], (catalog["height"] * catalog["width"]).astype(int)))
-        self.predicted: dict[str, str] = {}
-
-    def add(self, volume: Volume, masks: np.ndarray) -> None:
-        self.predicted.update(zip(volume.ids, self.encode(masks[:, 0], "F")))
-
-    def finish(self) -> Path:
-        missing = [i for i in self.rows if i not in self.predicted]
-        if missing and self.predicted:
-            raise SubmissionError(
-                f"{self.out}: {len(missing)} sample_submission images have no test image (first {missing[0]})"
-            )
-        pixels = [self.predicted.get(i, "") for i in self.rows]
-        if not self.force:
-            check_masks_sane(pixels, [self.sizes.get(i, 0) for i in self.rows], str(self.out))
-        with atomic_path(self.out) as tmp:
-            pd.DataFrame({"img": self.rows, "pixels": pixels}).to_csv(tmp, index=False)
-        log.info("%s: %d images, %d with a nerve", self.out, len(pixels), sum(1 for p in pixels if p))
-        return self.out
-
-
 class Nerve(DatasetSpec):
+    """The nerve plug-in: a 2D single-class dataset whose labels are one CSV of column-major RLE strings.
+
+    A plug-in author copying it fills in, in order:
+
+    - declarations: one class, one channel, not ``volumetric`` (frames: no 2.5D, 2D components, no
+      z-continuity), column-major RLE, ``labels_file`` (train_masks.csv: the cache is rebuilt when
+      it changes), the Kaggle competition, and ``config_defaults`` (2D input of whole frames);
+    - layout: :meth:`scan` lists the frames (a subject's frames batched as one "volume"),
+      :meth:`load_split` joins train_masks.csv's RLE, :meth:`presence` reads a non-blank RLE as a nerve;
+    - images: :meth:`read_image` one grayscale TIFF, :meth:`read_masks` decodes the RLE column;
+    - metric: mean per-image Dice (:mod:`~pipeline.datasets.nerve_submission`);
+    - submission: ``img,pixels`` in sample_submission's rows, with the all-full / all-identical refusal;
+    - phantom and statistics: the synthetic ultrasound frames of ``make data``; the nerve size, place
+      and contrast figures the phantom is calibrated against.
+    """
+
     name: ClassVar[str] = "nerve"
     title: ClassVar[str] = "Ultrasound Nerve"
     classes: ClassVar[tuple[str, ...]] = CLASSES
@@ -215,6 +126,8 @@ class Nerve(DatasetSpec):
     config_defaults: ClassVar[dict[str, Any]] = {
         stage: {"data": {"k": 0, "crop": False}} for stage in ("det", "cls", "seg")
     }
+
+    # ------------------------------------------------------------------ layout
 
     def scan(self, root: Path, split: str = "train") -> pd.DataFrame:
         return scan_nerve(root, split)
@@ -248,6 +161,8 @@ class Nerve(DatasetSpec):
             .set_axis(["nerve"], axis=1)
         )
 
+    # ------------------------------------------------------------------ images
+
     def read_image(self, path: str | Path, height: int, width: int) -> np.ndarray:
         image = read_tiff(path)
         if image.ndim == 3:
@@ -257,57 +172,44 @@ class Nerve(DatasetSpec):
         return image
 
     def read_masks(self, rows: pd.DataFrame) -> np.ndarray:
-        shape = (int(rows["height"].iloc[0]), int(rows["width"].iloc[0]))
-        return np.stack(
-            [
-                _decode(r, shape, f"train_masks.csv ({i})", DataError)
-                for i, r in zip(rows["id"], rows["pixels"])
-            ]
-        )[:, None]
+        shape = volume_shape(rows)
+        where = "train_masks.csv ({})"
+        masks = [
+            decode_rle(rle, shape, self.rle_order, where.format(i), DataError)
+            for i, rle in zip(rows["id"], rows["pixels"])
+        ]
+        return np.stack(masks)[:, None]
 
-    def volume_stats(self, pred: np.ndarray, truth: np.ndarray) -> NerveStats:
-        return nerve_stats(pred, truth)
+    # ------------------------------------------------------------------ metric
+
+    def volume_stats(self, pred: np.ndarray, truth: np.ndarray) -> nerve_submission.NerveStats:
+        return nerve_submission.nerve_stats(pred, truth)
 
     def aggregate(self, stats: Any) -> dict:
-        return nerve_aggregate(stats)
+        return nerve_submission.nerve_aggregate(stats)
+
+    # ------------------------------------------------------------------ submission
 
     def submission_writer(
         self, root: Path, out: Path, catalog: pd.DataFrame, encode: Encoder, force: bool = False
     ) -> SubmissionWriter:
-        return NerveSubmissionWriter(root, out, catalog, encode, force)
+        return nerve_submission.NerveSubmissionWriter(root, out, catalog, encode, self.rle_order, force)
 
     def score_files(self, submission: Path, truth: Path, root: Path) -> dict:
-        sub = read_csv_strings(submission, ("img", "pixels"), "submission")
-        labels = read_csv_strings(truth, ("img", "pixels"), "truth")
-        dup = sub["img"][sub["img"].duplicated()]
-        if len(dup):
-            raise SubmissionError(f"{submission}: img {dup.iloc[0]} appears twice")
-        missing = sorted(set(labels["img"]) - set(sub["img"]))
-        extra = sorted(set(sub["img"]) - set(labels["img"]))
-        if missing or extra:
-            raise SubmissionError(
-                f"{submission}: {len(missing)} truth images have no row (first {missing[:1]}), "
-                f"{len(extra)} rows are not in the truth (first {extra[:1]})"
-            )
-        catalog = scan_nerve(root, "test").set_index("id")
-        unknown = sorted(set(labels["img"]) - set(catalog.index))
-        if unknown:
-            raise DataError(
-                f"{truth}: {len(unknown)} images have no file under {Path(root) / 'test'} (first {unknown[0]})"
-            )
-        predicted = dict(zip(sub["img"], sub["pixels"]))
-        stats = []
-        for img, rle in zip(labels["img"], labels["pixels"]):
-            shape = (int(catalog.at[img, "height"]), int(catalog.at[img, "width"]))
-            pred = _decode(predicted[img], shape, f"{submission} (img {img})", SubmissionError)
-            true = _decode(rle, shape, f"{truth} (img {img})", DataError)
-            stats.append(nerve_stats(pred[None, None], true[None, None]))
-        return nerve_aggregate(stats)
+        test = scan_nerve(root, "test")
+        return nerve_submission.score_files(submission, truth, test, Path(root) / "test", self.rle_order)
+
+    # ------------------------------------------------------------------ phantom and statistics
 
     def phantom(self) -> Phantom:
-        from pipeline.data import phantom_nerve
+        from pipeline.phantoms import nerve as phantom_nerve
 
         return Phantom(phantom_nerve.PRESETS, phantom_nerve.generate_nerve, phantom_nerve.format_stats)
+
+    def describe_folder(self, root: Path) -> DataStats:
+        from pipeline.data.stats import nerve_stats
+
+        return nerve_stats(self, Path(root))
 
 
 DATASET = Nerve()

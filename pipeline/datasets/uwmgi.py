@@ -7,7 +7,8 @@ public page), ``sample_submission.csv`` (``id,class,predicted``).
 
 Group = case (one patient's days never span two folds); volume = day (``case{N}_day{D}``, the
 unit of 2.5D stacks, 3D components and the 3D Hausdorff). Metric: ``0.4 * Dice + 0.6 * (1 -
-3D Hausdorff)`` (:mod:`pipeline.metric`). Submissions: :mod:`pipeline.datasets.uwmgi_submission`.
+3D Hausdorff)`` (:mod:`pipeline.datasets.uwmgi_metric`). Files: :mod:`pipeline.datasets.uwmgi_files`;
+submissions: :mod:`pipeline.datasets.uwmgi_submission`.
 """
 
 from __future__ import annotations
@@ -18,14 +19,41 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from pipeline import metric
-from pipeline.datasets import uwmgi_submission
+from pipeline.data.stats import DataStats
+from pipeline.datasets import uwmgi_metric, uwmgi_submission
 from pipeline.datasets.base import DatasetSpec, Encoder, Phantom, SubmissionWriter
-from pipeline.datasets.uwmgi_files import CLASSES, decode_masks, load_split, read_slice, scan_split
+from pipeline.datasets.uwmgi_files import (
+    CLASSES,
+    decode_masks,
+    describe_labels,
+    load_split,
+    read_slice,
+    scan_split,
+)
 from pipeline.errors import DataError
 
 
 class UWMadison(DatasetSpec):
+    """The UW-Madison plug-in: a multi-class volumetric dataset whose labels are one CSV of RLE strings.
+
+    A plug-in author copying it fills in, in order:
+
+    - declarations: three classes, one channel, ``volumetric`` (days are 3D stacks), row-major RLE,
+      ``labels_file`` (train.csv: the volume cache is rebuilt when it changes), ``cuts_to_box`` (its
+      metric is unchanged on a volume cut to the box of its foreground, so tuning scores only that),
+      the Kaggle competition, and ``config_defaults`` (two days with faulty labels left out of the
+      folds; bowel labels that stop before the organ read as missing, not empty, when training
+      segmenters);
+    - layout: :meth:`scan` lists the PNG slices, :meth:`load_split` joins train.csv's labels,
+      :meth:`presence` reads a class as present where its RLE is not blank;
+    - images: :meth:`read_image` one 16-bit PNG, :meth:`read_masks` decodes a day's RLE columns;
+    - metric: :meth:`volume_stats` the Dice rows and Hausdorff distances of a day, :meth:`fast_stats`
+      without the per-class distances (validation, tuning), :meth:`reference` digests a truth once;
+    - submission: the rows of ``sample_submission.csv`` (:mod:`~pipeline.datasets.uwmgi_submission`);
+    - phantom and statistics: the synthetic abdomen of ``make data``; the label figures of
+      ``make data-stats`` (from train.csv alone).
+    """
+
     name: ClassVar[str] = "uwmgi"
     title: ClassVar[str] = "UW-Madison GI Tract"
     classes: ClassVar[tuple[str, ...]] = CLASSES
@@ -37,15 +65,15 @@ class UWMadison(DatasetSpec):
     kaggle_source: ClassVar[tuple[str, str]] = ("competition", "uw-madison-gi-tract-image-segmentation")
     metric_keys: ClassVar[tuple[str, ...]] = ("score", "dice", "hausdorff")
     # the schema's defaults were written for this dataset; its real labels are faulty in two days, and
-    # where annotators stopped early it is the bowel that is cut short (data.missing_labels: ignore)
+    # where annotators stopped early it is the bowel that is cut short: the segmenters ignore those
+    # labels (data.missing_labels; README), the classifier keeps reading them as empty
     config_defaults: ClassVar[dict[str, Any]] = {
         "folds": {"exclude_volumes": ["case7_day0", "case81_day30"]},
-        # bowel labels that stop before the organ are missing, not empty: the segmenters ignore them
-        # (OOF of the demo segmenter trained on every slice, folds 0-1: ignore 0.8598, empty 0.8574,
-        # drop 0.8516; see the README), the classifier keeps reading them as empty
         "cls": {"data": {"missing_classes": ["large_bowel", "small_bowel"]}},
         "seg": {"data": {"missing_classes": ["large_bowel", "small_bowel"], "missing_labels": "ignore"}},
     }
+
+    # ------------------------------------------------------------------ layout
 
     def scan(self, root: Path, split: str = "train") -> pd.DataFrame:
         return scan_split(root, split)
@@ -63,26 +91,30 @@ class UWMadison(DatasetSpec):
         rles = catalog.set_index("id")[list(CLASSES)].astype(str)
         return rles.apply(lambda col: col.str.len() > 0)
 
+    # ------------------------------------------------------------------ images
+
     def read_image(self, path: str | Path, height: int, width: int) -> np.ndarray:
         return read_slice(path, width, height)
 
     def read_masks(self, rows: pd.DataFrame) -> np.ndarray:
         return decode_masks(rows)
 
-    def volume_stats(self, pred: np.ndarray, truth: np.ndarray) -> metric.VolumeStats:
-        return metric.volume_stats(pred, truth, per_class=True)
+    # ------------------------------------------------------------------ metric
+
+    def volume_stats(self, pred: np.ndarray, truth: np.ndarray) -> uwmgi_metric.VolumeStats:
+        return uwmgi_metric.volume_stats(pred, truth, per_class=True)
 
     def fast_stats(
         self, pred: np.ndarray, truth: Any, grid: tuple[int, int, int] | None = None
-    ) -> metric.VolumeStats:
+    ) -> uwmgi_metric.VolumeStats:
         """The stats without the per-class distances (validation during training, tuning)."""
-        return metric.volume_stats(pred, truth, per_class=False, grid=grid)
+        return uwmgi_metric.volume_stats(pred, truth, per_class=False, grid=grid)
 
-    def reference(self, truth: np.ndarray) -> metric.Reference:
-        return metric.reference(truth)
+    def reference(self, truth: np.ndarray) -> uwmgi_metric.Reference:
+        return uwmgi_metric.reference(truth)
 
     def aggregate(self, stats: Any) -> dict:
-        return metric.aggregate(stats, CLASSES)
+        return uwmgi_metric.aggregate(stats, CLASSES)
 
     def format_score(self, result: dict) -> str:
         def cell(value: float | None) -> str:
@@ -98,6 +130,8 @@ class UWMadison(DatasetSpec):
         lines.append(f"({result['n_rows']} Dice rows, {result['n_volumes']} volumes in the Hausdorff mean)")
         return "\n".join(lines)
 
+    # ------------------------------------------------------------------ submission
+
     def prediction_catalog(self, root: Path, debug_volumes: int = 0) -> pd.DataFrame:
         if debug_volumes > 0:
             return super().prediction_catalog(root, debug_volumes)
@@ -111,10 +145,15 @@ class UWMadison(DatasetSpec):
     def score_files(self, submission: Path, truth: Path, root: Path) -> dict:
         return uwmgi_submission.score_files(submission, truth, root)
 
+    # ------------------------------------------------------------------ phantom and statistics
+
     def phantom(self) -> Phantom:
-        from pipeline.datasets import uwmgi_phantom
+        from pipeline.phantoms import uwmgi as uwmgi_phantom
 
         return Phantom(uwmgi_phantom.PRESETS, uwmgi_phantom.generate_dataset, uwmgi_phantom.format_stats)
+
+    def describe_folder(self, root: Path) -> DataStats:
+        return describe_labels(Path(root))
 
 
 DATASET = UWMadison()

@@ -1,4 +1,4 @@
-"""UW-Madison GI Tract files: ids, slice images, ``train.csv`` labels.
+"""UW-Madison GI Tract files: ids, slice images, ``train.csv`` labels and their figures.
 
 ``train/case{N}/case{N}_day{D}/scans/slice_{NNNN}_{W}_{H}_{PX}_{PY}.png`` holds one 16-bit slice;
 its id is ``case{N}_day{D}_slice_{NNNN}``. ``train.csv`` has three rows per slice
@@ -14,7 +14,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.datasets.base import sort_catalog
+from pipeline.data.stats import DataStats, pct
+from pipeline.datasets.common import sort_catalog
 from pipeline.errors import DataError
 from pipeline.rle import rle_decode
 
@@ -184,3 +185,21 @@ def decode_masks(rows: pd.DataFrame, source: str = "train.csv") -> np.ndarray:
             if rle:
                 masks[s, c] = rle_decode(rle, (height, width), where=f"{source} ({row.id}, {name})")
     return masks
+
+
+def describe_labels(root: Path) -> DataStats:
+    """The cheap UW-Madison figures, from ``train.csv`` alone: labelled share and mask areas per class."""
+    path = Path(root) / "train.csv"
+    if not path.is_file():
+        raise DataError(f"{path} not found: the UW-Madison statistics read the labels from it")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table["area"] = [sum(map(int, s.split()[1::2])) for s in table["segmentation"]]
+    stats = DataStats("uwmgi", Path(root))
+    labelled = table.groupby("id")["area"].max() > 0
+    stats.add("slices", [len(labelled)])
+    stats.add("slices with any label", [labelled.mean()], "share")
+    for name, rows in table.groupby("class", sort=True):
+        areas = rows["area"][rows["area"] > 0]
+        stats.add(f"{name}: share of slices labelled", [(rows["area"] > 0).mean()], "share")
+        stats.add(f"{name}: mask area (px), p5 / p50 / p95", pct(areas, (5, 50, 95)))
+    return stats

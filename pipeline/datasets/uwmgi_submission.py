@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 
 from pipeline.data.volumes import Volume
 from pipeline.datasets.base import Encoder, SubmissionWriter
+from pipeline.datasets.common import decode_rle
 from pipeline.datasets.uwmgi_files import CLASSES, ID_RE, read_labels, scan_split
+from pipeline.datasets.uwmgi_metric import aggregate, first_items, volume_stats
 from pipeline.errors import DataError, SubmissionError
 from pipeline.io import atomic_path
-from pipeline.metric import aggregate, first_items, volume_stats
-from pipeline.rle import RLEError, rle_decode
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,9 @@ def validate_submission(
             if rle:
                 if slice_id not in shapes:
                     raise DataError(f"no slice shape for {slice_id} (submission row {r})")
-                _decode(rle, shapes[slice_id], f"submission row {r} ({slice_id}, {name})", SubmissionError)
-
-
-def _decode(rle: str, shape: tuple[int, int], where: str, error: type[ValueError]) -> np.ndarray:
-    try:
-        return rle_decode(rle, shape, where=where)
-    except RLEError as err:
-        raise error(str(err)) from None
+                decode_rle(
+                    rle, shapes[slice_id], "C", f"submission row {r} ({slice_id}, {name})", SubmissionError
+                )
 
 
 def slice_shapes(truth: pd.DataFrame, data_dir: Path | None = None) -> dict[str, tuple[int, int]]:
@@ -189,7 +184,7 @@ def _day_masks(
     case_day: str, rows: pd.DataFrame, shapes: Mapping[str, tuple[int, int]]
 ) -> tuple[np.ndarray, np.ndarray]:
     """(S, 3, H, W) prediction and truth masks of one day from its rows."""
-    sizes = {tuple(shapes[i]) for i in rows["id"].unique()}
+    sizes = {(int(shapes[i][0]), int(shapes[i][1])) for i in rows["id"].unique()}
     if len(sizes) != 1:
         raise DataError(f"{case_day}: slices of one day-volume have different shapes {sorted(sizes)}")
     shape = sizes.pop()
@@ -201,9 +196,11 @@ def _day_masks(
         s_idx, rows["c"], rows["id"], rows["class"], rows["segmentation"], rows["predicted"], rows["row"]
     ):
         if seg:
-            truth[s, c] = _decode(seg, shape, f"truth ({slice_id}, {name})", DataError)
+            truth[s, c] = decode_rle(seg, shape, "C", f"truth ({slice_id}, {name})", DataError)
         if rle:
-            pred[s, c] = _decode(rle, shape, f"submission row {row} ({slice_id}, {name})", SubmissionError)
+            pred[s, c] = decode_rle(
+                rle, shape, "C", f"submission row {row} ({slice_id}, {name})", SubmissionError
+            )
     return pred, truth
 
 

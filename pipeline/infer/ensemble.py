@@ -32,12 +32,11 @@ from tqdm.auto import tqdm
 
 from pipeline.config import ConfigError, EnsembleConfig, MemberCfg
 from pipeline.data.volumes import Volume, VolumeStore
-from pipeline.datasets import get_dataset
 from pipeline.datasets.base import DatasetSpec
 from pipeline.errors import DataError
 from pipeline.infer.oof_cache import Box, OOFEntry, oof_entry, union_box, volume_box
-from pipeline.infer.predict import train_command
 from pipeline.paths import run_dir
+from pipeline.train.checkpoint import train_command
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +51,6 @@ def run_name(config: str) -> str:
     from ``configs/`` (what the member was trained with is its run's ``config.yaml``).
     """
     return Path(config).stem
-
-
-def config_name(config: str, stage: str = "") -> str:
-    """:func:`run_name` under its former name (``stage`` is not needed any more; kept for callers)."""
-    return run_name(config)
 
 
 def find_folds(stage: str, name: str, needs: str, folds: tuple[int, ...] | None = None) -> list[int]:
@@ -307,7 +301,7 @@ def _common_volumes(
     members: list[OOFMember], store: VolumeStore, cfg: EnsembleConfig, root: Path
 ) -> list[str]:
     """The train volumes every member has OOF for, in the store's order (others are left out, with a word)."""
-    order = {v: i for i, v in enumerate(store.days)}
+    order = {v: i for i, v in enumerate(store.volume_ids)}
     common = set.intersection(*(set(m.files) for m in members))
     unknown = sorted(common - set(order))
     if unknown:
@@ -358,10 +352,9 @@ def _volume_gate(
     return table.loc[volume.ids, list(classes)].to_numpy(np.float32)
 
 
-def load_oof(cfg: EnsembleConfig, root: Path, progress: bool = True) -> OOFSet:
+def load_oof(cfg: EnsembleConfig, spec: DatasetSpec, root: Path, progress: bool = True) -> OOFSet:
     """Find, check and cache the OOF of every member (and the classifier) on the volumes all of them cover."""
     members = [find_member_oof(m) for m in check_members(cfg)]
-    spec = get_dataset(cfg.dataset)
     store = VolumeStore(root, spec.load_split(root, "train"), "train", spec)
     volumes = _common_volumes(members, store, cfg, root)
     table, cls_info, cls_name = None, None, ""

@@ -152,6 +152,45 @@ class Components:
             out[self.box] = keep[self.labels]
         return out
 
+    def reference_sizes(self, volumetric: bool = True) -> np.ndarray:
+        """Per label, the size of the largest component it is compared with: the volume's largest
+        (``volumetric``) or the largest of its own slice (2D images). [0] = 0."""
+        ref = np.zeros_like(self.sizes)
+        if self.box is None or len(self.sizes) < 2:
+            return ref
+        if volumetric:
+            ref[1:] = self.sizes[1:].max()
+            return ref
+        first = np.asarray([s[0].start if s is not None else 0 for s in ndimage.find_objects(self.labels)])
+        largest = np.zeros(first.max() + 1, dtype=self.sizes.dtype)
+        np.maximum.at(largest, first, self.sizes[1:])
+        ref[1:] = largest[first]
+        return ref
+
+    def kept_relative(self, fraction: float, volumetric: bool = True) -> np.ndarray:
+        """(labels,) bool: components of at least ``fraction`` x the largest (see :meth:`reference_sizes`)."""
+        keep = self.sizes >= fraction * self.reference_sizes(volumetric)
+        keep[0] = False
+        keep &= self.sizes > 0
+        return keep
+
+    def keep_labels(self, keep: np.ndarray) -> np.ndarray:
+        """The full-size mask of the labels marked in ``keep``."""
+        out = np.zeros(self.shape, dtype=bool)
+        if self.box is not None:
+            out[self.box] = keep[self.labels]
+        return out
+
+
+def keep_large_components(mask: np.ndarray, fraction: float, volumetric: bool = True) -> np.ndarray:
+    """Drop connected components smaller than ``fraction`` x the largest: in the volume (3D, 26-connected),
+    or in its own image (2D, ``volumetric=False``). ``fraction`` 1 keeps the largest only; 0 = off."""
+    mask = np.asarray(mask, dtype=bool)
+    if fraction <= 0 or not mask.any():
+        return mask
+    components = Components.of(mask, volumetric)
+    return components.keep_labels(components.kept_relative(fraction, volumetric))
+
 
 def remove_small_components(mask: np.ndarray, min_size: int, volumetric: bool = True) -> np.ndarray:
     """Drop connected components of a (S, H, W) mask smaller than ``min_size`` voxels (see :class:`Components`)."""

@@ -6,34 +6,20 @@ shared with training's validation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from pipeline.config import ClsConfig, SegConfig, config_from_text
+from pipeline.datasets import get_dataset
 from pipeline.errors import PipelineError
 from pipeline.models.predict import build_model, channels_last
-from pipeline.train.checkpoint import load_weights
+from pipeline.train.checkpoint import load_weights, train_command
 
 
 class MemberError(PipelineError, FileNotFoundError):
     """A run folder does not hold a trained member."""
-
-
-TRAIN_TARGETS = {"seg": "train-seg CONFIG", "cls": "train-cls CONFIG_CLS", "det": "train-det CONFIG_DET"}
-
-
-def train_command(stage: str, name: str, folds: Sequence[int | str] | None = None) -> str:
-    """The command that makes the run ``runs/<stage>/<name>[/fold_<k>]``: ``make train-seg CONFIG=...``."""
-    target = TRAIN_TARGETS.get(stage, f"train-{stage} CONFIG")
-    fold_text = (
-        ""
-        if not folds
-        else " FOLDS=" + (str(folds[0]) if len(folds) == 1 else f"'{' '.join(map(str, folds))}'")
-    )
-    return f"make {target}=configs/{name}.yaml{fold_text}"
 
 
 def load_member(
@@ -53,7 +39,7 @@ def load_member(
     cfg = config_from_text(config_path.read_text(), source=str(config_path))
     if not isinstance(cfg, (SegConfig, ClsConfig)):
         raise MemberError(f"{config_path}: a '{cfg.stage}' config, not a segmenter's or a classifier's")
-    model = build_model(cfg, pretrained=False)  # the checkpoint holds every weight
+    model = build_model(cfg, get_dataset(cfg.dataset), pretrained=False)  # the checkpoint holds every weight
     load_weights(weights_path, model, map_location="cpu")
     device = torch.device(device)
     model = model.to(device).eval()

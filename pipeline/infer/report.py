@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from pipeline.config import EnsembleConfig
 from pipeline.data.geometry import normalize
-from pipeline.datasets.base import slice_dice
+from pipeline.datasets.base import DatasetSpec
+from pipeline.datasets.common import slice_dice
 from pipeline.infer.ensemble import OOFSet, load_oof
 from pipeline.infer.evaluate import default_workers, metric_values
 from pipeline.infer.postprocess import Decisions, apply_postprocess, read_decisions
@@ -352,11 +353,11 @@ def plot_overlays(path: Path, oof: OOFSet, decisions: Decisions, picks: pd.DataF
 
 
 def run_report(
-    cfg: EnsembleConfig, root: Path, *, workers: int | None = None, progress: bool = True
+    cfg: EnsembleConfig, spec: DatasetSpec, root: Path, *, workers: int | None = None, progress: bool = True
 ) -> Report:
     """Measure the tuned ensemble on its OOF and write the tables and figures of ``make cv``."""
     decisions = read_decisions(cfg.name)
-    oof = load_oof(cfg, root, progress)
+    oof = load_oof(cfg, spec, root, progress)
     tuned = [m["config"] for m in decisions.members]
     if sorted(tuned) != sorted(m.name for m in oof.members):
         raise ValueError(

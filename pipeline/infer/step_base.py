@@ -8,7 +8,8 @@ come from (``grid_keys`` of :class:`~pipeline.config.TuneCfg`), how it changes a
 
 - :class:`ThresholdStep` makes the mask from the blended uint8 probabilities;
 - :class:`SliceStep` empties whole slices (:class:`CountGateStep`: by pixels at a probability level);
-- :class:`ComponentStep` removes small connected components.
+- :class:`ComponentStep` removes small connected components;
+- :class:`RelativeComponentStep` removes components small next to the largest.
 
 The records themselves, in order, are :mod:`pipeline.infer.steps`.
 """
@@ -30,6 +31,7 @@ from pipeline.config import TuneCfg
 from pipeline.infer.masks import (
     Components,
     empty_slices,
+    keep_large_components,
     prob_level,
     remove_small_components,
     threshold_probs,
@@ -54,6 +56,7 @@ class ClassParams:
     prob_gate_pixels: int = 0  # N: keep a slice only if more than N pixels have q >= level; 0 = off
     prob_gate_level: float = 0.0  # t of the probability gate (unused while N = 0)
     z_run: int = 0  # k: z-continuity from runs of >= k non-empty slices; <= 1 = off
+    component_fraction: float = 0.0  # f: components below f x the largest removed; 0 = off
 
 
 @dataclass(frozen=True)
@@ -341,3 +344,37 @@ class ComponentStep(Step):
             return final_mask(run_steps(after, mask, x, self.set(base, value)))
 
         return once_per_key((components.n_kept(int(v)), functools.partial(make, v)) for v in values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelativeComponentStep(Step):
+    """Removes connected components smaller than the value times the largest one (the volume's largest
+    in 3D, each image's own in 2D): 1 keeps the largest only (one tumour, one nerve).
+
+    Candidates label the components once; kept sets shrink as the value rises, so equal counts mean
+    equal masks.
+    """
+
+    def apply(self, mask: np.ndarray | None, x: ClassInput, params: ClassParams) -> np.ndarray:
+        return keep_large_components(_mask(mask, self), float(self.checked(x, params)), x.volumetric)
+
+    def variants(
+        self,
+        before: np.ndarray | None,
+        x: ClassInput,
+        base: ClassParams,
+        values: Sequence[StepValue],
+        after: Sequence[Step],
+    ) -> Iterator[Variant]:
+        before = _mask(before, self)
+        components = Components.of(before, x.volumetric)
+        kept = {v: components.kept_relative(float(v), x.volumetric) for v in values if not self.is_off(v)}
+
+        def make(value: StepValue) -> np.ndarray:
+            mask = before if self.is_off(value) else components.keep_labels(kept[value])
+            return final_mask(run_steps(after, mask, x, self.set(base, value)))
+
+        def key(value: StepValue) -> Hashable:
+            return "off" if self.is_off(value) else int(np.count_nonzero(kept[value]))
+
+        return once_per_key((key(v), functools.partial(make, v)) for v in values)

@@ -16,6 +16,9 @@ Per class of a volume, each step a tuned option that ``make tune`` may leave off
    score). k <= 1 = off;
 5. ``min_component_size``: connected components smaller than this many voxels are removed: 3D and
    26-connected within a volume for volumetric datasets, 2D and 8-connected within each image otherwise.
+6. ``component_fraction`` (f): components smaller than f x the largest one are removed (the volume's
+   largest in 3D, each image's own in 2D); f = 1 keeps the largest only, for a class that is one
+   object (an LGG tumour, a nerve); 0 = off.
 
 Steps 2-4 only empty whole slices, so their order among themselves changes nothing except for the
 z-continuity, which sees the slices the gates left.
@@ -45,6 +48,7 @@ from pipeline.infer.step_base import (
     ClassParams,
     ComponentStep,
     CountGateStep,
+    RelativeComponentStep,
     SliceStep,
     Step,
     StepError,
@@ -130,6 +134,17 @@ MIN_COMPONENT_SIZE = ComponentStep(
     axis=Axis.CATEGORICAL,
 )
 
+COMPONENT_FRACTION = RelativeComponentStep(
+    name="component_fraction",
+    fields=("component_fraction",),
+    grid_keys=("component_fractions",),
+    label="+ components small next to the largest removed",
+    title="kept components: at least this share of the largest",
+    start=0.0,
+    off=0.0,
+    off_upto=0.0,
+)
+
 
 # --------------------------------------------------------------------------- the registry
 
@@ -204,7 +219,7 @@ class Registry:
         return any(s.needs_classifier and not s.is_off(s.get(p)) for s in self.steps for p in params)
 
 
-REGISTRY = Registry((PIXEL_THRESHOLD, GATE, PROB_GATE, Z_RUN, MIN_COMPONENT_SIZE))
+REGISTRY = Registry((PIXEL_THRESHOLD, GATE, PROB_GATE, Z_RUN, MIN_COMPONENT_SIZE, COMPONENT_FRACTION))
 
 
 def registry() -> Registry:

@@ -11,7 +11,7 @@ the masks in the competition's format and checks the file before it is renamed i
 failed run leaves any previous file untouched.
 
 Kaggle behaviours: an empty test folder (the public competition page) still gives a valid file,
-and ``debug_train_days`` runs the same path over the first N train volumes instead.
+and ``debug_train_volumes`` runs the same path over the first N train volumes instead.
 
 Every member's settings (input geometry, crop, detector) come from the resolved ``config.yaml`` of
 its run folder (:func:`~pipeline.infer.predict.load_member`), never from ``configs/``.
@@ -34,15 +34,14 @@ from tqdm.auto import tqdm
 from pipeline.config import ClsConfig, DataCfg, EnsembleConfig, SegConfig, TTACfg
 from pipeline.data.geometry import Box, full_box
 from pipeline.data.volumes import Volume
-from pipeline.datasets import get_dataset
 from pipeline.datasets.base import DatasetSpec
 from pipeline.device import resolve_device
 from pipeline.infer.ensemble import check_members, run_name
 from pipeline.infer.masks import to_uint8
 from pipeline.infer.postprocess import Decisions, DecisionsError, apply_postprocess, read_decisions
 from pipeline.infer.predict import load_member
-from pipeline.models.detector import BodyDetector
-from pipeline.models.predict import predict_day, predict_day_cls
+from pipeline.models.detector_boxes import BodyDetector
+from pipeline.models.predict import predict_volume
 from pipeline.paths import run_dir
 from pipeline.rle import encode_masks
 
@@ -70,8 +69,14 @@ def crop_key(data: DataCfg, det_config: str | None) -> str | None:
 class EnsemblePredictor:
     """Models loaded once; :meth:`masks` turns a volume's image into its post-processed masks."""
 
-    def __init__(self, cfg: EnsembleConfig, decisions: Decisions, device: str | torch.device | None = None):
-        self.spec: DatasetSpec = get_dataset(cfg.dataset)
+    def __init__(
+        self,
+        cfg: EnsembleConfig,
+        spec: DatasetSpec,
+        decisions: Decisions,
+        device: str | torch.device | None = None,
+    ):
+        self.spec = spec
         self.device = resolve_device(str(device or cfg.device))
         self.amp = bool(cfg.amp) and self.device.type == "cuda"
         self.batch_size = cfg.batch_size
@@ -118,7 +123,7 @@ class EnsemblePredictor:
         """The volume's crop box from every detector in use (None: the full frame)."""
         out: dict[str | None, Box] = {None: full_box(image.shape[-2:])}
         for key, detector in self.detectors.items():
-            out[key] = detector.day_box(image)[0]
+            out[key] = detector.volume_box(image)[0]
         return out
 
     def gate_probs(self, image: np.ndarray, boxes: dict[str | None, Box]) -> np.ndarray | None:
@@ -127,14 +132,14 @@ class EnsemblePredictor:
             return None
         total = np.zeros((len(image), len(self.spec.classes)), dtype=np.float32)
         for m in self.classifiers:
-            total += self._forward(predict_day_cls, m, image, boxes)
+            total += self._forward(predict_volume, m, image, boxes)
         return total / len(self.classifiers)
 
     def seg_probs(self, image: np.ndarray, boxes: dict[str | None, Box]) -> np.ndarray:
         """(S, classes, H, W) float32 weighted mean of every member x fold (TTA inside each), per class."""
         total = np.zeros((len(image), len(self.spec.classes), *image.shape[-2:]), dtype=np.float32)
         for m in self.segmenters:
-            total += m.weight[None, :, None, None] * self._forward(predict_day, m, image, boxes)
+            total += m.weight[None, :, None, None] * self._forward(predict_volume, m, image, boxes)
         return total
 
     def _forward(
@@ -206,10 +211,11 @@ def read_volumes(spec: DatasetSpec, catalog: pd.DataFrame) -> Iterator[Volume]:
 
 def run_submit(
     cfg: EnsembleConfig,
+    spec: DatasetSpec,
     data_root: Path,
     out: Path,
     *,
-    debug_train_days: int = 0,
+    debug_train_volumes: int = 0,
     device: str | torch.device | None = None,
     force: bool = False,
 ) -> Path:
@@ -217,16 +223,15 @@ def run_submit(
 
     ``force`` writes a submission the dataset's sanity checks refuse (e.g. every nerve mask identical).
     """
-    spec = get_dataset(cfg.dataset)
     decisions = read_decisions(cfg.name)
     check_decisions(cfg, decisions)
-    catalog = spec.prediction_catalog(Path(data_root), debug_train_days or cfg.debug_train_days)
+    catalog = spec.prediction_catalog(Path(data_root), debug_train_volumes or cfg.debug_train_volumes)
     start = time.perf_counter()
     if catalog.empty:
         log.warning("no test images under %s: writing the expected rows with empty predictions", data_root)
         writer = spec.submission_writer(Path(data_root), Path(out), catalog, encode_masks, force)
     else:
-        predictor = EnsemblePredictor(cfg, decisions, device)
+        predictor = EnsemblePredictor(cfg, spec, decisions, device)
         writer = spec.submission_writer(Path(data_root), Path(out), catalog, predictor.encode, force)
         n_volumes = catalog["volume_id"].nunique()
         for volume in tqdm(read_volumes(spec, catalog), total=n_volumes, desc="submit", unit="vol"):

@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import EnsembleConfig, TuneCfg
+from pipeline.datasets.base import DatasetSpec
 from pipeline.infer.ensemble import OOFSet, load_oof
 from pipeline.infer.evaluate import (
     default_workers,
@@ -324,7 +325,7 @@ def _grids(tune: TuneCfg) -> Grids:
 
 
 def tune_ensemble(
-    cfg: EnsembleConfig, root: Path, *, workers: int | None = None, progress: bool = True
+    cfg: EnsembleConfig, spec: DatasetSpec, root: Path, *, workers: int | None = None, progress: bool = True
 ) -> Decisions:
     """Run the search on the OOF of ``cfg``'s members (and on its tuning part) and return the decisions.
 
@@ -332,7 +333,7 @@ def tune_ensemble(
     of its members alone (both at the tuning part's settings) is not kept: the search runs again with
     that member's weight held at 1 in every class, and its decisions are saved.
     """
-    oof = load_oof(cfg, root, progress)
+    oof = load_oof(cfg, spec, root, progress)
     names, classes = oof.member_names(), oof.spec.classes
     kw = {"workers": workers or default_workers(), "progress": progress}
     splits = holdout_splits(oof, cfg.tune)
@@ -376,9 +377,11 @@ def _weights_json(weights: np.ndarray, classes: tuple[str, ...], names: list[str
     return {cls: {n: float(w) for n, w in zip(names, row)} for cls, row in zip(classes, weights)}
 
 
-def run_tune(cfg: EnsembleConfig, root: Path, *, workers: int | None = None, progress: bool = True) -> Path:
+def run_tune(
+    cfg: EnsembleConfig, spec: DatasetSpec, root: Path, *, workers: int | None = None, progress: bool = True
+) -> Path:
     """Tune on OOF and write ``runs/ensemble/<cfg>/postprocess.json`` (atomically)."""
-    decisions = tune_ensemble(cfg, root, workers=workers, progress=progress)
+    decisions = tune_ensemble(cfg, spec, root, workers=workers, progress=progress)
     held = decisions.holdout.get("held_score")
     log.info(
         "tuned OOF score %.5f on every volume%s",

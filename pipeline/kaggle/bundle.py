@@ -10,7 +10,7 @@ and the kernel folder:
   starting weights spent (:func:`spent`: the checkpoint holds every weight), so the kernel needs
   no weights cache (`make weights`);
 - ``wheels/``: the pinned wheels the Kaggle image lacks and ``manifest.json`` saying which;
-- ``kernel/``: ``kernel-metadata.json`` and the entry script ``kernels/gi_tract_submit.py``
+- ``kernel/``: ``kernel-metadata.json`` and the entry script ``kernels/kaggle_submit.py``
   with its ``SETTINGS`` block filled in (dataset slugs, ensemble name, build id).
 
 ``code/BUNDLE.json`` and ``weights/BUNDLE.json`` carry the build id the entry script expects,
@@ -28,12 +28,12 @@ import pprint
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.config import EnsembleConfig, dump_config, load_config
-from pipeline.datasets import get_dataset
+from pipeline.datasets.base import DatasetSpec
 from pipeline.errors import PipelineError
-from pipeline.infer.ensemble import config_name
+from pipeline.infer.ensemble import run_name
 from pipeline.infer.postprocess import DecisionsError, read_decisions
 from pipeline.infer.submit import crop_key
 from pipeline.io import write_json, write_text
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 PLACEHOLDER_USER = "your-kaggle-user"
 DEFAULT_PREFIX = "gi-tract"
 DEFAULT_OUT = PROJECT_ROOT / "build" / "kaggle"
-ENTRY_TEMPLATE = PROJECT_ROOT / "kernels" / "gi_tract_submit.py"
+ENTRY_TEMPLATE = PROJECT_ROOT / "kernels" / "kaggle_submit.py"
 METADATA_TEMPLATE = PROJECT_ROOT / "kernels" / "kernel-metadata.template.json"
 CODE_PACKAGES = ("pipeline", "stages")
 LICENSES = [{"name": "CC0-1.0"}]
@@ -149,7 +149,9 @@ def needed_run_files(cfg: EnsembleConfig) -> tuple[list[Path], dict[str, Any]]:
     except DecisionsError as exc:
         raise BundleError(str(exc)) from None
     configs: dict[str, Any] = {cfg.name: _portable(cfg)}
-    loaded = []  # (stage, name, fold) of every network submit loads
+    loaded: list[
+        tuple[Literal["seg", "cls"], str, int]
+    ] = []  # (stage, name, fold) of every network submit loads
     for member in decisions.members:
         if member["config"] in decisions.used_members():
             loaded += [("seg", member["config"], fold) for fold in member["folds"]]
@@ -166,7 +168,7 @@ def needed_run_files(cfg: EnsembleConfig) -> tuple[list[Path], dict[str, Any]]:
         configs.setdefault(name, spent(trained))
         detectors.add(crop_key(trained.data, cfg.det_config))
     for det in sorted(d for d in detectors if d is not None):
-        name = config_name(det, "det")
+        name = run_name(det)
         folder = run_dir("det", name)
         files += _require(folder, DET_FILES, f"make train-det CONFIG_DET=configs/{name}.yaml")
         files += [folder / n for n in DET_OPTIONAL if (folder / n).is_file()]
@@ -195,9 +197,9 @@ def _ship(src: Path, dst: Path) -> Path:
 
 def _portable(cfg: EnsembleConfig) -> EnsembleConfig:
     """The ensemble config with members, classifier and detector named by bare config name."""
-    members = tuple(dataclasses.replace(m, config=config_name(m.config, "seg")) for m in cfg.members)
-    classifier = config_name(cfg.classifier, "cls") if cfg.classifier else None
-    det = config_name(cfg.det_config, "det") if cfg.det_config else None
+    members = tuple(dataclasses.replace(m, config=run_name(m.config)) for m in cfg.members)
+    classifier = run_name(cfg.classifier) if cfg.classifier else None
+    det = run_name(cfg.det_config) if cfg.det_config else None
     return dataclasses.replace(cfg, members=members, classifier=classifier, det_config=det, data_dir=None)
 
 
@@ -230,16 +232,16 @@ def dataset_metadata(names: KaggleNames, part: str, description: str) -> dict[st
     }
 
 
-def data_input(dataset: str) -> str:
+def data_input(spec: DatasetSpec) -> str:
     """The folder the dataset's Kaggle data is mounted as under /kaggle/input (the slug's last part)."""
-    return get_dataset(dataset).kaggle_source[1].split("/")[-1]
+    return spec.kaggle_source[1].split("/")[-1]
 
 
 def kernel_metadata(
-    names: KaggleNames, code_file: str, dataset: str = "uwmgi", template: Path = METADATA_TEMPLATE
+    names: KaggleNames, code_file: str, spec: DatasetSpec, template: Path = METADATA_TEMPLATE
 ) -> dict[str, Any]:
     """kernel-metadata.json: the build's three datasets plus the real data (a competition or a dataset)."""
-    kind, slug = get_dataset(dataset).kaggle_source
+    kind, slug = spec.kaggle_source
     meta = json.loads(template.read_text())
     meta.update(
         id=names.ref("submit"),
@@ -264,29 +266,60 @@ def render_entry(settings: dict[str, Any], template: Path = ENTRY_TEMPLATE) -> s
     return SETTINGS_RE.sub(lambda _: block, text, count=1)
 
 
-def build_bundle(
-    cfg: EnsembleConfig,
-    out: Path = DEFAULT_OUT,
-    *,
-    user: str | None = None,
-    prefix: str = DEFAULT_PREFIX,
-    wheels_from: Path | None = None,
-    wheels_cache: Path = DEFAULT_CACHE,
-    debug_train_days: int = 0,
-    wheels: WheelSet | None = None,
-) -> Bundle:
-    """Write the code, weights and wheels datasets and the kernel folder under ``out``.
-
-    The folder is assembled beside ``out`` and swapped in at the end, so a failed build leaves
-    the previous bundle untouched. ``user`` None uses a placeholder owner (push refuses it).
-    """
-    names = KaggleNames(user or PLACEHOLDER_USER, prefix)
+def _names(user: str | None, prefix: str) -> KaggleNames:
+    """The owner and slugs; without a user name, a placeholder owner (push refuses it) and a warning."""
     if user is None:
         log.warning(
             "no Kaggle user name (--user, KAGGLE_USER, KAGGLE_USERNAME or ~/.kaggle/kaggle.json): "
             "the metadata uses the placeholder '%s'; set one before `make kernel-push`",
             PLACEHOLDER_USER,
         )
+    return KaggleNames(user or PLACEHOLDER_USER, prefix)
+
+
+def _write_code(code: Path, configs: dict[str, Any]) -> list[Path]:
+    """The code dataset: the packages' sources, the resolved configs and requirements.txt."""
+    files = [f for pkg in CODE_PACKAGES for f in _copy_sources(PROJECT_ROOT / pkg, code / pkg)]
+    for name, config in configs.items():
+        files.append(write_text(code / "configs" / f"{name}.yaml", dump_config(config)))
+    files.append(Path(shutil.copy2(PROJECT_ROOT / "requirements.txt", code / "requirements.txt")))
+    return files
+
+
+def _write_weights(weights: Path, run_files: list[Path], cfg: EnsembleConfig) -> list[Path]:
+    """The weights dataset: the run files under ``runs/`` as RUNS_DIR lays them out, and the ensemble config."""
+    root = runs_dir()
+    copied = [_ship(src, weights / "runs" / src.relative_to(root)) for src in run_files]
+    ensemble_yaml = weights / "runs" / "ensemble" / cfg.name / "config.yaml"
+    copied.append(write_text(ensemble_yaml, dump_config(_portable(cfg))))
+    return copied
+
+
+def _write_wheels(folder: Path, wheels: WheelSet, names: KaggleNames) -> None:
+    copy_wheels(wheels, folder)
+    write_json(folder / "manifest.json", wheels.manifest())
+    write_json(folder / "dataset-metadata.json", dataset_metadata(names, "wheels", "Pinned wheels, offline."))
+
+
+def build_bundle(
+    cfg: EnsembleConfig,
+    spec: DatasetSpec,
+    out: Path = DEFAULT_OUT,
+    *,
+    user: str | None = None,
+    prefix: str = DEFAULT_PREFIX,
+    wheels_from: Path | None = None,
+    wheels_cache: Path = DEFAULT_CACHE,
+    debug_train_volumes: int = 0,
+    wheels: WheelSet | None = None,
+) -> Bundle:
+    """Write the code, weights and wheels datasets and the kernel folder under ``out``.
+
+    ``spec`` is the ensemble's dataset (its Kaggle source is the kernel's data input). The folder is
+    assembled beside ``out`` and swapped in at the end, so a failed build leaves the previous bundle
+    untouched. ``user`` None uses a placeholder owner (push refuses it).
+    """
+    names = _names(user, prefix)
     run_files, configs = needed_run_files(cfg)
     wheels = wheels or collect_wheels(wheels_from, wheels_cache)
     out = Path(out)
@@ -294,55 +327,34 @@ def build_bundle(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
 
-    code = staging / "code"
-    code_files = [f for pkg in CODE_PACKAGES for f in _copy_sources(PROJECT_ROOT / pkg, code / pkg)]
-    for name, config in configs.items():
-        code_files.append(write_text(code / "configs" / f"{name}.yaml", dump_config(config)))
-    code_files.append(Path(shutil.copy2(PROJECT_ROOT / "requirements.txt", code / "requirements.txt")))
-
-    weights = staging / "weights"
-    root = runs_dir()
-    copied = []
-    for src in run_files:
-        copied.append(_ship(src, weights / "runs" / src.relative_to(root)))
-    ensemble_yaml = weights / "runs" / "ensemble" / cfg.name / "config.yaml"
-    copied.append(write_text(ensemble_yaml, dump_config(_portable(cfg))))
-
+    code, weights = staging / "code", staging / "weights"
+    code_files = _write_code(code, configs)
+    copied = _write_weights(weights, run_files, cfg)
     build_id = _digest(code_files, code) + _digest(copied, weights)[:8]
     stamp = {
         "build_id": build_id,
         "ensemble": cfg.name,
-        "runs": [p.relative_to(root).as_posix() for p in run_files],
+        "runs": [p.relative_to(runs_dir()).as_posix() for p in run_files],
     }
-    for part in ("code", "weights"):
+    for part, description in (
+        ("code", "Pipeline source for the kernel."),
+        ("weights", "Trained runs/ for the kernel."),
+    ):
         write_json(staging / part / "BUNDLE.json", stamp)
-    write_json(
-        code / "dataset-metadata.json", dataset_metadata(names, "code", "Pipeline source for the kernel.")
-    )
-    write_json(
-        weights / "dataset-metadata.json", dataset_metadata(names, "weights", "Trained runs/ for the kernel.")
-    )
-
-    wheel_dir = staging / "wheels"
-    copy_wheels(wheels, wheel_dir)
-    write_json(wheel_dir / "manifest.json", wheels.manifest())
-    write_json(
-        wheel_dir / "dataset-metadata.json", dataset_metadata(names, "wheels", "Pinned wheels, offline.")
-    )
+        write_json(staging / part / "dataset-metadata.json", dataset_metadata(names, part, description))
+    _write_wheels(staging / "wheels", wheels, names)
 
     settings = {
         "dataset": cfg.dataset,
-        "data_input": data_input(cfg.dataset),
+        "data_input": data_input(spec),
         "datasets": names.datasets,
         "ensemble": cfg.name,
         "build_id": build_id,
-        "debug_train_days": int(debug_train_days),
+        "debug_train_volumes": int(debug_train_volumes),
         "packages": wheels.packages,
     }
-    kernel = staging / "kernel"
-    write_text(kernel / ENTRY_TEMPLATE.name, render_entry(settings))
-    write_json(kernel / "kernel-metadata.json", kernel_metadata(names, ENTRY_TEMPLATE.name, cfg.dataset))
-
+    write_text(staging / "kernel" / ENTRY_TEMPLATE.name, render_entry(settings))
+    write_json(staging / "kernel" / "kernel-metadata.json", kernel_metadata(names, ENTRY_TEMPLATE.name, spec))
     shutil.rmtree(out, ignore_errors=True)
     staging.replace(out)
     return Bundle(out, names, build_id, run_files, settings)

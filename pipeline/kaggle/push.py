@@ -165,8 +165,9 @@ def push_bundle(
         _run(cmd)
         uploads.append(cmd)
         refs.append(ref)
-    for ref in refs if wait_timeout is not None else []:
-        wait_ready(cli, ref, wait_timeout, poll, sleep)
+    if wait_timeout is not None:
+        for ref in refs:
+            wait_ready(cli, ref, wait_timeout, poll, sleep)
     cmd = [cli, "kernels", "push", "-p", str(out / "kernel")]
     _run(cmd)
     uploads.append(cmd)

@@ -77,7 +77,7 @@ class WheelSet:
 
 def read_pins(requirements: Path = REQUIREMENTS) -> dict[str, str]:
     """``name==version`` lines of a requirements file, keyed by canonical name."""
-    pins = {}
+    pins: dict[str, str] = {}
     for raw in requirements.read_text().splitlines():
         line = raw.split("#", 1)[0].strip()
         match = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*==\s*([^\s;]+)", line)
@@ -150,7 +150,7 @@ def collect_wheels(
         still = [f"{n}=={wanted[n]}" for n, p in found.items() if p is None]
         if still:
             raise WheelError(f"pip downloaded no wheel for this interpreter for {', '.join(still)}")
-    return WheelSet(packages, support, tuple(found[name] for name in wanted))
+    return WheelSet(packages, support, tuple(p for p in found.values() if p is not None))
 
 
 def copy_wheels(wheels: WheelSet, dest: Path) -> list[Path]:

@@ -17,7 +17,7 @@ from pipeline.io import write_with
 
 @dataclass
 class Panel:
-    """One slice of a day drawn with its crop box (and the threshold box, for comparison)."""
+    """One slice of a volume drawn with its crop box (and the threshold box, for comparison)."""
 
     title: str
     image: np.ndarray  # (H, W) uint16
@@ -35,35 +35,36 @@ def mask_inside(mask: np.ndarray, box: Box) -> tuple[int, int]:
 def evaluate_boxes(
     store: VolumeStore, boxes: dict[str, tuple[Box, str]], params: DetParams, n_panels: int = 6
 ) -> tuple[dict[str, float], list[Panel]]:
-    """Box quality over every day of ``store``, and figure panels of up to ``n_panels`` days.
+    """Box quality over every volume of ``store``, and figure panels of up to ``n_panels`` volumes.
 
-    ``mask_inside_fraction`` is the share of mask pixels inside the day boxes: cropping
-    must lose nothing, so it should be 1.0. ``iou_vs_threshold_*`` compares each day box with
-    the day's threshold box; ``box_area_fraction`` is the share of the frame a crop keeps.
+    ``mask_inside_fraction`` is the share of mask pixels inside the volume boxes: cropping
+    must lose nothing, so it should be 1.0. ``iou_vs_threshold_*`` compares each volume box with
+    the volume's threshold box; ``box_area_fraction`` is the share of the frame a crop keeps.
     """
-    days = list(boxes)
-    drawn = {days[i] for i in np.linspace(0, len(days) - 1, min(n_panels, len(days))).round().astype(int)}
+    volume_ids = list(boxes)
+    picks = np.linspace(0, len(volume_ids) - 1, min(n_panels, len(volume_ids))).round().astype(int)
+    drawn = {volume_ids[i] for i in picks}
     ious, areas, panels = [], [], []
     inside = total = thr_inside = 0
-    day_fractions = []
-    for day in tqdm(days, desc="box quality", unit="day"):
-        volume = store[day]
-        box, _ = boxes[day]
+    volume_fractions = []
+    for volume_id in tqdm(volume_ids, desc="box quality", unit="vol"):
+        volume = store[volume_id]
+        box, _ = boxes[volume_id]
         thr = day_threshold_box(
             volume.gray(), params.margin, quantile=params.threshold_quantile, scale=params.threshold_scale
         )
         if thr is not None:
             ious.append(box_iou(box, thr))
         areas.append(box.height * box.width / (volume.shape[0] * volume.shape[1]))
-        organ = None if volume.mask is None else np.asarray(volume.mask).any(axis=1)
+        organ = None if volume.mask is None else np.asarray(np.asarray(volume.mask).any(axis=1))
         if organ is not None:
             kept, count = mask_inside(organ, box)
             inside, total = inside + kept, total + count
             if count:
-                day_fractions.append(kept / count)
+                volume_fractions.append(kept / count)
             if thr is not None:
                 thr_inside += mask_inside(organ, thr)[0]
-        if day in drawn:
+        if volume_id in drawn:
             s = (
                 int(organ.sum(axis=(1, 2)).argmax())
                 if organ is not None and organ.any()
@@ -71,7 +72,7 @@ def evaluate_boxes(
             )
             panels.append(
                 Panel(
-                    f"{day} s{s}: {boxes[day][1]}",
+                    f"{volume_id} s{s}: {boxes[volume_id][1]}",
                     np.asarray(volume.gray()[s]),
                     None if organ is None else organ[s],
                     box,
@@ -80,21 +81,21 @@ def evaluate_boxes(
             )
     sources = [source for _, source in boxes.values()]
     quality = {
-        "days": len(days),
+        "volumes": len(volume_ids),
         **{f"source_{name}": sources.count(name) for name in SOURCES},
         "iou_vs_threshold_mean": float(np.mean(ious)) if ious else float("nan"),
         "iou_vs_threshold_min": float(np.min(ious)) if ious else float("nan"),
         "box_area_fraction_mean": float(np.mean(areas)) if areas else float("nan"),
         "mask_pixels": total,
         "mask_inside_fraction": inside / total if total else 1.0,
-        "mask_inside_fraction_min_day": float(min(day_fractions)) if day_fractions else 1.0,
+        "mask_inside_fraction_min_volume": float(min(volume_fractions)) if volume_fractions else 1.0,
         "threshold_mask_inside_fraction": thr_inside / total if total else 1.0,
     }
     return quality, panels
 
 
-def plot_day_boxes(path: Path, panels: list[Panel]) -> Path:
-    """A grid of slices: day box (green), threshold box (red, dashed), organ outline (cyan)."""
+def plot_volume_boxes(path: Path, panels: list[Panel]) -> Path:
+    """A grid of slices: volume box (green), threshold box (red, dashed), organ outline (cyan)."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 

@@ -6,13 +6,12 @@ slices labelled by their own threshold boxes (:mod:`pipeline.models.yolo_data`):
 into a plain state dict in the local weights cache (:func:`fetch_yolo_state`, the one place a ``.pt``
 is downloaded and read, by ultralytics itself); training never reads a ``.pt``.
 The best weights are exported as a plain state dict (``weights.pt``, loaded with
-``weights_only=True``) next to the architecture (``model.yaml``); :meth:`BodyDetector.load`
-rebuilds the net with ``YOLO(model.yaml)`` and loads that state dict. At inference a volume
-gets one box, the union of its per-slice detections padded by ``det.margin``, so the 2.5D
-neighbours of every slice stay aligned; when nothing is detected the day's threshold box is
-used, and when that fails too, the full frame.
+``weights_only=True``) next to the architecture (``model.yaml``); :func:`build_yolo` rebuilds the
+net with ``YOLO(model.yaml)`` and loads that state dict. At inference a volume
+gets one box (:mod:`pipeline.models.detector_boxes`).
 
-ultralytics is imported inside functions only, after :func:`pipeline.runtime.set_offline_env`.
+ultralytics is imported inside functions only, after :func:`pipeline.runtime.set_offline_env` and
+:func:`pipeline.runtime.set_yolo_config_dir`.
 """
 
 from __future__ import annotations
@@ -21,32 +20,27 @@ import contextlib
 import copy
 import difflib
 import logging
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
-from pipeline.config import CONFIG_DIR, ConfigError, DetParams, load_config
+from pipeline.config import CONFIG_DIR, ConfigError, DetParams
 from pipeline.data.boxes import boxes_path, load_boxes, write_boxes
-from pipeline.data.geometry import Box, day_threshold_box, full_box, pad_box, union_boxes
-from pipeline.data.volumes import gray
-from pipeline.errors import DataError
 from pipeline.io import write_text, write_with
 from pipeline.models.weights import WeightsError, WeightsRequest, load_cached
 from pipeline.models.weights import cached_file as cached_weights_file
-from pipeline.models.yolo_data import CLASS_NAME, slice_to_uint8
-from pipeline.runtime import set_offline_env
+from pipeline.models.yolo_data import CLASS_NAME
+from pipeline.runtime import set_offline_env, set_yolo_config_dir
 
 log = logging.getLogger(__name__)
 
 __all__ = [  # load_boxes and write_boxes live with the other box helpers; they are part of this API
-    "BodyDetector",
     "boxes_path",
-    "choose_day_box",
+    "build_yolo",
     "load_boxes",
+    "train_yolo",
     "write_boxes",
 ]
 
@@ -67,6 +61,7 @@ def _ultralytics() -> Any:
     """Import ultralytics with the offline switches and the local font in place (order matters:
     ultralytics reads YOLO_OFFLINE and YOLO_CONFIG_DIR once, at import)."""
     set_offline_env()
+    set_yolo_config_dir()
     import ultralytics
 
     return ultralytics
@@ -81,7 +76,7 @@ def torch_device(device: str | None = "auto") -> str:
     return device
 
 
-def _yolo_device(device: str) -> str:
+def yolo_device(device: str) -> str:
     """A torch device string as ultralytics spells it (``cuda:1`` -> ``1``)."""
     if device.startswith("cuda"):
         return device.partition(":")[2] or "0"
@@ -255,9 +250,10 @@ def build_yolo(arch_path: Path, state: dict[str, Any]) -> Any:
 
     with _without_log_lines(LOGGER, "no model scale passed"):  # the one scale row of arch_yaml
         yolo = YOLO(str(arch_path), task="detect")
-    yolo.model.load_state_dict(state, strict=True)
-    yolo.model.names = {0: CLASS_NAME}
-    yolo.model.eval()
+    net: Any = yolo.model  # the DetectionModel (ultralytics types it loosely)
+    net.load_state_dict(state, strict=True)
+    net.names = {0: CLASS_NAME}
+    net.eval()
     return yolo
 
 
@@ -283,7 +279,7 @@ def train_yolo(data_yaml: Path, params: DetParams, project: Path) -> tuple[Any, 
         "epochs": params.epochs,
         "batch": params.batch,
         "workers": params.workers,
-        "device": _yolo_device(device),
+        "device": yolo_device(device),
         "seed": params.seed,
         "project": str(project.resolve()),
         "name": "train",
@@ -302,9 +298,8 @@ def train_yolo(data_yaml: Path, params: DetParams, project: Path) -> tuple[Any, 
         yolo.train(trainer=trainer, **args)
     finally:  # ultralytics switches deterministic algorithms on process-wide
         torch.use_deterministic_algorithms(deterministic)
-    metrics = {
-        k: float(v) for k, v in (yolo.metrics.results_dict if yolo.metrics is not None else {}).items()
-    }
+    results: dict[str, Any] = yolo.metrics.results_dict if yolo.metrics is not None else {}
+    metrics = {k: float(v) for k, v in results.items()}
     metrics["pretrained_tensors"] = float(getattr(yolo.trainer, "transferred", 0))
     return yolo.model, metrics
 
@@ -324,88 +319,3 @@ def save_weights(out: Path, net: Any, params: DetParams) -> Path:
     payload = {"model": state, "imgsz": params.imgsz, "ultralytics": __version__}
     write_text(out / ARCH_FILE, arch_yaml(net))
     return write_with(out / WEIGHTS_FILE, lambda p: torch.save(payload, p))
-
-
-# --------------------------------------------------------------------------- inference
-
-
-def choose_day_box(image: np.ndarray, detections: list[Box], params: DetParams) -> tuple[Box, str]:
-    """The fallback chain: padded union of detections, else the day's threshold box, else the frame."""
-    shape = (int(image.shape[1]), int(image.shape[2]))
-    union = union_boxes(detections)
-    if union is not None:
-        return pad_box(union, params.margin, shape), "detector"
-    box = day_threshold_box(
-        image, params.margin, quantile=params.threshold_quantile, scale=params.threshold_scale
-    )
-    if box is not None:
-        return box, "threshold"
-    return full_box(shape), "full"
-
-
-class BodyDetector:
-    """A trained single-class YOLO that boxes the body on every slice of a volume."""
-
-    def __init__(self, yolo: Any, params: DetParams, device: str = "cpu"):
-        self.yolo = yolo  # an ultralytics YOLO (None in tests that override detect)
-        self.params = params
-        self.device = device
-
-    @classmethod
-    def load(cls, run_dir: str | Path, device: str | None = None) -> BodyDetector:
-        """``runs/det/<cfg>/{weights.pt, model.yaml, config.yaml}`` -> a detector on ``device``
-        (default: det.device of the run's config)."""
-        import torch
-
-        run_dir = Path(run_dir)
-        for name in (WEIGHTS_FILE, ARCH_FILE, "config.yaml"):
-            if not (run_dir / name).is_file():
-                raise DataError(
-                    f"detector file not found: {run_dir / name}; run `make train-det` "
-                    f"(CONFIG_DET=configs/{run_dir.name}.yaml)"
-                )
-        cfg = load_config(run_dir / "config.yaml", stage="det")
-        ckpt = torch.load(run_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        yolo = build_yolo(run_dir / ARCH_FILE, ckpt["model"])
-        return cls(yolo, cfg.det, torch_device(device or cfg.det.device))
-
-    def detect(self, slices: np.ndarray, batch: int = 32) -> list[list[tuple[Box, float]]]:
-        """Per-slice detections ``[(box, confidence), ...]`` (confidence >= det.conf) of (n, H, W) slices."""
-        out: list[list[tuple[Box, float]]] = []
-        for start in range(0, len(slices), batch):
-            chunk = [
-                np.repeat(slice_to_uint8(s)[..., None], 3, axis=2) for s in slices[start : start + batch]
-            ]
-            results = self.yolo.predict(
-                source=chunk,
-                conf=self.params.conf,
-                imgsz=self.params.imgsz,
-                device=_yolo_device(self.device),
-                save=False,
-                verbose=False,
-            )
-            for image, result in zip(chunk, results):
-                height, width = image.shape[:2]
-                found = []
-                xyxy = result.boxes.xyxy.cpu().numpy()
-                for (x0, y0, x1, y1), conf in zip(xyxy, result.boxes.conf.cpu().numpy()):
-                    y0c, x0c = max(0, math.floor(y0)), max(0, math.floor(x0))
-                    y1c, x1c = min(height, math.ceil(y1)), min(width, math.ceil(x1))
-                    if y1c > y0c and x1c > x0c:
-                        found.append((Box(y0c, x0c, y1c, x1c), float(conf)))
-                out.append(found)
-        return out
-
-    def day_box(self, image: np.ndarray, batch: int = 32) -> tuple[Box, str]:
-        """One crop box for a volume (S, H, W) or (S, C, H, W) and where it came from
-        (``detector|threshold|full``).
-
-        Every ``det.predict_step``-th slice (and the last) is detected; the union of their boxes
-        is padded by ``det.margin``. Multi-channel slices are seen as the mean of their channels.
-        """
-        image = gray(image)
-        if image.ndim != 3 or not len(image):
-            raise ValueError(f"day_box expects a (S, H, W) volume with S >= 1, got shape {image.shape}")
-        picked = np.unique(np.r_[np.arange(0, len(image), max(1, self.params.predict_step)), len(image) - 1])
-        detections = [box for found in self.detect(image[picked], batch) for box, _ in found]
-        return choose_day_box(image, detections, self.params)

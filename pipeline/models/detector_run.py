@@ -16,17 +16,17 @@ from pipeline.data.boxes import SOURCES, boxes_path, write_boxes
 from pipeline.data.volumes import VolumeStore
 from pipeline.datasets import get_dataset
 from pipeline.io import run_lock, write_csv, write_json, write_text
-from pipeline.models.box_quality import evaluate_boxes, plot_day_boxes
+from pipeline.models.box_quality import evaluate_boxes, plot_volume_boxes
 from pipeline.models.detector import (
     ARCH_FILE,
     WEIGHTS_FILE,
-    BodyDetector,
     check_pretrained,
     check_train_args,
     model_source,
     save_weights,
     train_yolo,
 )
+from pipeline.models.detector_boxes import BodyDetector
 from pipeline.models.yolo_data import write_yolo_dataset
 from pipeline.paths import data_dir, run_dir
 from pipeline.runtime import record_machine
@@ -73,7 +73,8 @@ def _train_detector(cfg: DetConfig, out: Path) -> Path:
     clock = time.perf_counter()
     detector = BodyDetector.load(out)
     boxes = {
-        day: detector.day_box(store[day].image) for day in tqdm(store.days, desc="volume boxes", unit="vol")
+        volume_id: detector.volume_box(store[volume_id].image)
+        for volume_id in tqdm(store.volume_ids, desc="volume boxes", unit="vol")
     }
     write_boxes(boxes_path(cfg.name, "train"), boxes)
     seconds["seconds_boxes"] = time.perf_counter() - clock
@@ -91,9 +92,9 @@ def _train_detector(cfg: DetConfig, out: Path) -> Path:
     }
     write_json(out / "metrics.json", metrics)
     write_csv(out / "metrics.csv", pd.DataFrame([metrics]))
-    plot_day_boxes(out / "boxes.png", panels)
+    plot_volume_boxes(out / "boxes.png", panels)
     log.info(
-        "detector %s: mAP50 %.3f, mAP50-95 %.3f, day-box IoU vs threshold %.3f, mask pixels inside boxes %.5f, "
+        "detector %s: mAP50 %.3f, mAP50-95 %.3f, volume-box IoU vs threshold %.3f, mask pixels inside boxes %.5f, "
         "sources %s",
         cfg.name,
         metrics["mAP50"],
@@ -104,7 +105,7 @@ def _train_detector(cfg: DetConfig, out: Path) -> Path:
     )
     if metrics["mask_inside_fraction"] < 0.999:
         log.warning(
-            "%.3f%% of mask pixels fall outside the day boxes: raise det.margin",
+            "%.3f%% of mask pixels fall outside the volume boxes: raise det.margin",
             100 * (1 - metrics["mask_inside_fraction"]),
         )
     return out

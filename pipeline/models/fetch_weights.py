@@ -22,7 +22,16 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError, resolve_config_path
+from pipeline.config import (
+    ClsConfig,
+    Config,
+    ConfigError,
+    DetConfig,
+    EnsembleConfig,
+    MemberConfig,
+    SegConfig,
+    resolve_config_path,
+)
 from pipeline.datasets import load_config
 from pipeline.models.detector import det_request, fetch_yolo_state
 from pipeline.models.registry import check_model, model_request
@@ -96,46 +105,45 @@ FETCHERS: dict[str, Callable[[WeightsRequest, Path], Fetched]] = {
 # --------------------------------------------------------------------------- which weights
 
 
-def config_requests(cfg: Any) -> list[WeightsRequest]:
+def config_requests(cfg: Config) -> list[WeightsRequest]:
     """Every cache entry a seg, cls or det config starts from."""
-    if cfg.stage == "det":
+    if isinstance(cfg, DetConfig):
         found = det_request(cfg.det)
-    elif cfg.stage in ("seg", "cls"):
+    elif isinstance(cfg, SegConfig | ClsConfig):
         found = model_request(cfg.model, cfg.stage)
     else:
         found = None
     return [found] if found else []
 
 
-def expand_configs(names: Iterable[str]) -> list[Any]:
+def expand_configs(names: Iterable[str]) -> list[DetConfig | MemberConfig]:
     """The seg, cls and det configs behind ``names`` (files or bare names), in order, once each.
 
     An ensemble brings its members, classifier and detector; a seg or cls config that crops
     brings the detector of ``data.det_config``.
     """
-    seen: dict[Path, Any] = {}
+    seen: dict[Path, Config] = {}
     queue = [resolve_config_path(n) for n in names]
     while queue:
         path = queue.pop(0).resolve()
         if path in seen:
             continue
         cfg = seen[path] = load_config(path)
-        if cfg.stage == "ensemble":
+        more: list[str] = []
+        if isinstance(cfg, EnsembleConfig):
             more = [m.config for m in cfg.members] + [c for c in (cfg.classifier, cfg.det_config) if c]
-        elif cfg.stage in ("seg", "cls") and cfg.data.crop:
+        elif isinstance(cfg, SegConfig | ClsConfig) and cfg.data.crop:
             more = [cfg.data.det_config]
-        else:
-            more = []
         queue += [resolve_config_path(n, relative_to=path.parent) for n in more]
-    return [c for c in seen.values() if c.stage in ("seg", "cls", "det")]
+    return [c for c in seen.values() if isinstance(c, SegConfig | ClsConfig | DetConfig)]
 
 
-def wanted(configs: Iterable[Any]) -> list[tuple[WeightsRequest, str]]:
+def wanted(configs: Iterable[DetConfig | MemberConfig]) -> list[tuple[WeightsRequest, str]]:
     """(request, the first config asking for it) of every distinct cache entry, names checked first."""
     out: dict[str, tuple[WeightsRequest, str]] = {}
     for cfg in configs:
         for request in config_requests(cfg):
-            if cfg.stage in ("seg", "cls"):
+            if isinstance(cfg, SegConfig | ClsConfig):
                 with contextlib.suppress(WeightsError):  # not cached yet: what this step is for
                     check_model(cfg.model, cfg.stage)
             out.setdefault(request.key, (request, cfg.name))
@@ -146,7 +154,7 @@ def wanted(configs: Iterable[Any]) -> list[tuple[WeightsRequest, str]]:
 
 
 def fetch_weights(
-    configs: Iterable[Any], root: Path | None = None, force: bool = False
+    configs: Iterable[DetConfig | MemberConfig], root: Path | None = None, force: bool = False
 ) -> list[dict[str, Any]]:
     """Fill the cache with every entry ``configs`` start from; one report row per entry.
 

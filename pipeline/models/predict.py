@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any
+from collections.abc import Iterator
+from typing import TypeGuard
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import TTACfg
+from pipeline.config import ClsConfig, DataCfg, MemberConfig, Seg3DCfg, SegConfig, TTACfg
 from pipeline.data.geometry import Box
-from pipeline.data.prepare import prepare_day
-from pipeline.datasets import get_dataset
+from pipeline.data.prepare import prepare_volume
+from pipeline.data.volume3d import prepare_volume3d
+from pipeline.datasets.base import DatasetSpec
 from pipeline.device import amp_autocast
 from pipeline.models.classifier import build_classifier
 from pipeline.models.segmenter import build_segmenter
@@ -33,43 +35,36 @@ SIZE_MULTIPLE = 32  # encoders downsample 5 times: scaled inputs are rounded to 
 View = tuple[tuple[int, ...], float]  # (flipped tensor dims, scale)
 
 
-def is_3d(cfg: Any) -> bool:
+def is_3d(cfg: MemberConfig) -> TypeGuard[SegConfig]:
     """Whether a config describes a 3D member (``model.spatial_dims: 3``)."""
-    return getattr(cfg, "stage", None) == "seg" and cfg.model.spatial_dims == 3
+    return isinstance(cfg, SegConfig) and cfg.model.spatial_dims == 3
 
 
-def channels_last(cfg: Any) -> bool:
+def channels_last(cfg: MemberConfig) -> bool:
     """Whether a member runs in the NHWC layout (``train.channels_last``; faster on CUDA and oneDNN CPUs)."""
-    return bool(getattr(getattr(cfg, "train", None), "channels_last", False)) and not is_3d(cfg)
+    return cfg.train.channels_last and not is_3d(cfg)
 
 
-def input_channels(cfg: Any) -> int:
-    """Network input channels of a member: ``2k+1`` neighbouring slices x the dataset's channels."""
-    return (2 * cfg.data.k + 1) * get_dataset(cfg.dataset).channels
+def input_channels(data: DataCfg, slice_channels: int) -> int:
+    """Network input channels: ``2k+1`` neighbouring slices x the dataset's channels per slice."""
+    return (2 * data.k + 1) * slice_channels
 
 
-def build_model(cfg: Any, *, pretrained: bool = True) -> nn.Module:
-    """The network a seg or cls config describes, one output per class of its dataset.
+def build_model(cfg: MemberConfig, spec: DatasetSpec, *, pretrained: bool = True) -> nn.Module:
+    """The network a seg or cls config describes, one output per class of its dataset ``spec``.
 
     ``pretrained``: start from the config's starting weights (``encoder_weights`` from the local
     cache, or ``pretrained_path``); False for a network whose checkpoint is loaded next (inference),
     which then needs no weights cache.
     """
-    n_classes = len(get_dataset(cfg.dataset).classes)
+    n_classes, in_channels = len(spec.classes), input_channels(cfg.data, spec.channels)
     if is_3d(cfg):
-        sizes = {"seg3d.patch_size": cfg.seg3d.patch_size, "seg3d.roi_size": cfg.seg3d.roi_size}
         return build_segmenter3d(
-            cfg.model, input_channels(cfg), n_classes, cfg.seg3d.patch_size, sizes, pretrained=pretrained
+            cfg.model, in_channels, n_classes, cfg.seg3d.patch_size, pretrained=pretrained
         )
-    if cfg.stage == "seg":
-        return build_segmenter(
-            cfg.model, in_channels=input_channels(cfg), classes=n_classes, pretrained=pretrained
-        )
-    if cfg.stage == "cls":
-        return build_classifier(
-            cfg.model, in_channels=input_channels(cfg), classes=n_classes, pretrained=pretrained
-        )
-    raise ValueError(f"config '{cfg.name}' is a '{cfg.stage}' config, not a seg or cls member")
+    if isinstance(cfg, SegConfig):
+        return build_segmenter(cfg.model, in_channels=in_channels, classes=n_classes, pretrained=pretrained)
+    return build_classifier(cfg.model, in_channels=in_channels, classes=n_classes, pretrained=pretrained)
 
 
 def tta_views(tta: TTACfg | None) -> list[View]:
@@ -82,8 +77,9 @@ def tta_views(tta: TTACfg | None) -> list[View]:
     return [(flip, scale) for scale in scales for flip in flips]
 
 
-def scaled_size(size: tuple[int, int], scale: float, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
-    return tuple(max(multiple, round(s * scale / multiple) * multiple) for s in size)
+def scaled_size(size: tuple[int, ...], scale: float, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
+    height, width = (max(multiple, round(s * scale / multiple) * multiple) for s in size)
+    return height, width
 
 
 def forward_views(model: nn.Module, x: torch.Tensor, views: list[View], amp: bool = True) -> torch.Tensor:
@@ -93,7 +89,7 @@ def forward_views(model: nn.Module, x: torch.Tensor, views: list[View], amp: boo
     need no inversion.
     """
     size = tuple(x.shape[-2:])
-    total = None
+    total: torch.Tensor | None = None
     for flips, scale in views:
         view = x
         if scale != 1.0:
@@ -109,6 +105,8 @@ def forward_views(model: nn.Module, x: torch.Tensor, views: list[View], amp: boo
             if tuple(prob.shape[-2:]) != size:
                 prob = F.interpolate(prob, size=size, mode="bilinear", align_corners=False)
         total = prob if total is None else total + prob
+    if total is None:
+        raise ValueError("forward_views needs at least one view")
     return total / len(views)
 
 
@@ -120,7 +118,7 @@ def _batches(
     views: list[View],
     amp: bool,
     nhwc: bool = False,
-):
+) -> Iterator[tuple[int, np.ndarray]]:
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(x), batch_size):
@@ -131,9 +129,9 @@ def _batches(
             yield start, forward_views(model, batch, views, amp).cpu().numpy()
 
 
-def predict_day(
+def predict_volume(
     model: nn.Module,
-    cfg: Any,
+    cfg: MemberConfig,
     image: np.ndarray,
     box: Box,
     *,
@@ -142,44 +140,27 @@ def predict_day(
     tta: TTACfg | None = None,
     amp: bool = True,
 ) -> np.ndarray:
-    """float32 (S, classes, H, W) probabilities of a segmenter on a volume (S, [C,] H, W), in its own geometry.
+    """float32 probabilities of a member on a volume (S, [C,] H, W).
 
-    A 3D member runs by sliding window over the whole volume (:func:`predict_volume`).
+    A segmenter gives (S, classes, H, W) in the volume's own geometry (a 3D member by sliding
+    window, :func:`predict_sliding_window`); the slice classifier gives (S, classes) presence
+    probabilities, its TTA the flip views only (scales are a segmentation option).
     """
     device = torch.device(device)
     if is_3d(cfg):
-        return predict_volume(model, cfg, image, box, device=device, tta=tta, amp=amp)
-    x, geometry = prepare_day(image, box, cfg.data)
-    n_classes = len(get_dataset(cfg.dataset).classes)
-    probs = np.empty((len(x), n_classes, *geometry.size), dtype=np.float32)
-    for start, p in _batches(model, x, device, batch_size, tta_views(tta), amp, channels_last(cfg)):
-        probs[start : start + len(p)] = p
-    return geometry.inverse(probs)
-
-
-def predict_day_cls(
-    model: nn.Module,
-    cfg: Any,
-    image: np.ndarray,
-    box: Box,
-    *,
-    device: torch.device | str = "cpu",
-    batch_size: int = 32,
-    tta: TTACfg | None = None,
-    amp: bool = True,
-) -> np.ndarray:
-    """float32 (S, classes) presence probabilities of a classifier on a volume (S, [C,] H, W).
-
-    TTA averages the flip views (scales are a segmentation option and are not used here).
-    """
-    device = torch.device(device)
-    if tta is not None:
+        return predict_sliding_window(model, cfg.data, cfg.seg3d, image, box, device=device, tta=tta, amp=amp)
+    classifier = isinstance(cfg, ClsConfig)
+    if classifier and tta is not None:
         tta = TTACfg(hflip=tta.hflip, vflip=tta.vflip, scales=(1.0,))
-    x, _ = prepare_day(image, box, cfg.data)
-    probs = np.empty((len(x), len(get_dataset(cfg.dataset).classes)), dtype=np.float32)
+    x, geometry = prepare_volume(image, box, cfg.data)
+    probs: np.ndarray | None = None
     for start, p in _batches(model, x, device, batch_size, tta_views(tta), amp, channels_last(cfg)):
+        if probs is None:  # (S, classes[, Hn, Wn]): the class count is the network's
+            probs = np.empty((len(x), *p.shape[1:]), dtype=np.float32)
         probs[start : start + len(p)] = p
-    return probs
+    if probs is None:
+        raise ValueError(f"predict_volume got an empty volume of shape {image.shape}")
+    return probs if classifier else geometry.inverse(probs)
 
 
 def volume_views(tta: TTACfg | None) -> list[tuple[int, ...]]:
@@ -190,9 +171,10 @@ def volume_views(tta: TTACfg | None) -> list[tuple[int, ...]]:
     return [flips for flips, scale in tta_views(tta) if scale == 1.0]
 
 
-def predict_volume(
+def predict_sliding_window(
     model: nn.Module,
-    cfg: Any,
+    data: DataCfg,
+    seg3d: Seg3DCfg,
     image: np.ndarray,
     box: Box,
     *,
@@ -210,20 +192,20 @@ def predict_volume(
     from monai.inferers import sliding_window_inference
 
     device = torch.device(device)
-    s3 = cfg.seg3d
-    x, geometry = prepare_day(image, box, cfg.data)  # (S, C, Hn, Wn) with k = 0
-    volume = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, 0, 1)))[None].to(device)
+    x, geometry = prepare_volume3d(image, box, data)  # (C, S, Hn, Wn) with k = 0
+    volume = torch.from_numpy(x)[None].to(device)
     views = volume_views(tta)
-    total = None
+    total: torch.Tensor | None = None
     model.eval()
     with torch.inference_mode(), amp_autocast(device, amp):
         for flips in views:
             view = torch.flip(volume, flips) if flips else volume
             logits = sliding_window_inference(
-                view, s3.roi_size, s3.sw_batch_size, model, overlap=s3.overlap, mode=s3.blend
+                view, seg3d.roi_size, seg3d.sw_batch_size, model, overlap=seg3d.overlap, mode=seg3d.blend
             )
             prob = torch.as_tensor(logits).as_subclass(torch.Tensor).float().sigmoid()
             prob = torch.flip(prob, flips) if flips else prob
             total = prob if total is None else total + prob
+    assert total is not None  # volume_views always holds the identity view
     probs = (total / len(views))[0].cpu().numpy()  # (classes, S, Hn, Wn)
     return geometry.inverse(np.ascontiguousarray(np.moveaxis(probs, 0, 1)))

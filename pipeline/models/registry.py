@@ -12,15 +12,14 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline.config import ConfigError, ModelCfg
+from pipeline.config.networks3d import arch3d
 from pipeline.errors import PipelineError
 from pipeline.models.weights import WeightsRequest, cached_file, load_cached
-from pipeline.runtime import OFFLINE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +29,6 @@ WRAPPER_KEYS = ("model", "state_dict", "ema")  # checkpoint dicts that hold the 
 
 class PretrainedError(PipelineError, ValueError):
     """A local weights file is missing or does not fit the model."""
-
-
-def set_offline() -> None:
-    """Keep timm / huggingface-hub from reaching the network while models are built.
-
-    The switches are :data:`pipeline.runtime.OFFLINE_ENV`; values already set are kept.
-    """
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
 
 
 def seg_archs() -> tuple[str, ...]:
@@ -58,20 +48,6 @@ def seg_arch(name: str) -> str:
     by_lower = {arch.lower(): arch for arch in archs}
     if name.lower() not in by_lower:
         raise ConfigError(f"model.arch '{name}' is not a known architecture; valid: {', '.join(archs)}")
-    return by_lower[name.lower()]
-
-
-ARCHS_3D = ("SegResNet", "UNet", "DynUNet", "SwinUNETR")  # MONAI networks of the 3D member
-
-
-def arch3d(name: str) -> str:
-    """The canonical MONAI network name for ``name`` (case-insensitive), or a ConfigError."""
-    by_lower = {a.lower(): a for a in ARCHS_3D}
-    if name.lower() not in by_lower:
-        raise ConfigError(
-            f"model.arch '{name}' is not a 3D network of this pipeline (model.spatial_dims: 3); "
-            f"valid: {', '.join(ARCHS_3D)}"
-        )
     return by_lower[name.lower()]
 
 
@@ -101,7 +77,7 @@ def model_request(model_cfg: ModelCfg, stage: str) -> WeightsRequest | None:
     return WeightsRequest("smp", encoder, model_cfg.encoder_weights)
 
 
-def check_model(model_cfg: Any, stage: str) -> None:
+def check_model(model_cfg: ModelCfg, stage: str) -> None:
     """Refuse an unknown architecture or encoder by name, and missing starting weights, before any
     data is read or model built.
 
@@ -113,7 +89,7 @@ def check_model(model_cfg: Any, stage: str) -> None:
     import segmentation_models_pytorch as smp
     import timm
 
-    if getattr(model_cfg, "spatial_dims", 2) == 3:
+    if model_cfg.spatial_dims == 3:
         arch3d(model_cfg.arch)  # a MONAI network: model.encoder is not used
         return
     arch = seg_arch(model_cfg.arch) if stage == "seg" else cls_arch(model_cfg.arch)

@@ -6,11 +6,14 @@ classifier built from the same encoders.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from pipeline.config import ConfigError, ModelCfg
-from pipeline.models.registry import load_start_weights, seg_arch, set_offline
+from pipeline.models.registry import load_start_weights, seg_arch
+from pipeline.runtime import set_offline_env
 
 ENCODER_PREFIXES = ("", "encoder.", "encoder.model.")  # whole model, smp encoder, bare timm model
 PROBE_SIZE = 64  # side of the blank image traced to find which parameters each encoder stage owns
@@ -31,29 +34,35 @@ def build_segmenter(
     skips both (a checkpoint is loaded next, or a benchmark). ``freeze_encoder: N`` then freezes the
     first N encoder stages (see :func:`freeze_encoder_stages`).
     """
+    set_offline_env()
+    model = create_smp(seg_arch(model_cfg.arch), model_cfg, in_channels, classes)
+    if pretrained:
+        required = [k for k in model.state_dict() if k.startswith("encoder.")]
+        load_start_weights(model, model_cfg, "seg", required, ENCODER_PREFIXES, in_channels)
+    freeze_encoder_stages(model.encoder, model_cfg.freeze_encoder, in_channels, model_cfg.encoder)
+    return model
+
+
+def create_smp(arch: str, model_cfg: ModelCfg, in_channels: int, classes: int, **extra: Any) -> Any:
+    """``smp.create_model`` offline: ``encoder_weights=None`` (smp never downloads), ``model.kwargs``
+    (None values left out) and ``extra`` (a classifier's ``aux_params``); a failure names the settings."""
     import segmentation_models_pytorch as smp
 
-    set_offline()
-    arch = seg_arch(model_cfg.arch)
     kwargs = {k: v for k, v in model_cfg.kwargs.items() if v is not None}
     try:
-        model = smp.create_model(
+        return smp.create_model(
             arch,
             encoder_name=model_cfg.encoder,
             encoder_weights=None,
             in_channels=in_channels,
             classes=classes,
+            **extra,
             **kwargs,
         )
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise ValueError(
             f"cannot build {arch} with encoder '{model_cfg.encoder}' and kwargs {kwargs}: {exc}"
         ) from exc
-    if pretrained:
-        required = [k for k in model.state_dict() if k.startswith("encoder.")]
-        load_start_weights(model, model_cfg, "seg", required, ENCODER_PREFIXES, in_channels)
-    freeze_encoder_stages(model.encoder, model_cfg.freeze_encoder, in_channels, model_cfg.encoder)
-    return model
 
 
 def encoder_stage_params(

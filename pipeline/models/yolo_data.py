@@ -2,7 +2,7 @@
 
 Labels come from the images themselves: each sampled slice gets its intensity-threshold body box
 (:func:`pipeline.data.geometry.threshold_box`); a slice where none is found is a negative (an
-empty label file). ``det.slices_per_day`` seeded slices of every train day are written as 8-bit
+empty label file). ``det.slices_per_volume`` seeded slices of every train volume are written as 8-bit
 PNGs, split into train/val by case, with a ``data.yaml`` naming the single class ``body``.
 """
 
@@ -61,11 +61,13 @@ def write_yolo_dataset(store: VolumeStore, params: DetParams, out: Path) -> tupl
     for sub in ("images/train", "images/val", "labels/train", "labels/val"):
         (work / sub).mkdir(parents=True)
     counts = {"train_images": 0, "train_negatives": 0, "val_images": 0, "val_negatives": 0}
-    for volume_id in tqdm(store.days, desc="yolo dataset", unit="day"):
+    for volume_id in tqdm(store.volume_ids, desc="yolo dataset", unit="vol"):
         volume = store[volume_id]
         planes = volume.gray()
         subset = "val" if case_of[volume_id] in val_cases else "train"
-        picks = np.sort(rng.choice(len(volume), size=min(params.slices_per_day, len(volume)), replace=False))
+        picks = np.sort(
+            rng.choice(len(volume), size=min(params.slices_per_volume, len(volume)), replace=False)
+        )
         for s in picks:
             image = np.asarray(planes[s])
             png = work / "images" / subset / f"{volume.ids[s]}.png"

@@ -52,7 +52,7 @@ def measure_volumes(
     from pipeline.report.volumes import pick_volumes, plot_volumes, score_volumes
 
     try:
-        oof = load_oof(cfg, root, progress)
+        oof = load_oof(cfg, get_dataset(cfg.dataset), root, progress)
     except (PipelineError, ValueError) as exc:
         return Measured(volumes_why=f"the OOF could not be read: {exc}")
     tuned = sorted(m["config"] for m in decisions.members)

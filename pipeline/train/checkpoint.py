@@ -8,6 +8,7 @@ and RNG states, all loadable with ``torch.load(..., weights_only=True)``.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +28,28 @@ def save(path: Path, obj: dict[str, Any]) -> Path:
     return write_with(path, lambda tmp: torch.save(obj, tmp))
 
 
+# the Makefile target and config variable that train each stage's runs
+TRAIN_TARGETS = {"seg": "train-seg CONFIG", "cls": "train-cls CONFIG_CLS", "det": "train-det CONFIG_DET"}
+
+
+def train_command(stage: str, name: str, folds: Sequence[int | str] | None = None) -> str:
+    """The command that makes the run ``runs/<stage>/<name>[/fold_<k>]``: ``make train-seg CONFIG=...``."""
+    target = TRAIN_TARGETS.get(stage, f"train-{stage} CONFIG")
+    fold_text = (
+        ""
+        if not folds
+        else " FOLDS=" + (str(folds[0]) if len(folds) == 1 else f"'{' '.join(map(str, folds))}'")
+    )
+    return f"make {target}=configs/{name}.yaml{fold_text}"
+
+
 def retrain_hint(path: Path) -> str:
     """``run runs/seg/demo_seg/fold_0; retrain it: make train-seg CONFIG=configs/demo_seg.yaml FOLDS=0``."""
     path = Path(path)
     run = path.parent
     fold = run.name.removeprefix("fold_") if run.name.startswith("fold_") else None
     config_dir = run.parent if fold is not None else run
-    stage = config_dir.parent.name
-    variable = {"seg": "CONFIG", "cls": "CONFIG_CLS", "det": "CONFIG_DET"}.get(stage, "CONFIG")
-    command = f"make train-{stage} {variable}=configs/{config_dir.name}.yaml" + (
-        f" FOLDS={fold}" if fold else ""
-    )
+    command = train_command(config_dir.parent.name, config_dir.name, [fold] if fold else None)
     return f"run {run}; retrain it: {command}"
 
 

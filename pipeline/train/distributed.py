@@ -70,10 +70,6 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0")) if is_distributed() else 0
-
-
 def is_main() -> bool:
     """Rank 0, the one process that writes files and logs (always true outside torchrun)."""
     return rank() == 0

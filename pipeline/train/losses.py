@@ -31,7 +31,6 @@ from pipeline.config import ConfigError, LossCfg
 from pipeline.data.labels import IGNORE
 
 MODES = ("multilabel", "binary")
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def valid_mask(target: torch.Tensor) -> torch.Tensor:

@@ -30,12 +30,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from pipeline.config import MemberConfig
 from pipeline.runtime import available_cores, configure_runtime, share_cores
+from pipeline.train.fold_data import Fold
 
 log = logging.getLogger(__name__)
 
 TrainFn = Callable[..., Path]  # train(cfg, fold, progress=...) -> run folder
-Fold = int | str
 
 
 def visible_gpus() -> list[str]:
@@ -103,7 +104,7 @@ def _init_worker(running: Any, cores: int, log_level: str, started: Any, gpus: l
     share_cores(running, cores)
 
 
-def _run_fold(train: TrainFn, cfg: Any, fold: Fold) -> Path:
+def _run_fold(train: TrainFn, cfg: MemberConfig, fold: Fold) -> Path:
     tag = _FoldTag(f"{cfg.name} fold {fold}")
     handlers = logging.getLogger().handlers
     for handler in handlers:
@@ -117,7 +118,7 @@ def _run_fold(train: TrainFn, cfg: Any, fold: Fold) -> Path:
 
 def run_folds(
     train: TrainFn,
-    cfg: Any,
+    cfg: MemberConfig,
     folds: Sequence[Fold],
     jobs: int = 1,
     desc: str = "folds",

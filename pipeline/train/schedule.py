@@ -41,11 +41,13 @@ class StepPlan:
 def plan_steps(cfg: TrainCfg, loader_len: int | None) -> StepPlan:
     """The step plan for ``cfg`` over a loader of ``loader_len`` batches (None: unsized)."""
     # train.* ranges are checked when the config is loaded (pipeline.config.CHECKS)
-    if loader_len is None and cfg.max_steps_per_epoch is None:
-        raise ConfigError("the train loader has no len(); set train.max_steps_per_epoch")
-    batches = loader_len if loader_len is not None else cfg.max_steps_per_epoch
-    if cfg.max_steps_per_epoch is not None:
-        batches = min(batches, cfg.max_steps_per_epoch)
+    cap = cfg.max_steps_per_epoch
+    if loader_len is None:
+        if cap is None:
+            raise ConfigError("the train loader has no len(); set train.max_steps_per_epoch")
+        batches = cap
+    else:
+        batches = loader_len if cap is None else min(loader_len, cap)
     if batches < 1:
         raise ConfigError(
             "the train loader yields no batch (empty dataset or batch_size > dataset with drop_last)"

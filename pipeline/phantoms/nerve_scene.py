@@ -1,4 +1,4 @@
-"""The ultrasound scene of the nerve phantom (:mod:`pipeline.data.phantom_nerve`), on a canvas a
+"""The ultrasound scene of the nerve phantom (:mod:`pipeline.phantoms.nerve`), on a canvas a
 little larger than the frame (the probe moves over it): tissue layers with speckle-free echo, the
 brachial plexus and often an artery. Frames crop it, add speckle and gain, and paint the nerve.
 
@@ -100,12 +100,9 @@ def tissue_echo(rng: np.random.Generator, canvas: tuple[int, int], k: float) -> 
     # fibres and short bright streaks that follow the curved layers
     map_x = np.broadcast_to(x, (h, w)).astype(np.float32)
     map_y = (y - bends.mean(axis=0)[None, :]).astype(np.float32)
-    fibres = cv2.remap(
-        smooth_field(rng, canvas, 14 * k, 1.6 * k), map_x, map_y, cv2.INTER_LINEAR, cv2.BORDER_REFLECT
-    )
-    streaks = cv2.remap(
-        smooth_field(rng, canvas, 18 * k, 1.6 * k), map_x, map_y, cv2.INTER_LINEAR, cv2.BORDER_REFLECT
-    )
+    # the border is OpenCV's default (constant): the generator's data depend on it
+    fibres = cv2.remap(smooth_field(rng, canvas, 14 * k, 1.6 * k), map_x, map_y, cv2.INTER_LINEAR)
+    streaks = cv2.remap(smooth_field(rng, canvas, 18 * k, 1.6 * k), map_x, map_y, cv2.INTER_LINEAR)
     tissue *= np.exp(0.25 * fibres + 0.3 * smooth_field(rng, canvas, 22 * k, 7 * k))  # fibres, muscle bundles
     tissue += 1.2 * np.clip(streaks - 1.5, 0, None)
     tissue *= np.exp(0.25 * smooth_field(rng, canvas, 50 * k, 30 * k))

@@ -4,36 +4,26 @@
 (16-bit), a ``test/`` tree of other cases, ``sample_submission.csv``, the hidden answers
 ``test_labels.csv``, ``dataset.json`` and ``preview.png``. Every day-volume is seeded from
 ``(seed, case, day)``, so the bytes do not depend on the number of workers. The anatomy lives
-in :mod:`pipeline.data.phantom`, the image model in :mod:`pipeline.data.phantom_render`.
+in :mod:`pipeline.phantoms.uwmgi_anatomy`, the image model in :mod:`pipeline.phantoms.uwmgi_render`.
 ``subset_dataset`` writes a fraction of a generated set's cases (images hard-linked, smaller
 fractions nested in larger ones): the scales of ``make bench-scale``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
-from pipeline.data import phantom
-from pipeline.data.phantom_render import render_day
-from pipeline.data.synthetic_io import (
-    SyntheticDataError,
-    init_worker,
-    resolve_preset,
-    write_dataset_folder,
-)
 from pipeline.datasets.uwmgi_files import (
     CLASSES,
     decode_masks,
@@ -44,6 +34,15 @@ from pipeline.datasets.uwmgi_files import (
     slice_filename,
 )
 from pipeline.io import write_csv, write_json, write_with
+from pipeline.phantoms import uwmgi_anatomy as phantom
+from pipeline.phantoms import uwmgi_pose
+from pipeline.phantoms.common import (
+    SyntheticDataError,
+    resolve_preset,
+    run_jobs,
+    write_dataset_folder,
+)
+from pipeline.phantoms.uwmgi_render import render_day
 from pipeline.rle import rle_encode_numpy  # the NumPy twin: no JIT start-up in every worker
 
 log = logging.getLogger(__name__)
@@ -96,15 +95,18 @@ def plan_volumes(preset: Preset, seed: int) -> list[VolumeJob]:
     n_cases = preset.train_cases + preset.test_cases
     numbers = rng.choice(np.arange(1, max(160, 2 * n_cases) + 1), n_cases, replace=False)
     jobs = []
-    for split, cases, day_choices in (
+    splits: tuple[tuple[str, list[int], tuple[int, ...]], ...] = (
         ("train", sorted(numbers[: preset.train_cases]), preset.days),
         ("test", sorted(numbers[preset.train_cases :]), preset.test_days),
-    ):
+    )
+    for split, cases, day_choices in splits:
         offset = 0 if split == "train" else 4
         for i, case in enumerate(cases):
             size = SIZE_PATTERN[(i + offset) % len(SIZE_PATTERN)]
-            n_days = int(rng.choice(day_choices))
-            first = int(rng.choice([0, rng.integers(1, 20)]))  # real day numbers: day0, day13, day15...
+            n_days = int(rng.choice(np.asarray(day_choices)))
+            first = int(
+                rng.choice(np.array([0, rng.integers(1, 20)]))
+            )  # real day numbers: day0, day13, day15...
             days = first + np.concatenate([[0], np.cumsum(rng.integers(1, 6, n_days - 1))])
             n_slices = preset.slices[1] if size == SHORT_SIZE else preset.slices[0]
             jobs += [
@@ -128,7 +130,7 @@ def case_setup(seed: int, case: int, size: int) -> dict:
         "shape": (height, width),
         "spacing": spacing,
         "centre_px": centre,
-        "contrast": phantom.case_contrast(rng),
+        "contrast": uwmgi_pose.case_contrast(rng),
         "peak": float(np.exp(rng.uniform(np.log(800), np.log(16000)))),
     }
 
@@ -137,7 +139,7 @@ def render_volume(job: VolumeJob) -> tuple[np.ndarray, np.ndarray, bool]:
     """Image (S, H, W) uint16, labels (S, 3, H, W) uint8 and whether the bowel labels were cut short."""
     setup = case_setup(job.seed, job.case, job.size)
     rng = np.random.default_rng([job.seed, job.case, job.day])
-    day = phantom.make_day(
+    day = uwmgi_pose.make_day(
         setup["anatomy"],
         rng,
         setup["shape"],
@@ -185,16 +187,17 @@ def label_stats(labels: pd.DataFrame, pixels: pd.Series) -> dict:
     wide = area.pivot(index="id", columns="class", values="area").reindex(columns=list(CLASSES)).fillna(0)
     pct = wide.div(pixels.reindex(wide.index).to_numpy(), axis=0) * 100
     ids = wide.index.to_series()
-    out = {
+    out: dict[str, Any] = {
         "cases": int(ids.str.extract(r"^case(\d+)_")[0].nunique()),
         "days": int(ids.str.extract(r"^(case\d+_day\d+)_")[0].nunique()),
         "slices": len(wide),
         "empty_share": round(float((wide.sum(axis=1) == 0).mean()), 4),
-        "classes": {},
     }
+    classes: dict[str, dict] = {}
+    out["classes"] = classes
     for name in CLASSES:
         nonempty = pct[name][wide[name] > 0]
-        out["classes"][name] = {
+        classes[name] = {
             "nonempty_share": round(float(len(nonempty) / max(len(wide), 1)), 4),
             "area_pct_mean": round(float(nonempty.mean()), 3) if len(nonempty) else 0.0,
             "area_pct_min": round(float(nonempty.min()), 3) if len(nonempty) else 0.0,
@@ -259,7 +262,12 @@ def save_preview(root: Path, path: Path, n_panels: int = 8) -> Path:
     for ax, volume_id, depth in zip(axes, chosen, depths):
         rows = catalog[catalog["volume_id"] == volume_id].sort_values("slice")
         row = rows.iloc[[int(depth * (len(rows) - 1))]]
-        image = cv2.imread(row["path"].iloc[0], cv2.IMREAD_UNCHANGED).astype(np.float32)
+        image = cv2.imread(row["path"].iloc[0], cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise SyntheticDataError(
+                f"{row['path'].iloc[0]}: unreadable PNG; rewrite the phantom with make data"
+            )
+        image = image.astype(np.float32)
         masks = decode_masks(row)[0]
         ax.imshow(image, cmap="gray", vmin=0, vmax=float(np.percentile(image, 99.5)) or 1.0)
         for c, color in enumerate(colors):
@@ -286,16 +294,15 @@ def _write_all(tmp: Path, preset: Preset, seed: int, workers: int) -> dict:
     jobs = [dataclasses.replace(job, root=str(tmp)) for job in plan_volumes(preset, seed)]
     rows: dict[str, list] = {"train": [], "test": []}
     truncated = []
-    spawn = multiprocessing.get_context("spawn")
-    with spawn.Pool(workers, initializer=init_worker) if workers > 1 else contextlib.nullcontext() as pool:
-        results = pool.imap(write_volume, jobs) if pool else map(write_volume, jobs)
-        for job, (volume_rows, cut) in zip(jobs, tqdm(results, total=len(jobs), desc="volumes", unit="vol")):
-            rows[job.split] += volume_rows
-            truncated += [cut] if cut else []
+    for job, (volume_rows, cut) in zip(jobs, run_jobs(write_volume, jobs, workers, "volumes", "vol")):
+        rows[job.split] += volume_rows
+        truncated += [cut] if cut else []
     pixels = pd.Series({make_id(j.case, j.day, s + 1): SIZES[j.size][0] * SIZES[j.size][1]
                         for j in jobs for s in range(j.n_slices)})  # fmt: skip
     frames = {split: pd.DataFrame(r, columns=["id", "class", "segmentation"]) for split, r in rows.items()}
-    stats = {split: label_stats(frame, pixels) for split, frame in frames.items() if len(frame)}
+    stats: dict[str, Any] = {
+        split: label_stats(frame, pixels) for split, frame in frames.items() if len(frame)
+    }
     stats["truncated_tail"] = truncated
     write_csv(tmp / "test_labels.csv", frames["test"])
     write_csv(tmp / "sample_submission.csv", frames["test"][["id", "class"]].assign(predicted=""))

@@ -1,20 +1,24 @@
 """Writing a synthetic dataset folder: atomically, and never over real data.
 
-Every embedded phantom (:mod:`pipeline.datasets.uwmgi_phantom`, :mod:`pipeline.data.phantom_lgg`,
-:mod:`pipeline.data.phantom_nerve`) writes through :func:`write_dataset_folder`.
+Every embedded phantom (:mod:`pipeline.phantoms.uwmgi`, :mod:`pipeline.phantoms.lgg`,
+:mod:`pipeline.phantoms.nerve`) writes through :func:`write_dataset_folder`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import cv2
+from tqdm.auto import tqdm
+
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -24,9 +28,25 @@ class SyntheticDataError(PipelineError, ValueError):
     """The output folder holds something this generator must not overwrite."""
 
 
+Job = TypeVar("Job")
+Result = TypeVar("Result")
+
+
 def init_worker() -> None:
     """Pool initializer of phantom writers: one OpenCV thread per worker process."""
     cv2.setNumThreads(1)  # one process per core already
+
+
+def run_jobs(
+    write: Callable[[Job], Result], jobs: Sequence[Job], workers: int, desc: str, unit: str = "it"
+) -> Iterator[Result]:
+    """``write(job)`` for every job in order, in ``workers`` spawned processes (1: in this one), with a
+    progress bar. The writers' one job loop: results come back in job order, so the same seed gives the
+    same folder whatever the worker count."""
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(workers, initializer=init_worker) if workers > 1 else contextlib.nullcontext() as pool:
+        results = pool.imap(write, jobs) if pool else map(write, jobs)
+        yield from tqdm(results, total=len(jobs), desc=desc, unit=unit)
 
 
 def write_dataset_folder(
@@ -80,7 +100,10 @@ def write_dataset_folder(
     return stats
 
 
-def resolve_preset(preset: Any, presets: dict[str, Any]) -> Any:
+Preset = TypeVar("Preset")
+
+
+def resolve_preset(preset: str | Preset, presets: Mapping[str, Preset]) -> Preset:
     """A preset given by name (from ``presets``) or as itself; an unknown name lists the valid ones."""
     if isinstance(preset, str):
         if preset not in presets:

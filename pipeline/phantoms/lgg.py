@@ -20,11 +20,9 @@ sometimes replaced by FLAIR, and some patients' pre-contrast comes on a grey bac
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +30,10 @@ import cv2
 import numpy as np
 import pandas as pd
 import tifffile
-from tqdm.auto import tqdm
 
-from pipeline.data.phantom_lgg_anatomy import (
+from pipeline.io import write_csv, write_json, write_with
+from pipeline.phantoms.common import resolve_preset, run_jobs, write_dataset_folder
+from pipeline.phantoms.lgg_anatomy import (
     GREY,
     WHITE,
     anatomy,
@@ -43,8 +42,6 @@ from pipeline.data.phantom_lgg_anatomy import (
     tumour_axes,
     tumour_lobes,
 )
-from pipeline.data.synthetic_io import init_worker, resolve_preset, write_dataset_folder
-from pipeline.io import write_csv, write_json, write_with
 from pipeline.rle import rle_encode_numpy
 
 __all__ = [
@@ -330,10 +327,7 @@ def _spec(preset: Preset, seed: int) -> dict:
 
 def _write_all(tmp: Path, preset: Preset, seed: int, workers: int) -> dict:
     jobs = [dataclasses.replace(job, root=str(tmp)) for job in plan_patients(preset, seed)]
-    spawn = multiprocessing.get_context("spawn")
-    with spawn.Pool(workers, initializer=init_worker) if workers > 1 else contextlib.nullcontext() as pool:
-        results = pool.imap(write_patient, jobs) if pool else map(write_patient, jobs)
-        results = list(tqdm(results, total=len(jobs), desc="patients", unit="patient"))
+    results = list(run_jobs(write_patient, jobs, workers, "patients", "patient"))
     stats: dict = {}
     for split in ("train", "test"):
         picked = [(j, r) for j, r in zip(jobs, results) if j.split == split]

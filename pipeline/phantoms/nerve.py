@@ -5,7 +5,7 @@
 held-out subjects in shuffled order, ``sample_submission.csv``, the hidden answers
 ``test_labels.csv``, ``dataset.json`` and ``preview.png``.
 
-Each subject is one ultrasound scene (:mod:`pipeline.data.phantom_nerve_scene`: speckle on curved
+Each subject is one ultrasound scene (:mod:`pipeline.phantoms.nerve_scene`: speckle on curved
 tissue layers, fascia lines, depth attenuation, often an anechoic vessel) holding the brachial
 plexus: an oval a little brighter than the tissue around it, with a broken bright rim and a
 honeycomb inside, placed, sized and shaped as in the real masks. Its frames are clips of a video:
@@ -19,11 +19,9 @@ around it: 1 is the real contrast (``make data-stats`` compares them).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +30,10 @@ import numpy as np
 import pandas as pd
 import tifffile
 from scipy.special import expit
-from tqdm.auto import tqdm
 
-from pipeline.data.phantom_nerve_scene import (
+from pipeline.io import write_csv, write_json, write_with
+from pipeline.phantoms.common import resolve_preset, run_jobs, write_dataset_folder
+from pipeline.phantoms.nerve_scene import (
     SHAPE,
     Nerve,
     add_artery,
@@ -44,8 +43,6 @@ from pipeline.data.phantom_nerve_scene import (
     speckle,
     tissue_echo,
 )
-from pipeline.data.synthetic_io import resolve_preset, write_dataset_folder
-from pipeline.io import write_csv, write_json, write_with
 from pipeline.rle import rle_encode_numpy
 
 log = logging.getLogger(__name__)
@@ -124,7 +121,7 @@ def _plan_frames(
     The share of frames with a nerve differs a lot between subjects (real: 2% to 89%, mean 41%):
     a Beta draw around ``preset.nerve_share``, leaving every subject at least one frame of each kind.
     """
-    frames = []
+    frames: list[Frame] = []
     while len(frames) < n:
         base = rng.integers(0, 2 * np.asarray(margin) + 1)
         scale = float(np.exp(rng.normal(0, 0.08)))
@@ -139,8 +136,8 @@ def _plan_frames(
         f.visible = f.labelled = True
     n_dup = int(np.floor(preset.duplicate_rate * n + rng.random()))
     n_dup = min(n_dup, n_nerve, n - n_nerve)
-    sources = rng.choice(n_nerve, n_dup, replace=False) if n_dup else []
-    targets = rng.choice(np.arange(n_nerve, n), n_dup, replace=False) if n_dup else []
+    sources = rng.choice(n_nerve, n_dup, replace=False) if n_dup else np.zeros(0, int)
+    targets = rng.choice(np.arange(n_nerve, n), n_dup, replace=False) if n_dup else np.zeros(0, int)
     for i, j in zip(sources, targets):
         frames[j] = Frame(frames[i].offset, True, False, int(i), frames[i].scale)
     return frames, n_dup
@@ -205,10 +202,6 @@ def render_subject(job: SubjectJob) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core already
 
 
 def write_subject(job: SubjectJob) -> tuple[list[tuple[int, int, str]], int]:
@@ -285,12 +278,11 @@ def _write_all(tmp: Path, preset: Preset, seed: int, workers: int) -> dict:
     jobs = [dataclasses.replace(job, root=str(tmp)) for job in plan_subjects(preset, seed)]
     rows: dict[str, list] = {"train": [], "test": []}
     duplicates = {"train": 0, "test": 0}
-    spawn = multiprocessing.get_context("spawn")
-    with spawn.Pool(workers, initializer=_init_worker) if workers > 1 else contextlib.nullcontext() as pool:
-        results = pool.imap(write_subject, jobs) if pool else map(write_subject, jobs)
-        for job, (subject_rows, n_dup) in zip(jobs, tqdm(results, total=len(jobs), desc="subjects")):
-            rows[job.split] += subject_rows
-            duplicates[job.split] += n_dup
+    for job, (subject_rows, n_dup) in zip(
+        jobs, run_jobs(write_subject, jobs, workers, "subjects", "subject")
+    ):
+        rows[job.split] += subject_rows
+        duplicates[job.split] += n_dup
     train = pd.DataFrame(rows["train"], columns=["subject", "img", "pixels"]).sort_values(["subject", "img"])
     test = pd.DataFrame(rows["test"], columns=["subject", "img", "pixels"]).sort_values("img")
     write_csv(tmp / "train_masks.csv", train)

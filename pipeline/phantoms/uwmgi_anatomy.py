@@ -1,4 +1,4 @@
-"""A synthetic abdominal MRI phantom: a case's anatomy and a day's pose (pixels: phantom_render).
+"""A synthetic abdominal MRI phantom: a case's anatomy (its pose on a day: uwmgi_pose; pixels: uwmgi_render).
 
 Anatomy lives in patient millimetres: x towards the image right (patient left), y towards the
 image bottom (posterior), z along the slice axis (superior -> inferior, slice 1 at the top).
@@ -119,7 +119,8 @@ class Body:
         table = 0.93 * np.max(r_body * sin)  # the patient lies on a flat table
         r_body = np.where(sin > 0.2, np.minimum(r_body, table / np.maximum(sin, 1e-6)), r_body)
         r_muscle = np.minimum(r_muscle, r_body - 2.0)
-        return tuple(np.stack([rr * cos, rr * sin], axis=1) for rr in (r_body, r_muscle, r))
+        body, muscle, cavity = (np.stack([rr * cos, rr * sin], axis=1) for rr in (r_body, r_muscle, r))
+        return body, muscle, cavity
 
 
 @dataclass
@@ -200,18 +201,18 @@ def make_anatomy(rng: np.random.Generator, cavity_a: float, aspect: float) -> An
             [rng.uniform(0.02, 0.07, 2), rng.uniform(250, 450, 2) * k, rng.uniform(0, 2 * np.pi, 2)], axis=1
         ),
         (rng.uniform(8, 14) * k, rng.uniform(6, 11) * k, rng.uniform(38, 50) * k),
-        tuple(float(v) for v in rng.uniform(5, 32) * k * np.array([1.0, rng.uniform(0.8, 1.4), 0.8])),
+        _three(rng.uniform(5, 32) * k * np.array([1.0, rng.uniform(0.8, 1.4), 0.8])),
         rng.uniform(2.0, 3.0),
     )
     vx, vy, vr = rng.normal(0, 3) * k, b - 4 * k, rng.uniform(15, 19) * k
 
-    def B(tissue: str, *where: float, **kw) -> Blob:
-        return _blob(tissue, a, b, k, *where, rng=rng, **kw)
+    def B(tissue: str, xn: float, yn: float, zc: float, ax: float, ay: float, az: float, **kw: float) -> Blob:
+        return _blob(tissue, a, b, k, xn, yn, zc, ax, ay, az, rng=rng, **kw)
 
     def z(v):
         return (v + zo) * zs
 
-    layers: list[Blob | Tube] = [
+    blobs = [
         B("lung", -0.55, 0.25, z(-100), 0.42, 0.72, 95),
         B("lung", 0.55, 0.25, z(-100), 0.42, 0.72, 95),
         B("heart", 0.12, -0.3, z(-95), 0.40, 0.50, 70),
@@ -225,13 +226,14 @@ def make_anatomy(rng: np.random.Generator, cavity_a: float, aspect: float) -> An
         B("cortex", -0.62, 0.45, z(240), 0.30, 0.10, 55, angle=-0.9),
         B("cortex", 0.62, 0.45, z(240), 0.30, 0.10, 55, angle=0.9),
     ]
-    for kid in (layers[7], layers[8]):  # renal hilum: a dark core on the medial side
+    layers: list[Blob | Tube] = list(blobs)
+    for kid in (blobs[7], blobs[8]):  # renal hilum: a dark core on the medial side
         hilum = Blob(
             T["hilum"], kid.center.copy(), kid.axes * [0.45, 0.5, 0.8], kid.angle, kid.wobble, kid.drift
         )
         hilum.center[0] -= np.sign(kid.center[0]) * 10 * k
         layers.append(hilum)
-    for bone in layers[10:12]:
+    for bone in blobs[10:12]:
         layers.append(
             Blob(T["marrow"], bone.center, bone.axes * [0.7, 0.45, 1.0], bone.angle, bone.wobble, bone.drift)
         )
@@ -251,13 +253,11 @@ def make_anatomy(rng: np.random.Generator, cavity_a: float, aspect: float) -> An
         layers.append(Tube(T["muscle"], np.stack([xs, np.full(20, vy - 8 * k), zp], axis=1), grow))
 
     organs = [_stomach(rng, a, b, k, z), _large_bowel(rng, a, b, k, z), _small_bowel(rng, a, b, k, z)]
-    liver = layers[3]
+    liver, small_bowel = blobs[3], organs[2]
     vessels = []
     for i in range(24):  # hepatic vessels (bright) and mesenteric vessels (dark lines in the fat)
-        host = liver if i < 6 else organs[2]
-        start = (host.center if i < 6 else host.points[rng.integers(len(host.points))]) + rng.normal(
-            0, 20 * k, 3
-        )
+        host = liver.center if i < 6 else small_bowel.points[rng.integers(len(small_bowel.points))]
+        start = host + rng.normal(0, 20 * k, 3)
         ctrl = start + np.cumsum(rng.normal(0, 25 * k, (5, 3)), axis=0)
         pts, rad = spline_tube(ctrl, np.linspace(6, 2, 5) * k * (1 if i < 6 else 0.4), 2.0 * k)
         vessels.append(
@@ -266,6 +266,10 @@ def make_anatomy(rng: np.random.Generator, cavity_a: float, aspect: float) -> An
             else (T["visceral"], Tube(T["mesentery"], pts, rad))
         )
     return Anatomy(k, body, layers, organs, vessels, (vx, vy, vr, rng.uniform(28, 34) * k))
+
+
+def _three(values: np.ndarray) -> tuple[float, float, float]:
+    return float(values[0]), float(values[1]), float(values[2])
 
 
 def _jitter_ctrl(rng, ctrl, a, b, k, z, amp) -> tuple[np.ndarray, np.ndarray]:
@@ -310,97 +314,3 @@ def _small_bowel(rng, a, b, k, z) -> Tube:
     open_ = smooth_noise(rng, len(pts), 10)  # collapsed loops show wall only
     content = 0.5 + 0.4 * smooth_noise(rng, len(pts), 8)
     return Tube(T["sb_wall"], pts, rad, T["sb_lumen"], rad * (0.25 + 0.55 * open_), content, label=1)
-
-
-# --------------------------------------------------------------------------- a day's pose
-
-
-@dataclass
-class Day:
-    """One day-volume of a case: deformed anatomy, slice depths, mm -> pixel map, contrast."""
-
-    anatomy: Anatomy
-    shape: tuple[int, int]  # (H, W)
-    z: np.ndarray  # (S,) slice depths, mm
-    affine: np.ndarray  # (2, 3): [col, row] = affine @ [x, y, 1]
-    px_per_mm: float
-    contrast: np.ndarray  # (n_tissues, 2) mean, texture
-    peak: float  # intensity of 1.0 in the 16-bit output
-    noise: float  # Rician noise sigma on the 0-1 scale
-    blur: float  # Gaussian sigma in pixels (partial volume)
-    air_level: float  # stomach air above this y (mm) is dark
-
-
-def _warp(rng: np.random.Generator, k: float, amp: float, wavelength: tuple[float, float], n: int = 4):
-    """A smooth random 3-D displacement field (sum of plane waves), as a function of points."""
-    kv = rng.standard_normal((n, 3))
-    kv *= (2 * np.pi / (rng.uniform(*wavelength, n) * k) / np.linalg.norm(kv, axis=1))[:, None]
-    u = rng.standard_normal((n, 3))
-    u *= (amp * k * rng.uniform(0.5, 1.0, n) / np.linalg.norm(u, axis=1))[:, None]
-    phase = rng.uniform(0, 2 * np.pi, n)
-    return lambda p: p + np.sin(p @ kv.T + phase) @ u
-
-
-def make_day(
-    anatomy: Anatomy,
-    rng: np.random.Generator,
-    shape: tuple[int, int],
-    spacing: float,
-    centre_px: tuple[float, float],
-    contrast: np.ndarray,
-    peak: float,
-    n_slices: int,
-) -> Day:
-    """Shift, rotate, scale and deform a case's anatomy for one day; draw that day's imaging settings."""
-    k = anatomy.k
-    warp = _warp(rng, k, 4.0, (120, 260))
-    local = _warp(rng, k, 3.5, (40, 80), n=6)  # small bowel loops move on their own
-
-    def moved(item):
-        if isinstance(item, Blob):
-            return Blob(item.tissue, warp(item.center[None])[0], item.axes * rng.uniform(0.95, 1.05, 3), item.angle,
-                        item.wobble, item.drift)  # fmt: skip
-        if isinstance(item, Tube) and item.label is not None:
-            pts = warp(item.points)
-            grow = rng.uniform(0.85, 1.15) if item.label == 2 else 1.0  # stomach filling
-            if item.label == 1:
-                pts = local(pts)
-            inner = None if item.inner is None else item.inner * grow
-            return Tube(item.wall, pts, item.radius * grow, item.lumen, inner, item.content, item.label)
-        return item
-
-    moved_anatomy = Anatomy(
-        k,
-        anatomy.body,
-        [moved(item) for item in anatomy.layers],
-        [moved(item) for item in anatomy.organs],
-        [(host, Tube(v.wall, warp(v.points), v.radius)) for host, v in anatomy.vessels],
-        anatomy.spine,
-    )
-    top, bottom = (Z_TOP + rng.normal(0, 6)) * k, (Z_BOTTOM + rng.normal(0, 6)) * k
-    z = top + (np.arange(n_slices) + 0.5) * (bottom - top) / n_slices
-    theta, scale = rng.normal(0, 0.05), rng.uniform(0.96, 1.04) / spacing
-    rot = scale * np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-    shift = np.asarray(centre_px) + rng.normal(0, 5.0 / spacing, 2)
-    stomach = moved_anatomy.organs[0]
-    y_lo, y_hi = np.min(stomach.points[:, 1] - stomach.radius), np.max(stomach.points[:, 1] + stomach.radius)
-    return Day(
-        anatomy=moved_anatomy,
-        shape=shape,
-        z=z,
-        affine=np.concatenate([rot, shift[:, None]], axis=1),
-        px_per_mm=float(scale),
-        contrast=contrast * np.array([rng.uniform(0.95, 1.05, len(contrast)), np.ones(len(contrast))]).T,
-        peak=peak * rng.uniform(0.85, 1.15),
-        noise=rng.uniform(0.012, 0.035),
-        blur=rng.uniform(0.5, 1.0),
-        air_level=y_lo + rng.uniform(0.1, 0.3) * (y_hi - y_lo),
-    )
-
-
-def case_contrast(rng: np.random.Generator) -> np.ndarray:
-    """A case's (mean, texture) per tissue: the reference table jittered by about 10%."""
-    table = np.array(list(TISSUES.values()), dtype=np.float64)
-    table[:, 0] *= np.clip(rng.normal(1.0, 0.1, len(table)), 0.7, 1.3)
-    table[:, 1] *= rng.uniform(0.8, 1.25, len(table))
-    return table

@@ -7,10 +7,11 @@
   x/W) divided by sqrt(3); both empty: skipped; one empty: 1. The mean over volumes (0 if none).
 
 The distance is exact (equal to ``scipy.spatial.distance.directed_hausdorff`` on the scaled voxels,
-to rounding) without comparing all pairs: :mod:`pipeline.metric_kernels` reads each mask once into
-row runs (Dice counts come from the same runs) and searches only the voxels that no nearby voxel
-of the other set already bounds below the running maximum, so one volume costs a few passes over
-its bytes and a full out-of-fold set (~270 volumes of 144x276x276) scores in seconds.
+to rounding) without comparing all pairs: :mod:`~pipeline.datasets.uwmgi_metric_runs` reads each mask
+once into row runs (the Dice counts come from the same runs), and
+:mod:`~pipeline.datasets.uwmgi_metric_hausdorff` searches only the voxels that no nearby voxel of the
+other set already bounds below the running maximum, so one volume costs a few passes over its bytes
+and a full out-of-fold set (~270 volumes of 144x276x276) scores in seconds.
 :func:`hausdorff_volume_edt` is the plain SciPy twin (Euclidean distance transforms on the joint
 bounding box) the tests compare with.
 
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline.metric_kernels import class_runs, dice_runs, hausdorff_runs, line_runs, union_runs
+from pipeline.datasets.uwmgi_metric_hausdorff import hausdorff_runs
+from pipeline.datasets.uwmgi_metric_runs import class_runs, dice_runs, line_runs, union_runs
 from pipeline.rle_format import as_uint8
 
 DICE_WEIGHT = 0.4
@@ -137,14 +139,14 @@ def volume_stats(
         raise ValueError(f"volume_stats: prediction {p.shape} and truth {ref.shape} must be equal 4-D shapes")
     n_s, n_c, n_h, n_w = p.shape
     runs_p, runs_t = class_runs(p), ref.runs
-    counts = dice_runs(*runs_p, *runs_t, n_h)
+    counts = dice_runs(*runs_p, *runs_t, n_h)  # type: ignore[call-arg]  # a numba kernel
     total = counts[..., 0] + counts[..., 1]
     kept = total > 0
     dice = np.where(kept, 2.0 * counts[..., 2] / np.maximum(total, 1), 0.0)
     shape = (n_s, n_h, n_w)
-    scale = shape if grid is None else tuple(grid)
+    scale = shape if grid is None else (int(grid[0]), int(grid[1]), int(grid[2]))
     merged = hausdorff_runs(union_runs(*runs_p), ref.union, shape, scale)
-    per = ()
+    per: tuple[float | None, ...] = ()
     if per_class:
         per = tuple(
             hausdorff_runs((runs_p[0][c], *runs_p[1:]), (runs_t[0][c], *runs_t[1:]), shape, scale)
@@ -182,7 +184,7 @@ def aggregate(stats: Iterable[VolumeStats], classes: tuple[str, ...]) -> dict:
         c_dice = float(dice_sum[c] / n_rows[c]) if n_rows[c] else 1.0
         c_h = None
         if stats and all(st.class_hausdorff for st in stats):
-            c_h = _mean([st.class_hausdorff[c] for st in stats if st.class_hausdorff[c] is not None], 0.0)
+            c_h = _mean([h for st in stats if (h := st.class_hausdorff[c]) is not None], 0.0)
         per_class[name] = {
             "dice": c_dice,
             "hausdorff": c_h,

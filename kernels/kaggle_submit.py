@@ -12,7 +12,7 @@ Steps: install the wheels whose package is missing or at another version
 (``pip install --no-index --find-links``), point RUNS_DIR and DATA_DIR at the inputs, and call
 ``stages.submit.main``, which writes <KAGGLE_ROOT>/working/submission.csv. Nothing is fetched
 from the network. ``KAGGLE_ROOT`` (default /kaggle) lets tests run this against a fake tree;
-``GI_DEBUG_TRAIN_DAYS`` overrides the debug switch (predict that many train days).
+``DEBUG_TRAIN_VOLUMES`` overrides the debug switch (predict that many train volumes).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ SETTINGS = {
     "datasets": {"code": "gi-tract-code", "weights": "gi-tract-weights", "wheels": "gi-tract-wheels"},
     "ensemble": "demo_ensemble",
     "build_id": "unbuilt",
-    "debug_train_days": 0,
+    "debug_train_volumes": 0,
     "packages": {"segmentation-models-pytorch": "0.6.0", "ultralytics": "8.4.190"},
 }
 # --- end settings ---
@@ -43,11 +43,11 @@ SETTINGS = {
 KAGGLE_ROOT = Path(os.environ.get("KAGGLE_ROOT") or "/kaggle")
 INPUT = KAGGLE_ROOT / "input"
 WORKING = KAGGLE_ROOT / "working"
-SCRATCH = Path(tempfile.gettempdir()) / "gi_tract_kernel"
+SCRATCH = Path(tempfile.gettempdir()) / "kaggle_submit"
 
 
 def say(message: str) -> None:
-    print(f"[gi-tract {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    print(f"[kaggle_submit {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def find_input(slug: str) -> Path:
@@ -148,9 +148,9 @@ def main() -> Path:
     out = WORKING / "submission.csv"
     args = ["--config", str(code / "configs" / f"{SETTINGS['ensemble']}.yaml"), "--out", str(out)]
     args += ["--data-dir", str(data)]
-    debug = int(os.environ.get("GI_DEBUG_TRAIN_DAYS") or SETTINGS["debug_train_days"])
+    debug = int(os.environ.get("DEBUG_TRAIN_VOLUMES") or SETTINGS["debug_train_volumes"])
     if debug > 0:
-        args += ["--debug-train-days", str(debug)]
+        args += ["--debug-train-volumes", str(debug)]
     say(f"stages.submit {' '.join(args)}")
     submit(args)
     say(f"wrote {out}")

@@ -1,4 +1,4 @@
-"""The anatomy of the LGG phantom (:mod:`pipeline.data.phantom_lgg`): tissue codes of a head and its tumour.
+"""The anatomy of the LGG phantom (:mod:`pipeline.phantoms.lgg`): tissue codes of a head and its tumour.
 
 The head is an ellipsoid with scalp, a two-table skull, CSF, grey and white matter (smooth noise
 folds the cortex), sulci, deep grey nuclei and two lateral ventricles; slices shrink towards the

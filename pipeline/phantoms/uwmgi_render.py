@@ -11,7 +11,8 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from pipeline.data.phantom import LUMENS, N_POINTS, SHIFT, Blob, Day, T, Tube
+from pipeline.phantoms.uwmgi_anatomy import LUMENS, N_POINTS, SHIFT, Blob, T, Tube
+from pipeline.phantoms.uwmgi_pose import Day
 
 
 def _px(day: Day, xy: np.ndarray) -> np.ndarray:
@@ -37,6 +38,14 @@ def _discs(day: Day, tube: Tube, z: float) -> tuple[np.ndarray, np.ndarray, np.n
     return centres, outer, inner, sel
 
 
+def _lumen_discs(day: Day, tube: Tube, z: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_discs` of an organ, whose tube always has a lumen: its inner radii and lumen content."""
+    centres, outer, inner, sel = _discs(day, tube, z)
+    if inner is None or tube.content is None:
+        raise ValueError(f"organ tube of label {tube.label} has no lumen")
+    return centres, outer, inner, tube.content[sel]
+
+
 def _circles(canvas: np.ndarray, centres: np.ndarray, radii: np.ndarray, values) -> None:
     values = np.broadcast_to(np.asarray(values, dtype=np.float64), radii.shape)
     for (x, y), r, v in zip(centres.tolist(), radii.tolist(), values.tolist()):
@@ -54,9 +63,9 @@ def paint_slice(day: Day, z: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         _fill(tissue, day, outline, T[name])
     for item in anatomy.layers:
         if isinstance(item, Blob):
-            outline = item.section(z)
-            if outline is not None:
-                _fill(tissue, day, outline, item.tissue)
+            section = item.section(z)
+            if section is not None:
+                _fill(tissue, day, section, item.tissue)
         else:
             centres, outer, _, _ = _discs(day, item, z)
             _circles(tissue, centres, outer, item.wall)
@@ -74,11 +83,11 @@ def paint_slice(day: Day, z: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     _fill(tissue, day, ring(vy + vr + 10 * k, 9 * k), T["cortex"])  # neural arch and canal
     _fill(tissue, day, ring(vy + vr + 10 * k, 5 * k), T["csf"])
     for tube in anatomy.organs:
-        centres, outer, inner, sel = _discs(day, tube, z)
+        centres, outer, inner, lumen = _lumen_discs(day, tube, z)
         _circles(tissue, centres, outer, tube.wall)
         _circles(labels[tube.label], centres, outer, 1)
         _circles(tissue, centres, inner, tube.lumen)
-        _circles(content, centres, inner, tube.content[sel])
+        _circles(content, centres, inner, lumen)
     vessels = np.zeros(day.shape, np.uint8)  # vessel tissue ids, kept only over their host tissue
     for _, tube in anatomy.vessels:
         centres, outer, _, _ = _discs(day, tube, z)
