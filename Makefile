@@ -52,7 +52,7 @@ export PYTHONUNBUFFERED := 1
 STAMP := $(VENV)/.installed
 
 .PHONY: help install data folds train-det train-cls train-seg tune cv submit score demo baseline \
-        kernel kernel-push bench bench-scale test test-all lint clean weights download bench-gpu report status
+        kernel kernel-push bench bench-scale test test-all lint clean weights download bench-gpu report status data-stats
 
 help:
 	@echo "make demo     - the whole pipeline on the synthetic set, ending with its score"
@@ -61,7 +61,9 @@ help:
 	@echo "make baseline | kernel | kernel-push | bench | bench-scale | lint | clean"
 	@echo "make status   - what is trained, what is stale, and the next command; make report - the HTML run report"
 	@echo "make weights | download | bench-gpu  (pretrained weights / the real data: once, with internet; GPU figures)"
+	@echo "make data-stats - the real-vs-phantom statistics of DATA_DIR (COMPARE=DIR: a second column)"
 	@echo "variables: DATASET (uwmgi|lgg|nerve) DATA_DIR CONFIG CONFIG_CLS CONFIG_DET ENSEMBLE FOLDS FOLDS_CONFIG JOBS GPUS SET SEED DEBUG"
+	@echo "           RUNS_DIR CACHE_DIR WEIGHTS_DIR CPU_ISA FORCE KAGGLE_USER COMPARE"
 
 install: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt requirements-tracker.txt

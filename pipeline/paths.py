@@ -5,7 +5,7 @@ set, on the real Kaggle download and inside a Kaggle kernel:
 
 - ``DATA_DIR``  (default ``data/<dataset>``): the dataset's Kaggle layout (train.csv, train/, ...).
 - ``RUNS_DIR``  (default ``runs``): ``runs/<stage>/<config-name>/fold_<k>/``.
-- ``CACHE_DIR`` (default ``cache``): decoded per-day volumes as ``.npy``.
+- ``CACHE_DIR`` (default ``cache``): decoded volumes as ``.npy``.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", default=None, help="output folder (default: $DATA_DIR, else data/<dataset>)")
     parser.add_argument("--preset", default="demo", help="tiny, demo or full")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=1, help="processes rendering day-volumes in parallel")
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering the phantom in parallel")
     parser.add_argument(
         "--force", action="store_true", help="replace a synthetic set made with other settings"
     )

@@ -1,4 +1,4 @@
-"""`make train-det`: train the YOLO body detector and write one crop box per train day-volume."""
+"""`make train-det`: train the YOLO body detector and write one crop box per train volume."""
 
 from __future__ import annotations
 

@@ -18,11 +18,11 @@ from pipeline.data.geometry import (
     Box,
     Geometry,
     box_iou,
-    day_threshold_box,
     full_box,
     pad_box,
     threshold_box,
     union_boxes,
+    volume_threshold_box,
 )
 from pipeline.datasets.uwmgi_files import CLASSES, make_id, slice_filename
 from pipeline.errors import DataError
@@ -174,7 +174,7 @@ def test_fallback_chain_detector_threshold_full() -> None:
     assert box == pad_box(Box(11, 12, 30, 43), 0.1, (64, 80))
     none = NoDetections(params)
     box, source = none.volume_box(volume)
-    assert source == "threshold" and box == day_threshold_box(volume, 0.1)
+    assert source == "threshold" and box == volume_threshold_box(volume, 0.1)
     box, source = none.volume_box(np.zeros((5, 64, 80), np.uint16))
     assert (box, source) == (full_box((64, 80)), "full")
     assert choose_volume_box(volume, [], params)[1] == "threshold"

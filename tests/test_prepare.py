@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import ConfigError, DataCfg, load_config
+from pipeline.data.datasets import SliceDataset
 from pipeline.data.geometry import Box, Geometry, full_box
 from pipeline.data.prepare import (
     boxes_for,
@@ -62,7 +63,7 @@ def test_k0_is_a_single_channel_and_image_mode_scales_each_stack() -> None:
     np.testing.assert_allclose(x, 1.0, rtol=1e-6)  # each constant slice is its own 99.5th percentile
 
 
-@pytest.mark.parametrize("normalize", ["image", "volume"])
+@pytest.mark.parametrize("normalize", ["image", "volume", "channel"])
 @pytest.mark.parametrize("resize", ["resize", "pad"])
 def test_training_item_equals_row_of_prepared_day(tiny_data: Path, normalize: str, resize: str) -> None:
     store = VolumeStore(
@@ -75,10 +76,33 @@ def test_training_item_equals_row_of_prepared_day(tiny_data: Path, normalize: st
     x, geometry = prepare_volume(volume.image, box, cfg)
     assert x.shape == (len(volume), 3, 48, 64)
     assert geometry == geometry_for(volume.shape, box, cfg)
-    vscale = volume_scale_of(volume.image, geometry) if normalize == "volume" else None
+    vscale = volume_scale_of(volume.image, geometry, normalize)
     for i in (0, 1, len(volume) // 2, len(volume) - 1):
         np.testing.assert_array_equal(prepare_slice(volume.image, i, geometry, cfg, vscale), x[i])
     assert x.min() >= 0.0 and x.max() <= 1.5
+
+
+def test_channel_normalisation_scales_each_channel_by_its_own_volume_percentile() -> None:
+    """Brute-force twin: LGG-like (S, 3, H, W) volume whose channels have unrelated ranges; every
+    channel of every slice of the 2.5D stack is divided by that channel's 99.5th percentile over the
+    whole (cropped, resized) volume, and a training item equals its row of the prepared volume."""
+    rng = np.random.default_rng(3)
+    image = (
+        rng.gamma(2.0, 1.0, (6, 3, 20, 24)).astype(np.float32) * np.array([5, 60, 900])[None, :, None, None]
+    )
+    cfg = DataCfg(k=1, stride=1, img_size=(20, 24), normalize="channel")
+    x, geometry = prepare_volume(image, full_box((20, 24)), cfg)
+    assert x.shape == (6, 9, 20, 24)
+    planes = geometry.forward(image)
+    scales = [np.percentile(planes[:, c], 99.5) for c in range(3)]
+    for i in range(6):
+        for j, src in enumerate((max(i - 1, 0), i, min(i + 1, 5))):
+            for c in range(3):
+                want = np.clip(planes[src, c] / scales[c], 0.0, x.max())
+                np.testing.assert_allclose(x[i, 3 * j + c], want, rtol=1e-5, atol=1e-6)
+    vscale = volume_scale_of(image, geometry, "channel")
+    for i in range(6):
+        np.testing.assert_array_equal(prepare_slice(image, i, geometry, cfg, vscale), x[i])
 
 
 def test_unknown_normalize_mode_fails_at_config_load() -> None:
@@ -185,6 +209,44 @@ def test_multichannel_volume_keeps_each_slices_channels_together() -> None:
         expect = np.clip(np.concatenate([image[r] for r in rows]).astype(np.float32) / scale, 0, 1.5)
         np.testing.assert_allclose(x[i], expect, rtol=1e-5, atol=1e-5)
     geometry = geometry_for((32, 32), full_box((32, 32)), cfg)
-    vscale = volume_scale_of(image, geometry)
+    vscale = volume_scale_of(image, geometry, "volume")
     for i in (0, 3, 5):  # the training item is the same computation for one slice
         np.testing.assert_array_equal(prepare_slice(image, i, geometry, cfg, vscale), x[i])
+
+
+def _dropout_set(p: float, channels: int = 3, fill: int | None = 1) -> SliceDataset:
+    """A SliceDataset holding only what channel dropout reads (no volumes needed)."""
+    data = SliceDataset.__new__(SliceDataset)
+    data.seed, data.channels, data.fill_channel, data.channel_dropout = 5, channels, fill, p
+    return data
+
+
+def test_channel_dropout_copies_the_fill_channel_consistently_over_the_stack() -> None:
+    """Each non-fill channel is either untouched or the fill channel's copy, the same way in all 2k+1
+    slices of the stack; about p of them are dropped; the draw is reproducible per (epoch, item)."""
+    data = _dropout_set(0.3)
+    rng = np.random.default_rng(0)
+    dropped, seen = 0, 0
+    for index in range(400):
+        image = rng.random((9, 4, 5)).astype(np.float32)  # k=1: 3 slices x 3 channels
+        out = data._drop_channels(image.copy(), epoch=2, index=index)
+        np.testing.assert_array_equal(out[1::3], image[1::3])  # FLAIR itself never changes
+        for c in (0, 2):
+            same = np.array_equal(out[c::3], image[c::3])
+            copied = np.array_equal(out[c::3], image[1::3])
+            assert same != copied  # all three slices of channel c: untouched, or all copied
+            dropped, seen = dropped + copied, seen + 1
+        again = data._drop_channels(image.copy(), epoch=2, index=index)
+        np.testing.assert_array_equal(again, out)
+    assert 0.25 < dropped / seen < 0.35
+
+
+def test_channel_dropout_on_a_dataset_without_fill_channel_is_a_config_error() -> None:
+    from types import SimpleNamespace
+
+    store = SimpleNamespace(spec=get_dataset("uwmgi"))
+    with pytest.raises(
+        ConfigError, match=r"data\.channel_dropout = 0\.2: the uwmgi dataset declares no fill"
+    ):
+        SliceDataset(store, [], {}, DataCfg(), channel_dropout=0.2)  # type: ignore[arg-type]
+    assert get_dataset("lgg").fill_channel == 1

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError, DataCfg, TTACfg, config_from_text
+from pipeline.config import ConfigError, DataCfg, MemberCfg, SegConfig, TTACfg, config_from_text
 from pipeline.data.augment import build_augment
 from pipeline.data.datasets import EpochSampler, SliceDataset
 from pipeline.data.folds import make_folds
@@ -23,6 +23,7 @@ from pipeline.data.volumes import VolumeStore
 from pipeline.datasets import get_dataset, load_config  # with the dataset's defaults, as the stages load
 from pipeline.datasets.uwmgi_files import CLASSES
 from pipeline.errors import DataError
+from pipeline.infer.ensemble import find_member_oof, warn_views
 from pipeline.infer.predict import MemberError, load_member
 from pipeline.io import write_csv
 from pipeline.models.predict import forward_views, predict_volume, tta_views
@@ -289,6 +290,29 @@ def test_train_seg_end_to_end(env: Path, store: VolumeStore) -> None:
     probs = predict_volume(model, cfg, volume.image, full_box(volume.shape), batch_size=8)
     saved = np.load(out / "oof" / f"{val_volumes[0]}.npz")["probs"]
     np.testing.assert_array_equal(np.rint(probs * 255).astype(np.uint8), saved)  # OOF = best.pt, no TTA
+
+
+def test_oof_tta_writes_the_views_submit_averages(
+    env: Path, store: VolumeStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``oof_tta`` set to the ensemble's views: the OOF equals the flip-averaged prediction of best.pt,
+    and tune's check is silent; the plain-view OOF against a flip-averaging ensemble is named."""
+    (out,) = train_seg.main(["--config", "demo_seg", "--folds", "1", "--set", *FAST, "oof_tta.hflip=true"])
+    model, cfg = load_member(out, "cpu")
+    assert isinstance(cfg, SegConfig) and cfg.oof_tta == TTACfg(hflip=True)
+    volume_id = sorted(p.stem for p in (out / "oof").glob("*.npz"))[0]
+    volume = store[volume_id]
+    probs = predict_volume(model, cfg, volume.image, full_box(volume.shape), batch_size=8, tta=cfg.oof_tta)
+    plain = predict_volume(model, cfg, volume.image, full_box(volume.shape), batch_size=8)
+    saved = np.load(out / "oof" / f"{volume_id}.npz")["probs"]
+    np.testing.assert_array_equal(np.rint(probs * 255).astype(np.uint8), saved)
+    assert not np.array_equal(np.rint(plain * 255).astype(np.uint8), saved)
+    member = find_member_oof(MemberCfg(config="demo_seg"))
+    with caplog.at_level("WARNING"):
+        warn_views(member, TTACfg(hflip=True))
+        assert not caplog.records
+        warn_views(member, TTACfg(hflip=False))
+    assert "OOF predicted with views" in caplog.text and "demo_seg fold 1" in caplog.text
 
 
 def test_train_seg_folds_side_by_side(env: Path, store: VolumeStore, monkeypatch: pytest.MonkeyPatch) -> None:

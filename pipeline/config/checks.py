@@ -92,7 +92,8 @@ CHECKS: dict[type, dict[str, Check]] = {
         "stride": at_least(1),
         "img_size": each(at_least(16)),  # divisibility by the encoder's stride: cross_checks
         "resize": one_of("resize", "pad"),
-        "normalize": one_of("image", "volume"),
+        "normalize": one_of("image", "volume", "channel"),
+        "channel_dropout": within(0, 1, high_open=True),
         "train_on": one_of("labelled", "all"),
         "max_volumes": optional(at_least(1)),
         "missing_labels": one_of("empty", "drop", "ignore"),

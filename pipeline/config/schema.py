@@ -28,7 +28,9 @@ class DataCfg:
     stride: int = 2  # slice distance between neighbours (the 1st place used [i-2, i, i+2])
     img_size: tuple[int, int] = (384, 384)  # network input (H, W)
     resize: str = "resize"  # "resize" (stretch the crop) or "pad" (letterbox, keep aspect)
-    normalize: str = "image"  # "image" (per slice) or "volume" (per day) percentile scaling
+    # percentile scaling: "image" (each slice), "volume" (each volume) or "channel" (each channel of
+    # each volume: LGG's three MR contrasts have unrelated ranges)
+    normalize: str = "image"
     crop: bool = True  # crop every volume to the detector's body box
     det_config: str = "demo_det"  # the detector run whose boxes are used when crop is on
     train_on: str = "labelled"  # "labelled" slices only, or "all"
@@ -41,6 +43,9 @@ class DataCfg:
     missing_gaps: bool = False  # also unlabelled slices between the first and last labelled one
     missing_tail: int | None = None  # slices after the last labelled one that count; None = to the end
     max_volumes: int | None = None  # cap on training volumes (tests and smoke runs)
+    # training only: each channel other than the dataset's fill channel is replaced by it with this
+    # probability (LGG: a missing pre- or post-contrast is a copy of FLAIR in the real data)
+    channel_dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -138,13 +143,13 @@ class DetParams:
     slices_per_volume: int = 12  # slices sampled per volume for the YOLO dataset
     val_fraction: float = 0.2
     conf: float = 0.25
-    margin: float = 0.05  # padding of the day box, fraction of the image side
+    margin: float = 0.05  # padding of the volume box, fraction of the image side
     threshold_quantile: float = 0.9  # body threshold: this quantile of non-zero pixels, scaled
     threshold_scale: float = 0.25  # (the median failed where noisy background is most of the frame)
     workers: int = 0
     device: str = "auto"
     seed: int = 42
-    predict_step: int = 1  # detect on every n-th slice of a day (the day box barely changes)
+    predict_step: int = 1  # detect on every n-th slice of a volume (its box barely changes)
     train_args: dict[str, Any] = field(default_factory=dict)  # extra ultralytics train() args
 
 
@@ -241,6 +246,9 @@ class SegConfig(StageConfig):
     loss: LossCfg = field(default_factory=LossCfg)
     augment: tuple[AugSpec, ...] = ()
     seg3d: Seg3DCfg = field(default_factory=Seg3DCfg)  # the 3D member (model.spatial_dims: 3)
+    # the views of the out-of-fold probabilities: set it to the ensemble's `tta` so that `make tune`
+    # decides thresholds on maps as soft as those `make submit` averages (default: the plain view)
+    oof_tta: TTACfg = field(default_factory=lambda: TTACfg(hflip=False))
 
 
 @dataclass(frozen=True)

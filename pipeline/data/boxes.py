@@ -26,7 +26,7 @@ def boxes_path(det_config_name: str, split: str = "train") -> Path:
 
 
 def write_boxes(path: Path, boxes: dict[str, tuple[Box, str]]) -> Path:
-    rows = [{"volume_id": day, **box.as_dict(), "source": source} for day, (box, source) in boxes.items()]
+    rows = [{"volume_id": v, **box.as_dict(), "source": source} for v, (box, source) in boxes.items()]
     return write_csv(path, pd.DataFrame(rows, columns=BOX_COLUMNS))
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from pipeline.config import DataCfg
+from pipeline.config import ConfigError, DataCfg
 from pipeline.data.augment import apply_augment, seed_augment
 from pipeline.data.geometry import Box, Geometry
 from pipeline.data.labels import IGNORE, label_plan
@@ -65,9 +65,7 @@ class _Volume:
     def __init__(self, volume: Volume, box: Box, data_cfg: DataCfg) -> None:
         self.volume = volume
         self.geometry: Geometry = geometry_for(volume.shape, box, data_cfg)
-        self.volume_scale = (
-            volume_scale_of(volume.image, self.geometry) if data_cfg.normalize == "volume" else None
-        )
+        self.volume_scale = volume_scale_of(volume.image, self.geometry, data_cfg.normalize)
 
 
 class SliceDataset(Dataset):
@@ -84,6 +82,7 @@ class SliceDataset(Dataset):
         augment: object | None = None,
         seed: int = 0,
         train_on: str | None = None,
+        channel_dropout: float = 0.0,
     ) -> None:
         self.with_masks, self.cfg, self.augment, self.seed, self.epoch = (
             with_masks,
@@ -92,6 +91,13 @@ class SliceDataset(Dataset):
             seed,
             0,
         )
+        self.channels, self.fill_channel = store.spec.channels, store.spec.fill_channel
+        self.channel_dropout = channel_dropout
+        if channel_dropout > 0 and self.fill_channel is None:
+            raise ConfigError(
+                f"data.channel_dropout = {channel_dropout}: the {store.spec.name} dataset declares no "
+                "fill channel to put in a dropped channel's place; set data.channel_dropout: 0"
+            )
         volume_ids = list(volume_ids)[: data_cfg.max_volumes]  # None: every volume
         missing = [v for v in volume_ids if v not in boxes]
         if missing:
@@ -132,6 +138,16 @@ class SliceDataset(Dataset):
             int(self.ignore.sum()),
         )
 
+    def _drop_channels(self, image: np.ndarray, epoch: int, index: int) -> np.ndarray:
+        """Each channel but the fill channel replaced by it with probability ``channel_dropout``, the same
+        way in all ``2k+1`` slices of the stack (reproducible: drawn from the seed, epoch and item)."""
+        rng = np.random.default_rng([self.seed, epoch, index, 17])
+        fill, n = self.fill_channel, self.channels
+        for c in range(n):
+            if c != fill and rng.random() < self.channel_dropout:
+                image[c::n] = image[fill::n]
+        return image
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
@@ -149,6 +165,8 @@ class SliceDataset(Dataset):
         volume_index, pos = self.items[index]
         item = self.volumes[volume_index]
         image = prepare_slice(item.volume.image, pos, item.geometry, self.cfg, item.volume_scale)
+        if self.channel_dropout > 0:
+            image = self._drop_channels(image, epoch, index)
         mask = None
         if self.with_masks:
             mask = prepare_masks(item.volume.mask[pos][None], item.geometry)[0]

@@ -96,8 +96,8 @@ def threshold_box(
     return Box(int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1)
 
 
-def day_threshold_box(volume: np.ndarray, margin: float = 0.05, **kwargs: float) -> Box | None:
-    """Union of the per-slice threshold boxes of a day (S, H, W), padded; None if none found."""
+def volume_threshold_box(volume: np.ndarray, margin: float = 0.05, **kwargs: float) -> Box | None:
+    """Union of the per-slice threshold boxes of a volume (S, H, W), padded; None if none found."""
     boxes = [b for b in (threshold_box(s, **kwargs) for s in volume) if b is not None]
     box = union_boxes(boxes)
     return None if box is None else pad_box(box, margin, volume.shape[1:])

@@ -1,7 +1,7 @@
 """Which slices of a volume to train on, and which (slice, class) labels are missing rather than empty.
 
 UW-Madison's annotators sometimes stopped before the organs did: the slices after the last
-labelled slice of a day (and, sometimes, unlabelled slices between labelled ones) show bowel
+labelled slice of a volume (and, sometimes, unlabelled slices between labelled ones) show bowel
 with an empty mask. ``data.missing_labels`` chooses how training treats that region:
 
 - ``empty``: trust it as empty (the plain reading of the labels);

@@ -44,13 +44,21 @@ def prepare_planes(image: np.ndarray, geometry: Geometry) -> np.ndarray:
     return geometry.forward(np.asarray(image, dtype=np.float32))
 
 
-def normalise_stacks(stacks: np.ndarray, mode: str, volume_scale: float | None = None) -> np.ndarray:
-    """(n, C, Hn, Wn) raw stacks -> scaled and clipped float32 (in place when possible)."""
+VolumeScale = float | np.ndarray | None  # normalize volume: one number; channel: one per channel
+
+
+def normalise_stacks(stacks: np.ndarray, mode: str, volume_scale: VolumeScale = None) -> np.ndarray:
+    """(n, C, Hn, Wn) raw stacks -> scaled and clipped float32 (in place when possible).
+
+    ``volume_scale``: the volume's scale (``volume``) or its per-channel scales (``channel``, tiled
+    over the stack's ``2k+1`` slices, which keep their channels together).
+    """
     n = stacks.shape[0]
-    if mode == "volume":
+    if mode in ("volume", "channel"):
         if volume_scale is None:
-            raise ValueError("normalize='volume' needs the volume's volume_scale")
-        scale = np.full((n, 1, 1, 1), volume_scale, dtype=np.float32)
+            raise ValueError(f"normalize='{mode}' needs the volume's volume_scale")
+        per = np.atleast_1d(np.asarray(volume_scale, dtype=np.float32))
+        scale = np.tile(per, stacks.shape[1] // per.size).reshape(1, -1, 1, 1)
     else:
         scale = np.asarray(robust_scale(stacks.reshape(n, -1), axis=1)).reshape(n, 1, 1, 1)
     out = np.divide(stacks, scale, dtype=np.float32)
@@ -71,14 +79,25 @@ def prepare_volume(image: np.ndarray, box: Box, data_cfg: DataCfg) -> tuple[np.n
     geometry = geometry_for(image.shape[-2:], box, data_cfg)
     planes = prepare_planes(image, geometry)
     index = neighbour_indices(len(planes), data_cfg.k, data_cfg.stride)
-    volume_scale = float(robust_scale(planes)) if data_cfg.normalize == "volume" else None
+    volume_scale = scale_of_planes(planes, data_cfg.normalize)
     stacks = planes[index].reshape(len(planes), -1, *planes.shape[-2:])  # (S, (2k+1)*C, Hn, Wn)
     return normalise_stacks(stacks, data_cfg.normalize, volume_scale), geometry
 
 
-def volume_scale_of(image: np.ndarray, geometry: Geometry) -> float:
-    """The per-volume scale used by ``normalize: volume`` (as :func:`prepare_volume` computes it)."""
-    return float(robust_scale(prepare_planes(image, geometry)))
+def scale_of_planes(planes: np.ndarray, mode: str) -> VolumeScale:
+    """A volume's scale from its prepared (S, [C,] Hn, Wn) planes: one number (``normalize: volume``),
+    one per channel (``channel``), or None (``image``: each stack scales itself)."""
+    if mode == "volume":
+        return float(robust_scale(planes))
+    if mode == "channel":
+        by_channel = planes[:, None] if planes.ndim == 3 else planes
+        return np.asarray(robust_scale(np.moveaxis(by_channel, 1, 0).reshape(by_channel.shape[1], -1), axis=1))
+    return None
+
+
+def volume_scale_of(image: np.ndarray, geometry: Geometry, mode: str) -> VolumeScale:
+    """The per-volume scale of ``normalize: volume | channel`` (as :func:`prepare_volume` computes it)."""
+    return scale_of_planes(prepare_planes(image, geometry), mode)
 
 
 def prepare_slice(
@@ -86,7 +105,7 @@ def prepare_slice(
     index: int,
     geometry: Geometry,
     data_cfg: DataCfg,
-    volume_scale: float | None = None,
+    volume_scale: VolumeScale = None,
 ) -> np.ndarray:
     """((2k+1)*C, Hn, Wn) input of slice ``index``; equals ``prepare_volume(image, ...)[0][index]``.
 

@@ -151,6 +151,8 @@ class DatasetSpec(abc.ABC):
     # the metric of a volume is unchanged when it is cut to a box holding every predicted and true
     # voxel (with the uncut grid passed to fast_stats): tuning then scores only that box
     cuts_to_box: ClassVar[bool] = False
+    # the channel a dropped one is replaced by (data.channel_dropout); None: the dataset has none
+    fill_channel: ClassVar[int | None] = None
     config_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     kaggle_source: ClassVar[tuple[str, str]] = ("competition", "")  # (competition|dataset, slug)
     train_folder: ClassVar[str] = "train"

@@ -109,6 +109,7 @@ class LGG(DatasetSpec):
     kaggle_source: ClassVar[tuple[str, str]] = ("dataset", "mateuszbuda/lgg-mri-segmentation")
     metric_keys: ClassVar[tuple[str, ...]] = ("score", "slice_dice", "iou")
     train_folder: ClassVar[str] = "kaggle_3m"
+    fill_channel: ClassVar[int | None] = 1  # a missing pre- or post-contrast is a copy of FLAIR
     # 2.5D over neighbouring slices of each channel, cropped to the head; 256 px is the native size
     config_defaults: ClassVar[dict[str, Any]] = {
         stage: {"data": {"k": 1, "stride": 1, "crop": True}} for stage in ("det", "cls", "seg")

@@ -30,11 +30,12 @@ import pandas as pd
 from numba import njit
 from tqdm.auto import tqdm
 
-from pipeline.config import ConfigError, EnsembleConfig, MemberCfg
+from pipeline.config import ConfigError, EnsembleConfig, MemberCfg, TTACfg, config_from_text
 from pipeline.data.volumes import Volume, VolumeStore
 from pipeline.datasets.base import DatasetSpec
 from pipeline.errors import DataError
 from pipeline.infer.oof_cache import Box, OOFEntry, oof_entry, union_box, volume_box
+from pipeline.models.predict import tta_views
 from pipeline.paths import run_dir
 from pipeline.train.checkpoint import train_command
 
@@ -202,6 +203,23 @@ def find_member_oof(member: MemberCfg) -> OOFMember:
     return OOFMember(name, folds, files)
 
 
+def warn_views(member: OOFMember, tta: TTACfg) -> None:
+    """Say when a member's OOF was predicted with other views than the ``tta`` submit averages: the
+    thresholds tuned on it would then be applied to maps of another softness."""
+    for fold in member.folds:
+        path = run_dir("seg", member.name, fold) / "config.yaml"
+        if not path.is_file():
+            continue
+        views = config_from_text(path.read_text(), source=str(path), stage="seg").oof_tta
+        if tta_views(views) != tta_views(tta):
+            log.warning(
+                "%s fold %d: OOF predicted with views %s but submit averages %s; the tuned thresholds "
+                "fit the OOF's maps: set oof_tta to the ensemble's tta in its config and retrain",
+                member.name, fold, tta_views(views), tta_views(tta),
+            )  # fmt: skip
+            return
+
+
 def read_cls_oof(
     name: str, classes: tuple[str, ...], folds: tuple[int, ...] | None = None
 ) -> tuple[pd.DataFrame, list[int]]:
@@ -355,6 +373,8 @@ def _volume_gate(
 def load_oof(cfg: EnsembleConfig, spec: DatasetSpec, root: Path, progress: bool = True) -> OOFSet:
     """Find, check and cache the OOF of every member (and the classifier) on the volumes all of them cover."""
     members = [find_member_oof(m) for m in check_members(cfg)]
+    for member in members:
+        warn_views(member, cfg.tta)
     store = VolumeStore(root, spec.load_split(root, "train"), "train", spec)
     volumes = _common_volumes(members, store, cfg, root)
     table, cls_info, cls_name = None, None, ""

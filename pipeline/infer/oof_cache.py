@@ -35,7 +35,7 @@ class OOFEntry:
 
     def crop(self) -> np.ndarray:
         """The box's (s, classes, h, w) uint8 probabilities, memory-mapped."""
-        return load_npy(self.cache, mmap_mode="r")  # thread-safe: tuning reads days over threads
+        return load_npy(self.cache, mmap_mode="r")  # thread-safe: tuning reads volumes over threads
 
     def cut(self, box: Box) -> np.ndarray:
         """A C-contiguous (s, classes, h, w) copy of the probabilities in ``box`` (zeros outside this

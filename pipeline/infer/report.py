@@ -10,7 +10,8 @@ decisions to the OOF once more (so the final score is measured, not copied), and
   (chosen on the tuning part, scored on the held-apart groups), their ``gain`` and ``held_gain``
   over the previous step, and ``gap = score - held_out``;
 - ``<step>.png`` for every post-processing step of :mod:`pipeline.infer.steps` (``pixel_threshold.png``,
-  ``gate_threshold.png``, ``prob_gate.png``, ``z_run.png``, ``min_component_size.png``): OOF score
+  ``gate_threshold.png``, ``prob_gate.png``, ``z_run.png``, ``min_component_size.png``,
+  ``component_fraction.png``): OOF score
   against each value, one panel per class;
 - ``steps.png``: the in-sample and held-apart score after each step;
 - ``overlays.png``: truth filled, prediction outlined, on ``report_slices`` OOF slices from the worst

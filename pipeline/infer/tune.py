@@ -12,8 +12,9 @@ strictly better (the current value is tried first and kept on ties):
 3. the post-processing steps of :mod:`pipeline.infer.steps`, in their order, class by class
    (the other classes held): ``pixel_threshold``; ``gate_threshold`` (the classifier gate, skipped
    without a classifier); ``prob_gate`` (N x t of ``tune.prob_gate_pixels`` x ``prob_gate_levels``);
-   ``z_run`` (``tune.z_runs``, volumetric datasets only); ``min_component_size``. A step's "off"
-   value (N = 0, k = 0) is always one of its candidates where it has one, so tuning switches it
+   ``z_run`` (``tune.z_runs``, volumetric datasets only); ``min_component_size``;
+   ``component_fraction`` (``tune.component_fractions``). A step's "off"
+   value (N = 0, k = 0, f = 0) is always one of its candidates where it has one, so tuning switches it
    off where it does not help; a step whose grid leaves nothing to try is recorded as skipped;
 4. ``refine``, ``refine_3``, ...: up to ``tune.sweeps - 1`` more sweeps over 3 (a row each, noted
    "converged" once nothing moves): the first sweep picks the pixel threshold before any gate

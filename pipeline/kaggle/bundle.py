@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config import EnsembleConfig, dump_config, load_config
+from pipeline.config import ClsConfig, Config, EnsembleConfig, SegConfig, dump_config, load_config
 from pipeline.datasets.base import DatasetSpec
 from pipeline.errors import PipelineError
 from pipeline.infer.ensemble import run_name
@@ -176,11 +176,11 @@ def needed_run_files(cfg: EnsembleConfig) -> tuple[list[Path], dict[str, Any]]:
     return files, configs
 
 
-def spent(cfg: Any) -> Any:
+def spent(cfg: Config) -> Config:
     """A trained member's config as inference rebuilds it: no starting weights (``encoder_weights``,
     ``pretrained_path``) and nothing frozen, since its checkpoint holds every weight. Other configs
     are returned as they are."""
-    if getattr(cfg, "stage", None) not in ("seg", "cls"):
+    if not isinstance(cfg, SegConfig | ClsConfig):
         return cfg
     model = dataclasses.replace(cfg.model, encoder_weights=None, pretrained_path=None, freeze_encoder=0)
     return dataclasses.replace(cfg, model=model)

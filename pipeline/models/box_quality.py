@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import DetParams
 from pipeline.data.boxes import SOURCES
-from pipeline.data.geometry import Box, box_iou, day_threshold_box, normalize
+from pipeline.data.geometry import Box, box_iou, normalize, volume_threshold_box
 from pipeline.data.volumes import VolumeStore
 from pipeline.io import write_with
 
@@ -50,7 +50,7 @@ def evaluate_boxes(
     for volume_id in tqdm(volume_ids, desc="box quality", unit="vol"):
         volume = store[volume_id]
         box, _ = boxes[volume_id]
-        thr = day_threshold_box(
+        thr = volume_threshold_box(
             volume.gray(), params.margin, quantile=params.threshold_quantile, scale=params.threshold_scale
         )
         if thr is not None:

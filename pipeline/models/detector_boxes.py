@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import DetParams, load_config
-from pipeline.data.geometry import Box, day_threshold_box, full_box, pad_box, union_boxes
+from pipeline.data.geometry import Box, full_box, pad_box, union_boxes, volume_threshold_box
 from pipeline.data.volumes import gray
 from pipeline.errors import DataError
 from pipeline.models.detector import ARCH_FILE, WEIGHTS_FILE, build_yolo, torch_device, yolo_device
@@ -29,7 +29,7 @@ def choose_volume_box(image: np.ndarray, detections: list[Box], params: DetParam
     union = union_boxes(detections)
     if union is not None:
         return pad_box(union, params.margin, shape), "detector"
-    box = day_threshold_box(
+    box = volume_threshold_box(
         image, params.margin, quantile=params.threshold_quantile, scale=params.threshold_scale
     )
     if box is not None:

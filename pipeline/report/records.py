@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from pipeline.config import EnsembleConfig, config_from_text, resolve_config_path
+from pipeline.config import EnsembleConfig, MemberConfig, config_from_text, resolve_config_path
 from pipeline.errors import PipelineError
 from pipeline.io import LOCK_FILE
 from pipeline.paths import PROJECT_ROOT, run_dir
@@ -273,7 +273,7 @@ def read_member(name: str, stage: str, folds: FoldsTable | None, only: tuple[int
     return MemberRuns(name, stage, saved or from_file, config_file(name), planned, runs, changed)
 
 
-def _trained_part(cfg: Any) -> Any:
+def _trained_part(cfg: MemberConfig) -> MemberConfig:
     """What the file and the run folder are compared on: the config less its name (a copied config trains
     the same) and ``model.pretrained_path`` (a fold's run holds it with ``{fold}`` filled in)."""
     from dataclasses import replace

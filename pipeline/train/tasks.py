@@ -52,6 +52,7 @@ def slice_dataset(with_masks: bool) -> Callable[[MemberConfig, FoldData, int], D
             with_masks=with_masks,
             augment=build_augment(cfg.augment),
             seed=seed,
+            channel_dropout=cfg.data.channel_dropout,
         )
 
     return make

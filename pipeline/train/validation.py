@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.config import ClsConfig, MemberConfig, SegConfig
+from pipeline.config import ClsConfig, MemberConfig, SegConfig, TTACfg
 from pipeline.data.volumes import Volume
 from pipeline.io import write_csv, write_with
-from pipeline.models.predict import predict_volume
+from pipeline.models.predict import predict_volume, tta_views
 from pipeline.train.engine import Validate
 from pipeline.train.fold_data import FoldData
 
@@ -39,8 +39,10 @@ def val_predictions(
     desc: str,
     progress: bool = True,
     leave: bool = True,
+    tta: TTACfg | None = None,
 ) -> Iterator[tuple[Volume, np.ndarray]]:
-    """(volume, probabilities) of every validation volume of the fold, in order (see :func:`predict_volume`)."""
+    """(volume, probabilities) of every validation volume of the fold, in order (see :func:`predict_volume`);
+    ``tta``: the views averaged (None: the plain view)."""
     batch_size = cfg.train.val_batch_size or cfg.train.batch_size
     for volume_id in tqdm(data.val_volumes, desc=desc, unit="vol", leave=leave, disable=not progress):
         volume = data.store[volume_id]
@@ -51,6 +53,7 @@ def val_predictions(
             data.boxes[volume_id],
             device=device,
             batch_size=batch_size,
+            tta=tta,
             amp=cfg.train.amp,
         )
         yield volume, probs
@@ -134,9 +137,11 @@ def write_seg_oof(
     device: torch.device,
     progress: bool = True,
 ) -> Path:
-    """``oof/<volume_id>.npz`` (probs uint8 (S, classes, H, W), ids) for every validation volume."""
+    """``oof/<volume_id>.npz`` (probs uint8 (S, classes, H, W), ids) for every validation volume, with the
+    views of ``oof_tta`` averaged."""
     folder = out_dir / "oof"
-    for volume, probs in val_predictions(model, cfg, data, device, "oof", progress):
+    tta = None if tta_views(cfg.oof_tta) == tta_views(None) else cfg.oof_tta  # the plain view: as before
+    for volume, probs in val_predictions(model, cfg, data, device, "oof", progress, tta=tta):
         probs_u8 = np.rint(np.clip(probs, 0.0, 1.0) * 255).astype(np.uint8)
         _save_npz(folder / f"{volume.volume_id}.npz", probs_u8, np.asarray(volume.ids))
     return folder
