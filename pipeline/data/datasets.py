@@ -68,6 +68,16 @@ class _Volume:
         self.volume_scale = volume_scale_of(volume.image, self.geometry, data_cfg.normalize)
 
 
+def _fill_channel(store: VolumeStore, channel_dropout: float) -> int | None:
+    """The channel a dropped one becomes; channel dropout on a dataset without one is a config error."""
+    if channel_dropout > 0 and store.spec.fill_channel is None:
+        raise ConfigError(
+            f"data.channel_dropout = {channel_dropout}: the {store.spec.name} dataset declares no "
+            "fill channel to put in a dropped channel's place; set data.channel_dropout: 0"
+        )
+    return store.spec.fill_channel
+
+
 class SliceDataset(Dataset):
     """Prepared 2.5D slices of some volumes of a :class:`VolumeStore` (see module doc)."""
 
@@ -91,13 +101,8 @@ class SliceDataset(Dataset):
             seed,
             0,
         )
-        self.channels, self.fill_channel = store.spec.channels, store.spec.fill_channel
+        self.channels, self.fill_channel = store.spec.channels, _fill_channel(store, channel_dropout)
         self.channel_dropout = channel_dropout
-        if channel_dropout > 0 and self.fill_channel is None:
-            raise ConfigError(
-                f"data.channel_dropout = {channel_dropout}: the {store.spec.name} dataset declares no "
-                "fill channel to put in a dropped channel's place; set data.channel_dropout: 0"
-            )
         volume_ids = list(volume_ids)[: data_cfg.max_volumes]  # None: every volume
         missing = [v for v in volume_ids if v not in boxes]
         if missing:

@@ -143,14 +143,15 @@ class Components:
         """How many components :meth:`keep` keeps: equal counts mean equal masks (sizes only rise)."""
         return int(np.count_nonzero(self.sizes >= max(1, min_size)))
 
+    def kept_min_size(self, min_size: int) -> np.ndarray:
+        """(labels,) bool: the components with at least ``min_size`` voxels."""
+        keep = self.sizes >= max(1, min_size)
+        keep[0] = False
+        return keep
+
     def keep(self, min_size: int) -> np.ndarray:
         """The full-size mask of the components with at least ``min_size`` voxels."""
-        out = np.zeros(self.shape, dtype=bool)
-        if self.box is not None:
-            keep = self.sizes >= max(1, min_size)
-            keep[0] = False
-            out[self.box] = keep[self.labels]
-        return out
+        return self.keep_labels(self.kept_min_size(min_size))
 
     def reference_sizes(self, volumetric: bool = True) -> np.ndarray:
         """Per label, the size of the largest component it is compared with: the volume's largest

@@ -319,62 +319,58 @@ class CountGateStep(SliceStep):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ComponentStep(Step):
-    """Removes connected components smaller than the value (3D 26-connected, or 2D per image).
+class _ComponentsStep(Step):
+    """A step that keeps some connected components (3D 26-connected, or 2D per image): candidates label
+    the components once and share a mask wherever they keep the same components."""
 
-    Candidates label the components once; equal kept counts mean equal masks (sizes only rise).
-    """
+    def kept(self, components: Components, value: StepValue, x: ClassInput) -> np.ndarray:
+        """(labels,) bool: the components ``value`` keeps."""
+        raise NotImplementedError
+
+    def key(self, components: Components, value: StepValue, x: ClassInput) -> Hashable:
+        """Equal keys mean equal masks."""
+        return "off" if self.is_off(value) else int(np.count_nonzero(self.kept(components, value, x)))
+
+    def variants(
+        self,
+        before: np.ndarray | None,
+        x: ClassInput,
+        base: ClassParams,
+        values: Sequence[StepValue],
+        after: Sequence[Step],
+    ) -> Iterator[Variant]:
+        before = _mask(before, self)
+        components = Components.of(before, x.volumetric)
+
+        def make(value: StepValue) -> np.ndarray:
+            mask = before if self.is_off(value) else components.keep_labels(self.kept(components, value, x))
+            return final_mask(run_steps(after, mask, x, self.set(base, value)))
+
+        return once_per_key((self.key(components, v, x), functools.partial(make, v)) for v in values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComponentStep(_ComponentsStep):
+    """Removes connected components smaller than the value (sizes only rise, so equal kept counts mean
+    equal masks, "off" included)."""
 
     def apply(self, mask: np.ndarray | None, x: ClassInput, params: ClassParams) -> np.ndarray:
         return remove_small_components(_mask(mask, self), int(self.checked(x, params)), x.volumetric)
 
-    def variants(
-        self,
-        before: np.ndarray | None,
-        x: ClassInput,
-        base: ClassParams,
-        values: Sequence[StepValue],
-        after: Sequence[Step],
-    ) -> Iterator[Variant]:
-        before = _mask(before, self)
-        components = Components.of(before, x.volumetric)
+    def kept(self, components: Components, value: StepValue, x: ClassInput) -> np.ndarray:
+        return components.kept_min_size(int(value))
 
-        def make(value: StepValue) -> np.ndarray:
-            mask = before if self.is_off(value) else components.keep(int(value))
-            return final_mask(run_steps(after, mask, x, self.set(base, value)))
-
-        return once_per_key((components.n_kept(int(v)), functools.partial(make, v)) for v in values)
+    def key(self, components: Components, value: StepValue, x: ClassInput) -> Hashable:
+        return components.n_kept(int(value))
 
 
 @dataclass(frozen=True, kw_only=True)
-class RelativeComponentStep(Step):
+class RelativeComponentStep(_ComponentsStep):
     """Removes connected components smaller than the value times the largest one (the volume's largest
-    in 3D, each image's own in 2D): 1 keeps the largest only (one tumour, one nerve).
-
-    Candidates label the components once; kept sets shrink as the value rises, so equal counts mean
-    equal masks.
-    """
+    in 3D, each image's own in 2D): 1 keeps the largest only (one tumour, one nerve)."""
 
     def apply(self, mask: np.ndarray | None, x: ClassInput, params: ClassParams) -> np.ndarray:
         return keep_large_components(_mask(mask, self), float(self.checked(x, params)), x.volumetric)
 
-    def variants(
-        self,
-        before: np.ndarray | None,
-        x: ClassInput,
-        base: ClassParams,
-        values: Sequence[StepValue],
-        after: Sequence[Step],
-    ) -> Iterator[Variant]:
-        before = _mask(before, self)
-        components = Components.of(before, x.volumetric)
-        kept = {v: components.kept_relative(float(v), x.volumetric) for v in values if not self.is_off(v)}
-
-        def make(value: StepValue) -> np.ndarray:
-            mask = before if self.is_off(value) else components.keep_labels(kept[value])
-            return final_mask(run_steps(after, mask, x, self.set(base, value)))
-
-        def key(value: StepValue) -> Hashable:
-            return "off" if self.is_off(value) else int(np.count_nonzero(kept[value]))
-
-        return once_per_key((key(v), functools.partial(make, v)) for v in values)
+    def kept(self, components: Components, value: StepValue, x: ClassInput) -> np.ndarray:
+        return components.kept_relative(float(value), x.volumetric)

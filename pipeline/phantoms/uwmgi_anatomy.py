@@ -237,25 +237,39 @@ def make_anatomy(rng: np.random.Generator, cavity_a: float, aspect: float) -> An
         layers.append(
             Blob(T["marrow"], bone.center, bone.axes * [0.7, 0.45, 1.0], bone.angle, bone.wobble, bone.drift)
         )
+    layers += _trunk_tubes(rng, (vx, vy, vr), k, z(100))
+
+    organs = [_stomach(rng, a, b, k, z), _large_bowel(rng, a, b, k, z), _small_bowel(rng, a, b, k, z)]
+    vessels = _vessels(rng, blobs[3], organs[2], k)
+    return Anatomy(k, body, layers, organs, vessels, (vx, vy, vr, rng.uniform(28, 34) * k))
+
+
+def _trunk_tubes(
+    rng: np.random.Generator, spine: tuple[float, float, float], k: float, psoas_top: float
+) -> list[Tube]:
+    """The aorta, the inferior vena cava and the two psoas muscles, placed from the spine (x, y, radius)."""
+    vx, vy, vr = spine
     zz = np.linspace(Z_TOP - 40, Z_BOTTOM + 40, 40) * k
 
     def line(x: float, y: float) -> np.ndarray:
         return np.stack([np.full(len(zz), x), np.full(len(zz), y), zz], axis=1)
 
-    layers += [
+    tubes = [
         Tube(T["blood"], line(vx + 13 * k, vy - vr - 11 * k), np.full(40, 11 * k)),  # aorta
         Tube(T["blood"], line(vx - 24 * k, vy - vr - 9 * k), np.full(40, 12 * k)),  # inferior vena cava
     ]
     for side in (-1, 1):  # psoas: grows from the mid abdomen into the pelvis
-        zp = np.linspace(z(100), Z_BOTTOM + 40, 20) * k
+        zp = np.linspace(psoas_top, Z_BOTTOM + 40, 20) * k
         xs = side * (vr + 14 * k + np.linspace(0, 40 * k, 20) ** 1.3 / 3)
         grow = np.clip(np.linspace(0.2, 1.6, 20), 0, 1) * rng.uniform(16, 22) * k
-        layers.append(Tube(T["muscle"], np.stack([xs, np.full(20, vy - 8 * k), zp], axis=1), grow))
+        tubes.append(Tube(T["muscle"], np.stack([xs, np.full(20, vy - 8 * k), zp], axis=1), grow))
+    return tubes
 
-    organs = [_stomach(rng, a, b, k, z), _large_bowel(rng, a, b, k, z), _small_bowel(rng, a, b, k, z)]
-    liver, small_bowel = blobs[3], organs[2]
+
+def _vessels(rng: np.random.Generator, liver: Blob, small_bowel: Tube, k: float) -> list[tuple[int, Tube]]:
+    """(host tissue, vessel) pairs: 6 hepatic vessels (bright) and 18 mesenteric ones (dark lines in the fat)."""
     vessels = []
-    for i in range(24):  # hepatic vessels (bright) and mesenteric vessels (dark lines in the fat)
+    for i in range(24):
         host = liver.center if i < 6 else small_bowel.points[rng.integers(len(small_bowel.points))]
         start = host + rng.normal(0, 20 * k, 3)
         ctrl = start + np.cumsum(rng.normal(0, 25 * k, (5, 3)), axis=0)
@@ -265,7 +279,7 @@ def make_anatomy(rng: np.random.Generator, cavity_a: float, aspect: float) -> An
             if i < 6
             else (T["visceral"], Tube(T["mesentery"], pts, rad))
         )
-    return Anatomy(k, body, layers, organs, vessels, (vx, vy, vr, rng.uniform(28, 34) * k))
+    return vessels
 
 
 def _three(values: np.ndarray) -> tuple[float, float, float]:
