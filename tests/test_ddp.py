@@ -20,7 +20,7 @@ from timm.layers import BatchNormAct2d, SyncBatchNormAct
 from torch import nn
 
 from pipeline.config import ConfigError
-from pipeline.data.datasets import EpochSampler
+from pipeline.data.torch_sets import EpochSampler
 from pipeline.device import amp_dtype
 from pipeline.io import LOCK_FILE
 from pipeline.models.segmenter import _stay_in_eval

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 
 from pipeline.config import ConfigError, DataCfg, load_config
-from pipeline.data.datasets import SliceDataset
 from pipeline.data.geometry import Box, Geometry, full_box
 from pipeline.data.prepare import (
     boxes_for,
@@ -21,6 +20,7 @@ from pipeline.data.prepare import (
     prepare_volume,
     volume_scale_of,
 )
+from pipeline.data.torch_sets import SliceDataset
 from pipeline.data.volumes import VolumeStore
 from pipeline.datasets import get_dataset
 from pipeline.datasets.uwmgi_files import load_split

@@ -14,11 +14,11 @@ from torch import nn
 
 from pipeline.config import ConfigError, DataCfg, MemberCfg, SegConfig, TTACfg, config_from_text
 from pipeline.data.augment import build_augment
-from pipeline.data.datasets import EpochSampler, SliceDataset
 from pipeline.data.folds import make_folds
 from pipeline.data.geometry import Box, full_box
 from pipeline.data.labels import IGNORE
 from pipeline.data.prepare import boxes_for, prepare_volume
+from pipeline.data.torch_sets import EpochSampler, SliceDataset
 from pipeline.data.volumes import VolumeStore
 from pipeline.datasets import get_dataset, load_config  # with the dataset's defaults, as the stages load
 from pipeline.datasets.uwmgi_files import CLASSES

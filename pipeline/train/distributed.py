@@ -11,7 +11,7 @@ DDP, gradients are averaged); only rank 0 validates, writes checkpoints, metrics
 out-of-fold predictions and logs (the others log errors only); the others wait for it at the next
 collective (:data:`TIMEOUT` bounds that wait).
 
-Data: :class:`ShardedEpochSampler` deals the order of :class:`~pipeline.data.datasets.EpochSampler`
+Data: :class:`ShardedEpochSampler` deals the order of :class:`~pipeline.data.torch_sets.EpochSampler`
 (same ``(seed, epoch)`` order, same ``(epoch, index)`` keys) out to the processes, so with
 ``train.batch_size`` = B per process the N processes' g-th batches together are the g-th batch of
 one process with batches of N x B: ``train.batch_size`` is per process, the effective batch is
@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from pipeline.config import ConfigError
-from pipeline.data.datasets import EpochSampler
+from pipeline.data.torch_sets import EpochSampler
 from pipeline.device import resolve_device
 from pipeline.io import run_lock
 from pipeline.runtime import available_cores

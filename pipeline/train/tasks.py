@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from pipeline.config import ClsConfig, MemberConfig, SegConfig, dump_config
 from pipeline.data.augment import build_augment
-from pipeline.data.datasets import SliceDataset
+from pipeline.data.torch_sets import SliceDataset
 from pipeline.data.volume3d import PatchDataset
 from pipeline.models.predict import build_model, is_3d
 from pipeline.paths import run_dir
