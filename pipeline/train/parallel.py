@@ -20,9 +20,13 @@ device. Results do not depend on the job count (each fold seeds itself).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
 import os
+import signal
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -93,7 +97,20 @@ class _FoldTag(logging.Filter):
         return True
 
 
+def die_with_parent() -> None:
+    """Ask the kernel to end this process when its parent dies (Linux; elsewhere nothing): a fold worker
+    whose stage was killed must not train on, writing into a run folder another run may then own."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the call: nobody will signal
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _init_worker(running: Any, cores: int, log_level: str, started: Any, gpus: list[str]) -> None:
+    die_with_parent()
     with started.get_lock():
         slot = started.value
         started.value += 1
