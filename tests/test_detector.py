@@ -268,3 +268,24 @@ def test_train_det_end_to_end_offline(isolated_dirs: Path, monkeypatch: pytest.M
     row = boxes.set_index("volume_id").loc["case1_day0"]
     assert (box, source) == (Box(*row[["y0", "x0", "y1", "x1"]].astype(int)), row["source"])  # same weights
     assert load_boxes("demo_det")["case1_day0"] == box
+
+
+def test_ultralytics_integrations_are_switched_off() -> None:
+    """With MLflow installed (train.tracker), ultralytics' own MLflow callback would log every detector
+    training into mlflow.db and mlruns/ of the working directory; no integration stays on."""
+    from pipeline.models.detector import YOLO_INTEGRATIONS, _ultralytics
+
+    _ultralytics()
+    from ultralytics.utils import SETTINGS
+    from ultralytics.utils.callbacks.base import add_integration_callbacks, get_default_callbacks
+
+    SETTINGS.update({"mlflow": True, "sync": True})  # a fresh settings file's values
+    _ultralytics()
+    assert all(SETTINGS.get(key) is not True for key in YOLO_INTEGRATIONS)
+
+    class Trainer:  # the name ultralytics checks to add training integrations
+        callbacks = get_default_callbacks()
+
+    add_integration_callbacks(Trainer())
+    modules = {fn.__module__ for fns in Trainer.callbacks.values() for fn in fns}
+    assert not any(m.endswith((".mlflow", ".clearml", ".comet", ".dvc", ".raytune", ".wb")) for m in modules)

@@ -57,13 +57,23 @@ RESERVED_TRAIN_ARGS = frozenset(
 # --------------------------------------------------------------------------- ultralytics access
 
 
+# ultralytics settings that would log training elsewhere (integrations) or send usage events (sync)
+YOLO_INTEGRATIONS = ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
+
+
 def _ultralytics() -> Any:
     """Import ultralytics with the offline switches and the local font in place (order matters:
     ultralytics reads YOLO_OFFLINE and YOLO_CONFIG_DIR once, at import)."""
     set_offline_env()
     set_yolo_config_dir()
     import ultralytics
+    from ultralytics.utils import SETTINGS
 
+    # its logger integrations switch themselves on when their package is importable (MLflow is, for
+    # train.tracker): training would write mlflow.db and mlruns/ into the working directory
+    quiet = {key: False for key in YOLO_INTEGRATIONS if SETTINGS.get(key) is True}
+    if quiet:
+        SETTINGS.update(quiet)
     return ultralytics
 
 
