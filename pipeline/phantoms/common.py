@@ -7,6 +7,7 @@ Every embedded phantom (:mod:`pipeline.phantoms.uwmgi`, :mod:`pipeline.phantoms.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -14,7 +15,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import cv2
 from tqdm.auto import tqdm
@@ -101,6 +102,15 @@ def write_dataset_folder(
 
 
 Preset = TypeVar("Preset")
+
+
+def preset_spec(preset: Any, seed: int, generator: int, **head: str) -> dict:
+    """What a phantom folder was made with (``dataset.json``'s ``spec``): ``head``, the generator version,
+    the seed and the preset's fields, as JSON reads them back (tuples become lists), so that a folder
+    made with the same settings compares equal."""
+    return json.loads(
+        json.dumps({**head, "generator": generator, "seed": seed, **dataclasses.asdict(preset)})
+    )
 
 
 def resolve_preset(preset: str | Preset, presets: Mapping[str, Preset]) -> Preset:

@@ -21,7 +21,6 @@ sometimes replaced by FLAIR, and some patients' pre-contrast comes on a grey bac
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import pandas as pd
 import tifffile
 
 from pipeline.io import write_csv, write_json, write_with
-from pipeline.phantoms.common import resolve_preset, run_jobs, write_dataset_folder
+from pipeline.phantoms.common import preset_spec, resolve_preset, run_jobs, write_dataset_folder
 from pipeline.phantoms.lgg_anatomy import (
     GREY,
     WHITE,
@@ -318,11 +317,7 @@ def save_preview(
 
 
 def _spec(preset: Preset, seed: int) -> dict:
-    return json.loads(
-        json.dumps(
-            {"dataset": "lgg", "generator": GENERATOR_VERSION, "seed": seed, **dataclasses.asdict(preset)}
-        )
-    )
+    return preset_spec(preset, seed, GENERATOR_VERSION, dataset="lgg")
 
 
 def _write_all(tmp: Path, preset: Preset, seed: int, workers: int) -> dict:

@@ -20,7 +20,6 @@ around it: 1 is the real contrast (``make data-stats`` compares them).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import tifffile
 from scipy.special import expit
 
 from pipeline.io import write_csv, write_json, write_with
-from pipeline.phantoms.common import resolve_preset, run_jobs, write_dataset_folder
+from pipeline.phantoms.common import preset_spec, resolve_preset, run_jobs, write_dataset_folder
 from pipeline.phantoms.nerve_scene import (
     SHAPE,
     Nerve,
@@ -269,9 +268,7 @@ def save_preview(root: Path, path: Path, n_panels: int = 6) -> Path:
 
 
 def _spec(preset: Preset, seed: int) -> dict:
-    return json.loads(
-        json.dumps({"generator": GENERATOR_VERSION, "seed": seed, **dataclasses.asdict(preset)})
-    )
+    return preset_spec(preset, seed, GENERATOR_VERSION)
 
 
 def _write_all(tmp: Path, preset: Preset, seed: int, workers: int) -> dict:

@@ -38,6 +38,7 @@ from pipeline.phantoms import uwmgi_anatomy as phantom
 from pipeline.phantoms import uwmgi_pose
 from pipeline.phantoms.common import (
     SyntheticDataError,
+    preset_spec,
     resolve_preset,
     run_jobs,
     write_dataset_folder,
@@ -285,9 +286,7 @@ def save_preview(root: Path, path: Path, n_panels: int = 8) -> Path:
 
 
 def _spec(preset: Preset, seed: int) -> dict:
-    return json.loads(
-        json.dumps({"generator": GENERATOR_VERSION, "seed": seed, **dataclasses.asdict(preset)})
-    )
+    return preset_spec(preset, seed, GENERATOR_VERSION)
 
 
 def _write_all(tmp: Path, preset: Preset, seed: int, workers: int) -> dict:
