@@ -27,7 +27,7 @@ import logging
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -40,6 +40,8 @@ from pipeline.infer.steps import registry
 from pipeline.runtime import available_cores
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Setting = tuple[np.ndarray, list[ClassParams]]  # (classes, members) blend weights, per-class params
 
@@ -192,9 +194,10 @@ class Job:
         )
 
 
-def _map_volumes(
-    one: Callable[[str], list[list[Any] | None]], volumes: list[str], workers: int, desc: str, progress: bool
-) -> list[list[list[Any] | None]]:
+def map_volumes(
+    one: Callable[[str], T], volumes: Sequence[str], workers: int, desc: str, progress: bool = True
+) -> list[T]:
+    """``one(volume)`` for every volume, in order, over ``workers`` threads, with a progress bar."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(
             tqdm(pool.map(one, volumes), total=len(volumes), desc=desc, unit="vol", disable=not progress)
@@ -233,7 +236,7 @@ def job_stats(
             out.append(done[key])
         return out
 
-    per_volume = _map_volumes(one, volumes, workers, desc, progress)
+    per_volume = map_volumes(one, volumes, workers, desc, progress)
     results = []
     for j in range(len(jobs)):
         rows = [r for r in (row[j] for row in per_volume) if r is not None]

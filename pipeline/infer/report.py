@@ -21,21 +21,19 @@ decisions to the OOF once more (so the final score is measured, not copied), and
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from pipeline.config import EnsembleConfig
 from pipeline.data.geometry import normalize
 from pipeline.datasets.base import DatasetSpec
 from pipeline.datasets.common import slice_dice
 from pipeline.infer.ensemble import OOFSet, load_oof
-from pipeline.infer.evaluate import default_workers, metric_values
+from pipeline.infer.evaluate import default_workers, map_volumes, metric_values
 from pipeline.infer.postprocess import Decisions, apply_postprocess, read_decisions
 from pipeline.infer.step_base import Axis, Step
 from pipeline.infer.steps import registry
@@ -71,8 +69,10 @@ def colors(classes: tuple[str, ...]) -> dict[str, str]:
     return {cls: PALETTE[c % len(PALETTE)] for c, cls in enumerate(classes)}
 
 
-def _volume_masks(oof: OOFSet, volume: str, decisions: Decisions, names: list[str]) -> np.ndarray:
-    weights = decisions.weight_matrix(names)
+def volume_masks(oof: OOFSet, volume: str, decisions: Decisions) -> np.ndarray:
+    """The masks ``make submit`` would write for an OOF volume: its members blended with the tuned
+    weights and post-processed with the tuned steps."""
+    weights = decisions.weight_matrix(oof.member_names())
     return apply_postprocess(
         oof.blend(volume, weights), oof.gate(volume), decisions.classes, oof.spec.volumetric
     )
@@ -91,23 +91,13 @@ def measure(
     oof: OOFSet, decisions: Decisions, workers: int, progress: bool = True
 ) -> tuple[dict, pd.DataFrame]:
     """(score dict with per-class Hausdorff, per-slice Dice table) of the decisions on the OOF."""
-    names = [m.name for m in oof.members]
 
     def one(volume: str) -> tuple[Any, np.ndarray]:
         truth = np.asarray(oof.truth_mask(volume))
-        mask = _volume_masks(oof, volume, decisions, names)
+        mask = volume_masks(oof, volume, decisions)
         return oof.spec.volume_stats(mask, truth), mean_slice_dice(mask, truth)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        out = list(
-            tqdm(
-                pool.map(one, oof.volumes),
-                total=len(oof.volumes),
-                desc="cv",
-                unit="vol",
-                disable=not progress,
-            )
-        )
+    out = map_volumes(one, oof.volumes, workers, "cv", progress)
     slices = pd.DataFrame(
         [(v, s, d) for v, (_, dice) in zip(oof.volumes, out) for s, d in enumerate(dice) if np.isfinite(d)],
         columns=["volume_id", "slice_index", "dice"],
@@ -313,7 +303,6 @@ def plot_overlays(path: Path, oof: OOFSet, decisions: Decisions, picks: pd.DataF
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    names = [m.name for m in oof.members]
     classes = oof.spec.classes
     COLORS = colors(classes)
     n = max(1, len(picks))
@@ -324,7 +313,7 @@ def plot_overlays(path: Path, oof: OOFSet, decisions: Decisions, picks: pd.DataF
     masks_by_volume: dict[str, np.ndarray] = {}
     for ax, row in zip(axes, picks.itertuples(index=False)):
         if row.volume_id not in masks_by_volume:
-            masks_by_volume = {row.volume_id: _volume_masks(oof, row.volume_id, decisions, names)}
+            masks_by_volume = {row.volume_id: volume_masks(oof, row.volume_id, decisions)}
         s = int(row.slice_index)
         volume = oof.truth[row.volume_id]
         truth, pred = oof.truth_mask(row.volume_id)[s] != 0, masks_by_volume[row.volume_id][s]

@@ -327,9 +327,9 @@ class _ComponentsStep(Step):
         """(labels,) bool: the components ``value`` keeps."""
         raise NotImplementedError
 
-    def key(self, components: Components, value: StepValue, x: ClassInput) -> Hashable:
-        """Equal keys mean equal masks."""
-        return "off" if self.is_off(value) else int(np.count_nonzero(self.kept(components, value, x)))
+    def key(self, components: Components, value: StepValue, kept: np.ndarray | None) -> Hashable:
+        """Equal keys mean equal masks (``kept``: what ``value`` keeps; None when it is off)."""
+        return "off" if kept is None else int(np.count_nonzero(kept))
 
     def variants(
         self,
@@ -341,12 +341,15 @@ class _ComponentsStep(Step):
     ) -> Iterator[Variant]:
         before = _mask(before, self)
         components = Components.of(before, x.volumetric)
+        kept = {v: self.kept(components, v, x) for v in values if not self.is_off(v)}
 
         def make(value: StepValue) -> np.ndarray:
-            mask = before if self.is_off(value) else components.keep_labels(self.kept(components, value, x))
+            mask = before if self.is_off(value) else components.keep_labels(kept[value])
             return final_mask(run_steps(after, mask, x, self.set(base, value)))
 
-        return once_per_key((self.key(components, v, x), functools.partial(make, v)) for v in values)
+        return once_per_key(
+            (self.key(components, v, kept.get(v)), functools.partial(make, v)) for v in values
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -360,7 +363,7 @@ class ComponentStep(_ComponentsStep):
     def kept(self, components: Components, value: StepValue, x: ClassInput) -> np.ndarray:
         return components.kept_min_size(int(value))
 
-    def key(self, components: Components, value: StepValue, x: ClassInput) -> Hashable:
+    def key(self, components: Components, value: StepValue, kept: np.ndarray | None) -> Hashable:
         return components.n_kept(int(value))
 
 

@@ -8,27 +8,18 @@ slices each (truth filled, prediction outlined), on one window per volume around
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from pipeline.data.geometry import normalize
 from pipeline.infer.ensemble import OOFSet
-from pipeline.infer.postprocess import Decisions, apply_postprocess
-from pipeline.infer.report import colors
+from pipeline.infer.evaluate import map_volumes
+from pipeline.infer.postprocess import Decisions
+from pipeline.infer.report import colors, volume_masks
 from pipeline.report.figures import Figure, render
 
 VOLUMES_EACH_END = 2  # worst and best volumes drawn
 SLICES_PER_VOLUME = 4
-
-
-def _masks(oof: OOFSet, decisions: Decisions, volume: str) -> np.ndarray:
-    weights = decisions.weight_matrix(oof.member_names())
-    return apply_postprocess(
-        oof.blend(volume, weights), oof.gate(volume), decisions.classes, oof.spec.volumetric
-    )
 
 
 def score_volumes(oof: OOFSet, decisions: Decisions, workers: int, progress: bool = True) -> pd.DataFrame:
@@ -36,7 +27,9 @@ def score_volumes(oof: OOFSet, decisions: Decisions, workers: int, progress: boo
     spec = oof.spec
 
     def one(volume: str) -> dict:
-        result = spec.aggregate([spec.volume_stats(_masks(oof, decisions, volume), oof.truth_mask(volume))])
+        result = spec.aggregate(
+            [spec.volume_stats(volume_masks(oof, volume, decisions), oof.truth_mask(volume))]
+        )
         per_class = {c: (result.get("per_class") or {}).get(c, {}).get("score") for c in spec.classes}
         return {
             "volume_id": volume,
@@ -45,16 +38,7 @@ def score_volumes(oof: OOFSet, decisions: Decisions, workers: int, progress: boo
             **per_class,
         }
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        rows = list(
-            tqdm(
-                pool.map(one, oof.volumes),
-                total=len(oof.volumes),
-                desc="report volumes",
-                unit="vol",
-                disable=not progress,
-            )
-        )
+    rows = map_volumes(one, oof.volumes, workers, "report volumes", progress)
     frame = pd.DataFrame(rows)
     return frame.sort_values(["score", "volume_id"], kind="stable").reset_index(drop=True)
 
@@ -112,7 +96,7 @@ def plot_volumes(oof: OOFSet, decisions: Decisions, picks: pd.DataFrame) -> Figu
     axes = fig.subplots(rows, cols, squeeze=False)
     for r, row in enumerate(picks.itertuples(index=False)):
         volume = oof.truth[row.volume_id]
-        truth, pred = oof.truth_mask(row.volume_id) != 0, _masks(oof, decisions, row.volume_id)
+        truth, pred = oof.truth_mask(row.volume_id) != 0, volume_masks(oof, row.volume_id, decisions)
         slices = pick_slices(truth, pred)
         ys, xs = window(np.concatenate([truth[slices], pred[slices]]), truth.shape[2:])
         image = normalize(volume.gray())
