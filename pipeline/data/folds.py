@@ -35,7 +35,9 @@ def make_folds(
     """
     n_groups = catalog["group"].nunique()
     if n_groups < n_folds:
-        raise DataError(f"{n_groups} groups (patients) cannot make {n_folds} group-disjoint folds; lower n_folds")
+        raise DataError(
+            f"{n_groups} groups (patients) cannot make {n_folds} group-disjoint folds; lower n_folds"
+        )
     out = catalog[["id", "group", "volume_id", "slice"]].copy()
     out["has_label"] = np.asarray(has_label, dtype=bool)
     out["fold"] = EXCLUDED
@@ -44,7 +46,11 @@ def make_folds(
         log.info("exclude_volumes not in this dataset (nothing to exclude): %s", ", ".join(unknown))
     keep = ~out["volume_id"].isin(exclude_volumes)
     if (~keep).any():
-        log.info("excluding %d slices of %s", int((~keep).sum()), ", ".join(sorted(set(exclude_volumes) & set(out["volume_id"]))))
+        log.info(
+            "excluding %d slices of %s",
+            int((~keep).sum()),
+            ", ".join(sorted(set(exclude_volumes) & set(out["volume_id"]))),
+        )
     kept = out[keep]
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     for fold, (_, val_idx) in enumerate(splitter.split(kept, kept["has_label"], groups=kept["group"])):

@@ -91,7 +91,9 @@ def scale_of_planes(planes: np.ndarray, mode: str) -> VolumeScale:
         return float(robust_scale(planes))
     if mode == "channel":
         by_channel = planes[:, None] if planes.ndim == 3 else planes
-        return np.asarray(robust_scale(np.moveaxis(by_channel, 1, 0).reshape(by_channel.shape[1], -1), axis=1))
+        return np.asarray(
+            robust_scale(np.moveaxis(by_channel, 1, 0).reshape(by_channel.shape[1], -1), axis=1)
+        )
     return None
 
 

@@ -207,9 +207,9 @@ class Nerve(DatasetSpec):
         return Phantom(phantom_nerve.PRESETS, phantom_nerve.generate_nerve, phantom_nerve.format_stats)
 
     def describe_folder(self, root: Path) -> DataStats:
-        from pipeline.data.stats import nerve_stats
+        from pipeline.datasets import nerve_figures
 
-        return nerve_stats(self, Path(root))
+        return nerve_figures.describe(self, Path(root))
 
 
 DATASET = Nerve()
