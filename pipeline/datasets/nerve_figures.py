@@ -10,30 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from tqdm.auto import tqdm
 
 from pipeline.data.images import tiff_shape
 from pipeline.data.stats import DataStats, Reader, mask_geometry, pct, ring_contrast
-from pipeline.errors import DataError
+from pipeline.datasets.nerve import read_train_masks
 from pipeline.rle import rle_decode_batch
 
 NERVE_GRID = (420, 580)  # areas are given at the real frame size
 DECODE_CHUNK = 256  # nerve masks decoded at a time (420x580 bytes each)
-
-
-def nerve_labels(root: Path) -> pd.DataFrame:
-    """``train_masks.csv`` as (subject, img, pixels, id) strings; images are not needed."""
-    path = Path(root) / "train_masks.csv"
-    if not path.is_file():
-        raise DataError(f"{path} not found: the nerve statistics read the masks from it")
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = {"subject", "img", "pixels"} - set(table.columns)
-    if missing:
-        raise DataError(f"{path}: missing columns {sorted(missing)} (expected subject,img,pixels)")
-    table["pixels"] = table["pixels"].str.strip()
-    table["id"] = table["subject"].str.strip() + "_" + table["img"].str.strip()
-    return table
 
 
 def frame_shape(root: Path) -> tuple[int, int]:
@@ -49,18 +34,18 @@ def frame_shape(root: Path) -> tuple[int, int]:
 
 def describe(spec: Reader, root: Path) -> DataStats:
     """The nerve rows: empty share (overall, per subject), size, box, centre; contrast where frames exist."""
-    table = nerve_labels(root)
+    table = read_train_masks(root)  # indexed by "<subject>_<img>"
     shape = frame_shape(root)
     scale_r, scale_c = NERVE_GRID[0] / shape[0], NERVE_GRID[1] / shape[1]
     empty = table["pixels"] == ""
-    per_subject = empty.groupby(table["subject"]).mean()
+    per_subject = empty.groupby(table.index.str.split("_").str[0]).mean()
     filled = table[~empty]
     geometry, contrast, means = [], [], []
     for start in tqdm(range(0, len(filled), DECODE_CHUNK), desc="masks", leave=False):
         part = filled.iloc[start : start + DECODE_CHUNK]
         masks = rle_decode_batch(part["pixels"], shape, spec.rle_order, where="train_masks.csv")
         geometry.append(mask_geometry(masks))
-        for frame_id, mask in zip(part["id"], masks):
+        for frame_id, mask in zip(part.index, masks):
             path = Path(root) / "train" / f"{frame_id}.tif"
             if path.is_file():
                 image = spec.read_image(path, *shape)
