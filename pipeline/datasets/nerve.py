@@ -209,7 +209,7 @@ class Nerve(DatasetSpec):
     def describe_folder(self, root: Path) -> DataStats:
         from pipeline.datasets import nerve_figures
 
-        return nerve_figures.describe(self, Path(root))
+        return nerve_figures.describe(self, Path(root), read_train_masks(root))
 
 
 DATASET = Nerve()

@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from tqdm.auto import tqdm
 
 from pipeline.data.images import tiff_shape
 from pipeline.data.stats import DataStats, Reader, mask_geometry, pct, ring_contrast
-from pipeline.datasets.nerve import read_train_masks
 from pipeline.rle import rle_decode_batch
 
 NERVE_GRID = (420, 580)  # areas are given at the real frame size
@@ -32,9 +32,9 @@ def frame_shape(root: Path) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def describe(spec: Reader, root: Path) -> DataStats:
-    """The nerve rows: empty share (overall, per subject), size, box, centre; contrast where frames exist."""
-    table = read_train_masks(root)  # indexed by "<subject>_<img>"
+def describe(spec: Reader, root: Path, table: pd.DataFrame) -> DataStats:
+    """The nerve rows: empty share (overall, per subject), size, box, centre; contrast where frames exist.
+    ``table``: ``train_masks.csv`` as the plug-in reads it (``pixels`` indexed by ``<subject>_<img>``)."""
     shape = frame_shape(root)
     scale_r, scale_c = NERVE_GRID[0] / shape[0], NERVE_GRID[1] / shape[1]
     empty = table["pixels"] == ""
